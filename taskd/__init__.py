@@ -1,0 +1,3 @@
+"""taskd: task orchestration for server fleets."""
+
+__version__ = "0.1.0"

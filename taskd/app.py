@@ -1,0 +1,123 @@
+"""The running service: settings, store, hub, authentication and background loops.
+
+``App`` is an async context manager entered once in the Starlette lifespan;
+methods reach every component through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from contextlib import AsyncExitStack
+from typing import Any
+
+from taskd.auth import Authenticator, Principal, RateLimiter
+from taskd.clock import now_ms
+from taskd.config import ServerSettings, parse_agent_config
+from taskd.errors import InvalidInput, NotFound
+from taskd.hub import Hub
+from taskd.protocol import EditConfig, TaskVariant
+from taskd.store import Store, StoredResult
+
+logger = logging.getLogger(__name__)
+
+
+class App:
+    """Everything one server process runs."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.node_id = settings.node_id or str(uuid.uuid4())
+        self.store = Store(settings.database_url, pool_size=settings.db_pool_size)
+        self.hub = Hub(self.store, node_id=self.node_id, task_deadline_ms=settings.task_deadline_ms)
+        self.limiter = RateLimiter(settings.auth_burst, settings.auth_rate_per_s)
+        self.auth = Authenticator(self.store, self.limiter)
+        self.started_at = now_ms()
+        self._stack = AsyncExitStack()
+        self._loops: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> App:
+        await self._stack.enter_async_context(self.store)
+        try:
+            await self.store.migrate()
+            await self.store.reset_node_agents(self.node_id)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        self._loops = [
+            asyncio.create_task(
+                self._every(self.settings.reaper_interval_ms / 1000, self.reap), name="taskd-reaper"
+            ),
+            asyncio.create_task(self._every(15.0, self.hub.flush_seen), name="taskd-seen"),
+        ]
+        logger.info(
+            "taskd node %s started on %s", self.node_id, _safe_url(self.settings.database_url)
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for loop in self._loops:
+            loop.cancel()
+        for loop in self._loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+        await self.hub.drain()
+        seen = {u: now_ms() for u in self.hub.connected_agents()}
+        with contextlib.suppress(Exception):
+            await self.store.agents_disconnected(seen, self.node_id)
+        await self._stack.aclose()
+
+    async def _every(self, seconds: float, job: Any) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("%s failed: %s", getattr(job, "__name__", job), exc)
+
+    async def reap(self) -> None:
+        """Fail tasks that passed their deadline without a result."""
+        reaped = await self.store.reap(now_ms())
+        for result in reaped:
+            self.hub.in_flight.pop(result.task_id, None)
+        if reaped:
+            logger.info("reaped %d task(s) without a result", len(reaped))
+
+    async def authenticate(self, token: Any, remote: str) -> Principal:
+        """Check a token param (see auth.Authenticator)."""
+        return await self.auth.authenticate(token, remote)
+
+    def validate_task(self, task: TaskVariant) -> None:
+        """Checks that need more than the wire type: an edited agent config must parse."""
+        if isinstance(task, EditConfig):
+            try:
+                parse_agent_config(task.edit_config)
+            except InvalidInput as exc:
+                raise InvalidInput(f"task_event_type.edit_config: {exc.message}") from None
+
+    async def task_type_of(self, task_id: int, agent_uuid: str, task_token: str) -> str:
+        """The type of the task an upload answers; 105 unless id, agent and token match."""
+        known = self.hub.in_flight.get(task_id)
+        if known is None:
+            row = await self.store.task_identity(task_id)
+            known = (row.uuid, row.task_token, row.type) if row is not None else None
+        if known is None or known[0] != agent_uuid or known[1] != task_token:
+            raise NotFound(f"No task {task_id} for agent {agent_uuid} with that task_token")
+        return known[2]
+
+    def result_committed(self, result: StoredResult) -> None:
+        """Hook for a committed result (other nodes' waiters are woken from here)."""
+
+
+def _safe_url(url: str) -> str:
+    """A database URL without its password."""
+    head, sep, tail = url.partition("@")
+    if not sep:
+        return url
+    scheme, _, credentials = head.partition("://")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}@{tail}"

@@ -1,0 +1,301 @@
+"""Tokens: generation, hashing, authentication, and the one permission check.
+
+A token is ``KEY:SECRET`` or ``USERNAME|PASSWORD``. Secrets are 32 random
+alphanumerics, so a plain SHA-256 is a safe and fast hash for them; passwords
+are chosen by people and get scrypt. Every comparison is constant-time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+import string
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from taskd.clock import now_ms
+from taskd.errors import PermissionDenied
+from taskd.protocol import (
+    TASK_TYPES,
+    AgentPermission,
+    AgentScope,
+    CronResultPermission,
+    CrontabPermission,
+    Limit,
+    Permission,
+    TaskPermission,
+    TerminalPermission,
+    TokenPermission,
+    parse_limits,
+)
+from taskd.store import Store
+
+logger = logging.getLogger(__name__)
+
+ALPHABET = string.ascii_letters + string.digits
+KEY_LENGTH = 16
+SECRET_LENGTH = 32
+CACHE_SECONDS = 5.0
+_SCRYPT = {"n": 1 << 14, "r": 8, "p": 1}
+
+
+def random_string(length: int) -> str:
+    """A random alphanumeric string from the OS CSPRNG."""
+    return "".join(secrets.choice(ALPHABET) for _ in range(length))
+
+
+def hash_secret(secret: str) -> str:
+    """Hash a high-entropy generated secret."""
+    return "sha256$" + hashlib.sha256(secret.encode()).hexdigest()
+
+
+def hash_password(password: str) -> str:
+    """Hash a person-chosen password with scrypt and a random salt."""
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, **_SCRYPT)
+    return f"scrypt${salt.hex()}${digest.hex()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    """Check a password against its scrypt hash in constant time."""
+    try:
+        scheme, salt_hex, digest_hex = stored.split("$")
+    except ValueError:
+        return False
+    if scheme != "scrypt":
+        return False
+    digest = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt_hex), **_SCRYPT)
+    return hmac.compare_digest(digest.hex(), digest_hex)
+
+
+@dataclass(frozen=True)
+class NewToken:
+    """A freshly generated key and secret; the secret is shown once and stored hashed."""
+
+    key: str
+    secret: str
+
+    @classmethod
+    def generate(cls) -> NewToken:
+        """Draw a new key and secret."""
+        return cls(random_string(KEY_LENGTH), random_string(SECRET_LENGTH))
+
+    def __str__(self) -> str:
+        return f"{self.key}:{self.secret}"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated token."""
+
+    key: str
+    is_super: bool
+    limits: tuple[Limit, ...]
+    timestamp_from: int | None = None
+    timestamp_to: int | None = None
+
+
+@dataclass(frozen=True)
+class _Cached:
+    principal: Principal
+    secret_hash: str
+    loaded: float
+
+
+@dataclass(frozen=True)
+class Need:
+    """One permission a call needs: a category, an action and what it applies to."""
+
+    category: Literal["task", "crontab", "crontab_result", "terminal", "agent", "token"]
+    action: str
+    subject: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.category}.{self.action}" + (f"({self.subject})" if self.subject else "")
+
+
+def _pattern_matches(pattern: str, value: str) -> bool:
+    if pattern == "*":
+        return True
+    if pattern.endswith("*"):
+        return value.startswith(pattern[:-1])
+    return pattern == value
+
+
+def _grants(permission: Permission, need: Need) -> bool:
+    match permission:
+        case TaskPermission(task="listen"):
+            return need.category == "task" and need.action == "listen"
+        case TaskPermission(task=action) if need.category == "task" and not isinstance(action, str):
+            pattern = getattr(action, need.action, None)
+            return pattern is not None and _pattern_matches(pattern, need.subject or "")
+        case CrontabPermission(crontab=action):
+            return need.category == "crontab" and action == need.action
+        case CronResultPermission(crontab_result=action) if need.category == "crontab_result":
+            pattern = getattr(action, need.action, None)
+            return pattern is not None and _pattern_matches(pattern, need.subject or "")
+        case TerminalPermission():
+            return need.category == "terminal" and need.action == "connect"
+        case AgentPermission(agent=action):
+            return need.category == "agent" and action == need.action
+        case TokenPermission(token=action):
+            return need.category == "token" and action == need.action
+    return False
+
+
+def _scope_matches(scope: Any, agent_uuid: str | None) -> bool:
+    if isinstance(scope, AgentScope):
+        return agent_uuid is not None and scope.agent_uuid == agent_uuid
+    return True  # "global" or {"global": null}
+
+
+def allows(principal: Principal, need: Need, agent_uuid: str | None) -> bool:
+    """Whether one limit of the token holds both a scope covering ``agent_uuid`` and ``need``.
+
+    ``agent_uuid`` None means the call is not about one agent: only a global scope covers it.
+    """
+    if principal.is_super:
+        return True
+    return any(
+        any(_scope_matches(scope, agent_uuid) for scope in limit.scopes)
+        and any(_grants(permission, need) for permission in limit.permissions)
+        for limit in principal.limits
+    )
+
+
+def authorize(principal: Principal, need: Need, agent_uuid: str | None = None) -> None:
+    """The one permission check: raise PermissionDenied unless ``principal`` holds ``need``."""
+    if not allows(principal, need, agent_uuid):
+        where = f" on agent {agent_uuid}" if agent_uuid else " with global scope"
+        raise PermissionDenied(f"Permission denied: token {principal.key} lacks {need}{where}")
+
+
+def authorize_all_types(
+    principal: Principal, action: str, agent_uuids: Sequence[str], types: Sequence[str]
+) -> None:
+    """Check ``task.<action>`` on each type (all if none) and each agent (global if none)."""
+    targets: Sequence[str | None] = agent_uuids or [None]
+    for agent_uuid in targets:
+        for task_type in types or TASK_TYPES:
+            authorize(principal, Need("task", action, task_type), agent_uuid)
+
+
+class RateLimiter:
+    """Failed-authentication buckets per client address: a burst, then a steady rate."""
+
+    def __init__(self, burst: int, rate_per_s: float) -> None:
+        self.burst = burst
+        self.rate = rate_per_s
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def blocked(self, address: str) -> bool:
+        """Whether ``address`` has used up its failures for now."""
+        tokens, _ = self._level(address)
+        return tokens < 1.0
+
+    def failed(self, address: str) -> None:
+        """Record one failed authentication from ``address``."""
+        tokens, now = self._level(address)
+        self._buckets[address] = (tokens - 1.0, now)
+        if len(self._buckets) > 100_000:
+            self._buckets = {a: b for a, b in self._buckets.items() if b[1] > now - 60}
+
+    def _level(self, address: str) -> tuple[float, float]:
+        now = time.monotonic()
+        tokens, then = self._buckets.get(address, (float(self.burst), now))
+        return min(float(self.burst), tokens + (now - then) * self.rate), now
+
+
+class Authenticator:
+    """Turns a token string into a Principal, with a short cache of token rows."""
+
+    def __init__(self, store: Store, limiter: RateLimiter) -> None:
+        self.store = store
+        self.limiter = limiter
+        self._cache: dict[str, _Cached] = {}
+        self._passwords: dict[tuple[str, str], tuple[Principal, float]] = {}
+
+    def invalidate(self, key: str | None = None) -> None:
+        """Forget cached token rows (one key, or all) after a token changed."""
+        if key is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(key, None)
+        self._passwords.clear()
+
+    async def authenticate(self, token: Any, address: str = "") -> Principal:
+        """Check credentials and the validity window; raise PermissionDenied on any failure."""
+        if not isinstance(token, str) or not token or len(token) > 512:
+            raise PermissionDenied(
+                "Invalid token: expected a string KEY:SECRET or USERNAME|PASSWORD"
+            )
+        if self.limiter.blocked(address):
+            raise PermissionDenied("Too many failed authentications from this address; retry later")
+        key, sep, secret = token.partition(":")
+        try:
+            if sep:
+                principal = await self._by_key(key, secret)
+            else:
+                username, bar, password = token.partition("|")
+                if not bar:
+                    raise PermissionDenied(
+                        "Invalid token: expected KEY:SECRET or USERNAME|PASSWORD"
+                    )
+                principal = await self._by_password(username, password)
+        except PermissionDenied as exc:
+            self.limiter.failed(address)
+            logger.warning("authentication failed from %s: %s", address or "?", exc.message)
+            raise
+        now = now_ms()
+        if principal.timestamp_from is not None and now < principal.timestamp_from:
+            raise PermissionDenied(f"Token {principal.key} is not valid yet")
+        if principal.timestamp_to is not None and now > principal.timestamp_to:
+            raise PermissionDenied(f"Token {principal.key} has expired")
+        return principal
+
+    async def _by_key(self, key: str, secret: str) -> Principal:
+        cached = self._cache.get(key)
+        if cached is None or time.monotonic() - cached.loaded > CACHE_SECONDS:
+            row = await self.store.token_by_key(key)
+            if row is None:
+                self._cache.pop(key, None)
+                raise PermissionDenied("Invalid token: unknown key or wrong secret")
+            cached = _Cached(_principal(row), row.secret_hash, time.monotonic())
+            self._cache[key] = cached
+        if not hmac.compare_digest(hash_secret(secret), cached.secret_hash):
+            raise PermissionDenied("Invalid token: unknown key or wrong secret")
+        return cached.principal
+
+    async def _by_password(self, username: str, password: str) -> Principal:
+        fingerprint = (username, hashlib.sha256(password.encode()).hexdigest())
+        cached = self._passwords.get(fingerprint)
+        if cached is not None and time.monotonic() - cached[1] < CACHE_SECONDS:
+            return cached[0]
+        row = await self.store.token_by_username(username)
+        stored = row.password_hash if row is not None else None
+        loop = asyncio.get_running_loop()
+        # scrypt takes tens of ms: keep it off the event loop, and run it even for
+        # unknown users so timing does not reveal which usernames exist
+        ok = await loop.run_in_executor(
+            None, verify_password, password, stored or hash_password("not a password")
+        )
+        if row is None or not ok or stored is None:
+            raise PermissionDenied("Invalid credentials: unknown username or wrong password")
+        principal = _principal(row)
+        self._passwords[fingerprint] = (principal, time.monotonic())
+        return principal
+
+
+def _principal(row: Any) -> Principal:
+    return Principal(
+        key=row.key,
+        is_super=bool(row.is_super),
+        limits=tuple(parse_limits(row.limits)),
+        timestamp_from=row.timestamp_from,
+        timestamp_to=row.timestamp_to,
+    )

@@ -1,0 +1,307 @@
+"""The ``taskd`` command: init, serve, call, schemas (and agent, cron, token).
+
+This is the only module that reads the environment: ``TASKD_*`` variables
+override the config file, command-line flags override both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from taskd import __version__
+from taskd.config import ServerSettings, load_server_settings, write_default_server_config
+from taskd.errors import TaskdError
+
+logger = logging.getLogger("taskd")
+
+DEFAULT_CONFIG = "taskd.toml"
+DEFAULT_URL = "http://127.0.0.1:2211/"
+_SERVER_ENV_SKIP = {"TASKD_CONFIG", "TASKD_TOKEN", "TASKD_URL"}
+
+
+def configure_logging(level: str) -> None:
+    """Log one line per event to stderr."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config or os.environ.get("TASKD_CONFIG") or DEFAULT_CONFIG)
+
+
+def _env_overrides() -> dict[str, str]:
+    return {
+        name[len("TASKD_") :].lower(): value
+        for name, value in os.environ.items()
+        if name.startswith("TASKD_") and name not in _SERVER_ENV_SKIP
+    }
+
+
+def server_settings(args: argparse.Namespace) -> ServerSettings:
+    """Settings from the file, then TASKD_* variables, then flags."""
+    overrides: dict[str, Any] = _env_overrides()
+    for flag in ("host", "port", "database"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides["database_url" if flag == "database" else flag] = value
+    return load_server_settings(_config_path(args), overrides)
+
+
+# --------------------------------------------------------------------------- init
+
+
+async def _init_database(settings: ServerSettings) -> str | None:
+    from taskd.auth import NewToken, hash_secret
+    from taskd.store import Store
+
+    async with Store(settings.database_url, pool_size=2) as store:
+        await store.migrate()
+        if await store.has_super_token():
+            return None
+        token = NewToken.generate()
+        await store.insert_token(
+            {
+                "key": token.key,
+                "secret_hash": hash_secret(token.secret),
+                "is_super": True,
+                "limits": [],
+                "description": "super token created by taskd init",
+            }
+        )
+        return str(token)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Create the config (if missing), the schema and the super token."""
+    path = _config_path(args)
+    created = not path.exists()
+    if created:
+        write_default_server_config(path)
+    settings = server_settings(args)
+    if settings.is_sqlite:
+        db_file = Path(settings.database_url.split("///", 1)[1])
+        db_file.parent.mkdir(parents=True, exist_ok=True)
+    super_token = asyncio.run(_init_database(settings))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "config": str(path),
+                    "server_uuid": settings.server_uuid,
+                    "super_token": super_token,
+                }
+            )
+        )
+        return 0
+    print(f"{'wrote' if created else 'using'} config {path}")
+    print(f"server uuid: {settings.server_uuid}")
+    if super_token is None:
+        print("a super token already exists; it was not replaced")
+    else:
+        print(f"super token (shown once, keep it safe): {super_token}")
+    return 0
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the server until SIGTERM/SIGINT."""
+    import uvicorn
+
+    from taskd.server import create_app
+
+    settings = server_settings(args)
+    configure_logging(settings.log_level)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        ws="websockets-sansio",
+        ws_max_size=settings.max_message_bytes * 2,
+        ws_ping_interval=settings.ws_ping_interval_s,
+        ws_ping_timeout=settings.ws_ping_timeout_s,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        backlog=4096,
+    )
+    server = _GracefulServer(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+class _GracefulServer:
+    """uvicorn's server, closing our WebSockets with 1001 before it shuts down."""
+
+    def __new__(cls, config: Any) -> Any:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            async def shutdown(self, sockets: Any = None) -> None:
+                connections = getattr(config.app.state, "connections", None)
+                if connections is not None:
+                    await connections.close_all(1001)
+                await super().shutdown(sockets)
+
+        return Server(config)
+
+
+# --------------------------------------------------------------------------- call
+
+
+def _with_token(method: str, params: Any, token: str | None) -> Any:
+    import inspect
+
+    import taskd.methods  # noqa: F401
+    from taskd.rpc import REGISTRY
+
+    info = REGISTRY.get(method)
+    takes_token = info is not None and "token" in inspect.signature(info.fn).parameters
+    if not takes_token or token is None:
+        return params
+    if isinstance(params, dict):
+        return {"token": token, **params}
+    return [token, *params]
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    """One JSON-RPC call; print the result, or the error and exit 1."""
+    import httpx
+
+    try:
+        params = json.loads(args.params) if args.params else []
+    except json.JSONDecodeError as exc:
+        print(f"PARAMS_JSON is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(params, list | dict):
+        print("PARAMS_JSON must be a JSON array or object", file=sys.stderr)
+        return 2
+    token = args.token or os.environ.get("TASKD_TOKEN")
+    url = args.url or os.environ.get("TASKD_URL") or DEFAULT_URL
+    url = url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
+    request = {
+        "jsonrpc": "2.0",
+        "method": args.method,
+        "params": _with_token(args.method, params, token),
+        "id": 1,
+    }
+    try:
+        response = httpx.post(url, json=request, timeout=args.timeout)
+    except httpx.HTTPError as exc:
+        print(f"cannot reach {url}: {exc}", file=sys.stderr)
+        return 3
+    try:
+        body = response.json()
+    except ValueError:
+        print(f"HTTP {response.status_code}: {response.text[:500]}", file=sys.stderr)
+        return 3
+    if isinstance(body, dict) and "error" in body:
+        print(json.dumps(body["error"]), file=sys.stderr)
+        return 1
+    print(json.dumps(body.get("result") if isinstance(body, dict) else body, indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    """Write (or with --check, verify) the JSON Schemas and openrpc.json."""
+    from taskd import schemas
+
+    directory = Path(args.dir)
+    if args.check:
+        stale = schemas.stale(directory)
+        if stale:
+            print(
+                f"stale schema files in {directory}: {', '.join(stale)}; run `taskd schemas`",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"{directory} is up to date")
+        return 0
+    changed = schemas.write(directory)
+    print(
+        f"wrote {len(changed)} file(s) to {directory}"
+        + (f": {', '.join(changed)}" if changed else "")
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="taskd", description="Task orchestration for server fleets."
+    )
+    parser.add_argument("--version", action="version", version=f"taskd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    init = sub.add_parser("init", help="create config, database schema and super token")
+    init.add_argument(
+        "--config", help=f"config file (default ${{TASKD_CONFIG}} or {DEFAULT_CONFIG})"
+    )
+    init.add_argument("--database", help="database URL (overrides the file)")
+    init.add_argument("--json", action="store_true", help="print one JSON object")
+    init.set_defaults(func=cmd_init)
+
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument(
+        "--config", help=f"config file (default ${{TASKD_CONFIG}} or {DEFAULT_CONFIG})"
+    )
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--database", help="database URL")
+    serve.set_defaults(func=cmd_serve)
+
+    call = sub.add_parser("call", help="make one JSON-RPC call")
+    call.add_argument("method")
+    call.add_argument("params", nargs="?", help="params as JSON (array or object)")
+    call.add_argument("--url", help=f"server URL (default $TASKD_URL or {DEFAULT_URL})")
+    call.add_argument("--token", help="token (default $TASKD_TOKEN)")
+    call.add_argument("--timeout", type=float, default=330.0)
+    call.set_defaults(func=cmd_call)
+
+    schemas = sub.add_parser("schemas", help="write the JSON Schemas and openrpc.json")
+    schemas.add_argument("--dir", default="schemas")
+    schemas.add_argument("--check", action="store_true", help="fail if the files are stale")
+    schemas.set_defaults(func=cmd_schemas)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``taskd`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        code: int = args.func(args)
+    except TaskdError as exc:
+        print(f"taskd: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""Typed settings for the server and the agent, loaded from TOML.
+
+Only ``cli.py`` reads the environment; it passes ``TASKD_*`` values in as
+overrides, so this module stays a pure function of its inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import uuid
+import zoneinfo
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import tomlkit
+
+from taskd.errors import ConfigNotFound, InvalidInput
+from taskd.protocol import TASK_TYPES, canonical_uuid
+
+DEFAULT_PORT = 2211
+MiB = 1 << 20
+
+
+def _bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+        "0",
+        "false",
+        "no",
+        "off",
+    ):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise InvalidInput(f"{name}: expected a boolean, got {value!r}")
+
+
+def _int(value: Any, name: str, low: int = 0, high: int = 1 << 62) -> int:
+    if isinstance(value, bool):
+        raise InvalidInput(f"{name}: expected an integer, got {value!r}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"{name}: expected an integer, got {value!r}") from None
+    if not low <= number <= high:
+        raise InvalidInput(f"{name}: {number} is outside {low}..{high}")
+    return number
+
+
+def _str(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(f"{name}: expected a string, got {value!r}")
+    return value
+
+
+def _str_list(value: Any, name: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidInput(f"{name}: expected a list of strings")
+    return tuple(value)
+
+
+def normalize_database_url(url: str, base: Path) -> str:
+    """Pick the async driver for a URL and resolve a relative SQLite path against ``base``."""
+    for plain, driver in (
+        ("sqlite://", "sqlite+aiosqlite://"),
+        ("postgresql://", "postgresql+asyncpg://"),
+        ("postgres://", "postgresql+asyncpg://"),
+    ):
+        if url.startswith(plain):
+            url = driver + url[len(plain) :]
+    prefix = "sqlite+aiosqlite:///"
+    if url.startswith(prefix):
+        path = url[len(prefix) :]
+        if path and path != ":memory:" and not path.startswith("/"):
+            url = prefix + str((base / path).resolve())
+    return url
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything ``taskd serve`` needs; see config.example.toml for each key."""
+
+    server_uuid: str
+    database_url: str
+    config_path: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    timezone: str = "UTC"
+    max_message_bytes: int = 10 * MiB
+    task_deadline_ms: int = 600_000
+    reaper_interval_ms: int = 1_000
+    ws_ping_interval_s: float = 20.0
+    ws_ping_timeout_s: float = 20.0
+    log_level: str = "info"
+    allowed_origins: tuple[str, ...] = ()
+    auth_burst: int = 20
+    auth_rate_per_s: float = 2.0
+    node_id: str = ""
+    node_address: str = ""
+    node_grace_ms: int = 10_000
+    db_pool_size: int = 10
+    max_batch_items: int = 10_000
+    trust_forwarded_for: tuple[str, ...] = ()
+
+    @property
+    def is_sqlite(self) -> bool:
+        """Whether the store is the embedded SQLite database."""
+        return self.database_url.startswith("sqlite")
+
+
+_SERVER_KEYS = {f.name for f in fields(ServerSettings)} - {"config_path"} | {"listen"}
+
+
+def _server_value(name: str, value: Any) -> Any:
+    if name in ("port",):
+        return _int(value, name, 1, 65535)
+    if name in (
+        "max_message_bytes",
+        "task_deadline_ms",
+        "reaper_interval_ms",
+        "auth_burst",
+        "node_grace_ms",
+        "db_pool_size",
+        "max_batch_items",
+    ):
+        return _int(value, name, 1)
+    if name in ("ws_ping_interval_s", "ws_ping_timeout_s", "auth_rate_per_s"):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise InvalidInput(f"{name}: expected a number, got {value!r}") from None
+    if name in ("allowed_origins", "trust_forwarded_for"):
+        return _str_list(value, name)
+    return _str(value, name)
+
+
+def load_server_settings(
+    path: Path | None, overrides: Mapping[str, Any] | None = None
+) -> ServerSettings:
+    """Read the ``[server]`` table of ``path`` and apply ``overrides`` (CLI flags, TASKD_* vars)."""
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        if not path.exists():
+            raise ConfigNotFound(
+                f"No config file at {path}; run `taskd init --config {path}` first"
+            )
+        base = path.parent
+        try:
+            document = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidInput(f"{path}: {exc}") from None
+        raw = dict(document.get("server", {}))
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = set(raw) - _SERVER_KEYS
+    if unknown:
+        raise InvalidInput(f"unknown server setting(s): {', '.join(sorted(unknown))}")
+    if "listen" in raw:
+        host, _, port = _str(raw.pop("listen"), "listen").rpartition(":")
+        raw.setdefault("host", host.strip("[]") or "127.0.0.1")
+        raw.setdefault("port", port)
+    values = {name: _server_value(name, value) for name, value in raw.items()}
+    if "server_uuid" not in values:
+        raise ConfigNotFound("server_uuid is not set; run `taskd init` first")
+    try:
+        values["server_uuid"] = canonical_uuid(values["server_uuid"])
+        zoneinfo.ZoneInfo(values.get("timezone", "UTC"))
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError) as exc:
+        raise InvalidInput(f"server settings: {exc}") from None
+    values["database_url"] = normalize_database_url(
+        values.get("database_url", "sqlite:///taskd.db"), base
+    )
+    return ServerSettings(config_path=path, **values)
+
+
+def write_default_server_config(path: Path) -> str:
+    """Create a server config file at ``path`` with a fresh server UUID; return that UUID."""
+    server_uuid = str(uuid.uuid4())
+    document = tomlkit.document()
+    document.add(tomlkit.comment("taskd server configuration (see config.example.toml)"))
+    table = tomlkit.table()
+    table["server_uuid"] = server_uuid
+    table["listen"] = f"127.0.0.1:{DEFAULT_PORT}"
+    table["database_url"] = "sqlite:///taskd.db"
+    table["timezone"] = "UTC"
+    document["server"] = table
+    write_private_file(path, tomlkit.dumps(document))
+    return server_uuid
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically with mode 0600 (fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- agent
+
+
+SAFE_TASK_TYPES = frozenset({"ping", "tcp_ping", "http_ping", "dns", "ip", "version"})
+"""Task kinds an agent runs unless its configuration says otherwise."""
+
+
+@dataclass(frozen=True)
+class AgentServer:
+    """One ``[[server]]`` table of an agent config: where to connect and what to allow."""
+
+    name: str
+    ws_url: str
+    token: str
+    server_uuid: str | None = None
+    allow_task: bool = True
+    allow_task_type: tuple[str, ...] = ()
+    allow: Mapping[str, bool] = field(default_factory=dict)
+    ignore_cert: bool = False
+
+    def allows(self, task_type: str) -> bool:
+        """Whether this server may run ``task_type`` on the agent."""
+        if not self.allow_task:
+            return False
+        if self.allow_task_type:
+            return task_type in self.allow_task_type
+        return self.allow.get(task_type, task_type in SAFE_TASK_TYPES)
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """An agent's configuration (keys follow NodeGet's agent config)."""
+
+    agent_uuid: str
+    servers: tuple[AgentServer, ...]
+    config_path: Path | None = None
+    exec_max_character: int = 10_000
+    exec_timeout_ms: int = 60_000
+    terminal_shell: str = "/bin/sh"
+    connect_timeout_ms: int = 10_000
+    log_level: str = "info"
+    max_concurrency: int = 10
+    max_terminals: int = 8
+    ip_echo_urls: tuple[str, ...] = ("https://api.ipify.org", "https://api6.ipify.org")
+    self_update_index_url: str = ""
+    self_update_find_links: str = ""
+
+    def with_uuid(self, agent_uuid: str) -> AgentSettings:
+        """A copy with another agent UUID."""
+        return replace(self, agent_uuid=agent_uuid)
+
+
+_AGENT_KEYS = {f.name for f in fields(AgentSettings)} - {"config_path", "servers"} | {"server"}
+_SERVER_TABLE_KEYS = {
+    "name",
+    "ws_url",
+    "token",
+    "server_uuid",
+    "allow_task",
+    "allow_task_type",
+    "ignore_cert",
+}
+_ALLOW_KEYS = {f"allow_{kind}" for kind in TASK_TYPES}
+
+
+def _agent_server(raw: Any, index: int) -> AgentServer:
+    where = f"server[{index}]"
+    if not isinstance(raw, dict):
+        raise InvalidInput(f"{where}: expected a table")
+    unknown = set(raw) - _SERVER_TABLE_KEYS - _ALLOW_KEYS
+    if unknown:
+        raise InvalidInput(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    for key in ("ws_url", "token"):
+        if key not in raw:
+            raise InvalidInput(f"{where}: {key} is required")
+    ws_url = _str(raw["ws_url"], f"{where}.ws_url")
+    if not ws_url.startswith(("ws://", "wss://")):
+        raise InvalidInput(f"{where}.ws_url: must start with ws:// or wss://")
+    types = _str_list(raw.get("allow_task_type", []), f"{where}.allow_task_type")
+    unknown_types = set(types) - set(TASK_TYPES)
+    if unknown_types:
+        raise InvalidInput(
+            f"{where}.allow_task_type: unknown task type(s) {', '.join(sorted(unknown_types))}"
+        )
+    server_uuid = raw.get("server_uuid")
+    try:
+        server_uuid = canonical_uuid(server_uuid) if server_uuid else None
+    except ValueError as exc:
+        raise InvalidInput(f"{where}.server_uuid: {exc}") from None
+    return AgentServer(
+        name=_str(raw.get("name", f"server{index}"), f"{where}.name"),
+        ws_url=ws_url,
+        token=_str(raw["token"], f"{where}.token"),
+        server_uuid=server_uuid,
+        allow_task=_bool(raw.get("allow_task", True), f"{where}.allow_task"),
+        allow_task_type=types,
+        allow={
+            k[len("allow_") :]: _bool(v, f"{where}.{k}") for k, v in raw.items() if k in _ALLOW_KEYS
+        },
+        ignore_cert=_bool(raw.get("ignore_cert", False), f"{where}.ignore_cert"),
+    )
+
+
+def parse_agent_config(text: str, path: Path | None = None) -> AgentSettings:
+    """Parse and validate a whole agent config document; raise InvalidInput naming the problem."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInput(f"agent config is not valid TOML: {exc}") from None
+    unknown = set(raw) - _AGENT_KEYS
+    if unknown:
+        raise InvalidInput(f"agent config: unknown key(s) {', '.join(sorted(unknown))}")
+    servers = raw.get("server", [])
+    if not isinstance(servers, list) or not servers:
+        raise InvalidInput("agent config: needs at least one [[server]] table")
+    agent_uuid = _str(raw.get("agent_uuid", "auto_gen"), "agent_uuid")
+    if agent_uuid != "auto_gen":
+        try:
+            agent_uuid = canonical_uuid(agent_uuid)
+        except ValueError as exc:
+            raise InvalidInput(f"agent_uuid: {exc}") from None
+    options: dict[str, Any] = {}
+    for key in (
+        "exec_max_character",
+        "exec_timeout_ms",
+        "connect_timeout_ms",
+        "max_concurrency",
+        "max_terminals",
+    ):
+        if key in raw:
+            options[key] = _int(raw[key], key, 1)
+    for key in ("terminal_shell", "log_level", "self_update_index_url", "self_update_find_links"):
+        if key in raw:
+            options[key] = _str(raw[key], key)
+    if "ip_echo_urls" in raw:
+        options["ip_echo_urls"] = _str_list(raw["ip_echo_urls"], "ip_echo_urls")
+    return AgentSettings(
+        agent_uuid=agent_uuid,
+        servers=tuple(_agent_server(s, i) for i, s in enumerate(servers)),
+        config_path=path,
+        **options,
+    )
+
+
+def load_agent_settings(path: Path) -> AgentSettings:
+    """Read an agent config file."""
+    if not path.exists():
+        raise ConfigNotFound(f"No agent config at {path}")
+    return parse_agent_config(path.read_text(), path)

@@ -1,0 +1,335 @@
+"""Live agent subscriptions, task creation and pushes, blocking waiters, the offline queue.
+
+The hub owns the one code path that creates tasks (``task_create_task``,
+blocking calls and cron fires all use ``create``): validate the target, insert
+the row (committed), then push it. A task is pushed only after its row is
+committed, so an agent can never answer a task the store does not know.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from taskd.auth import random_string
+from taskd.clock import now_ms
+from taskd.errors import AgentNotConnected
+from taskd.models import TaskState
+from taskd.protocol import TaskVariant, variant_tag
+from taskd.store import NewTask, Store, StoredResult
+
+logger = logging.getLogger(__name__)
+
+TASK_TOKEN_LENGTH = 10
+
+
+class Peer(Protocol):
+    """A live WebSocket connection as the hub sees it."""
+
+    remote: str | None
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection has ended."""
+
+    def send(self, frame: bytes) -> bool:
+        """Queue a text frame; False if the connection is closed."""
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One agent's task subscription on one connection."""
+
+    id: int
+    agent_uuid: str
+    peer: Peer
+    token_key: str | None
+    since: int = field(default_factory=now_ms)
+
+
+@dataclass(frozen=True)
+class Created:
+    """Outcome of creating a task for one target agent."""
+
+    agent_uuid: str
+    task_id: int | None
+    queued: bool = False
+    error: AgentNotConnected | None = None
+
+
+def push_frame(subscription_id: int, task_id: int, task_token: str, task_event_type: Any) -> bytes:
+    """The JSON-RPC notification that delivers a task to an agent."""
+    return orjson.dumps(
+        {
+            "jsonrpc": "2.0",
+            "method": "task_register_task",
+            "params": {
+                "subscription": subscription_id,
+                "result": {
+                    "task_id": task_id,
+                    "task_token": task_token,
+                    "task_event_type": task_event_type,
+                },
+            },
+        }
+    )
+
+
+class Hub:
+    """Maps agent UUIDs to live subscriptions and moves tasks and results between them."""
+
+    def __init__(self, store: Store, *, node_id: str, task_deadline_ms: int) -> None:
+        self.store = store
+        self.node_id = node_id
+        self.task_deadline_ms = task_deadline_ms
+        self._by_agent: dict[str, Subscription] = {}
+        self._by_id: dict[int, Subscription] = {}
+        self._by_peer: dict[int, set[int]] = {}
+        self._waiters: dict[int, list[asyncio.Future[StoredResult]]] = {}
+        self._seen: dict[str, int] = {}
+        # tasks pushed from here and not answered yet: id -> (agent, task_token, type)
+        self.in_flight: dict[int, tuple[str, str, str]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------ subscriptions
+
+    def is_connected(self, agent_uuid: str) -> bool:
+        """Whether the agent holds a live subscription here."""
+        sub = self._by_agent.get(agent_uuid)
+        return sub is not None and not sub.peer.closed
+
+    def connected_agents(self) -> dict[str, Subscription]:
+        """Live subscriptions by agent UUID."""
+        return dict(self._by_agent)
+
+    async def subscribe(self, agent_uuid: str, peer: Peer, token_key: str | None) -> Subscription:
+        """Register ``peer`` as the agent's subscription; the newest subscription wins."""
+        sub_id = secrets.randbits(52) or 1
+        while sub_id in self._by_id:
+            sub_id = secrets.randbits(52) or 1
+        sub = Subscription(sub_id, agent_uuid, peer, token_key)
+        old = self._by_agent.get(agent_uuid)
+        if old is not None:
+            self._drop(old)
+            logger.info(
+                "agent %s subscribed again; older subscription %d replaced", agent_uuid, old.id
+            )
+        self._by_agent[agent_uuid] = sub
+        self._by_id[sub_id] = sub
+        self._by_peer.setdefault(id(peer), set()).add(sub_id)
+        self._seen[agent_uuid] = sub.since
+        await self.store.agent_connected(agent_uuid, peer.remote, self.node_id, token_key)
+        logger.info("agent %s subscribed from %s", agent_uuid, peer.remote or "?")
+        return sub
+
+    def unsubscribe(self, subscription_id: int, peer: Peer) -> bool:
+        """Drop a subscription held by ``peer``; False if it has no such subscription."""
+        sub = self._by_id.get(subscription_id)
+        if sub is None or sub.peer is not peer:
+            return False
+        self._drop(sub)
+        self._record_gone([sub])
+        return True
+
+    def peer_closed(self, peer: Peer) -> None:
+        """A connection ended: drop its subscriptions at once."""
+        gone = [self._by_id[i] for i in self._by_peer.pop(id(peer), set()) if i in self._by_id]
+        for sub in gone:
+            self._drop(sub)
+            logger.info("agent %s disconnected", sub.agent_uuid)
+        self._record_gone(gone)
+
+    def _drop(self, sub: Subscription) -> None:
+        self._by_id.pop(sub.id, None)
+        if self._by_agent.get(sub.agent_uuid) is sub:
+            del self._by_agent[sub.agent_uuid]
+        ids = self._by_peer.get(id(sub.peer))
+        if ids is not None:
+            ids.discard(sub.id)
+
+    def _record_gone(self, gone: Sequence[Subscription]) -> None:
+        seen = {
+            s.agent_uuid: self._seen.pop(s.agent_uuid, now_ms())
+            for s in gone
+            if s.agent_uuid not in self._by_agent
+        }
+        if seen:
+            self._spawn(self.store.agents_disconnected(seen, self.node_id))
+
+    def mark_seen(self, agent_uuid: str) -> None:
+        """Note activity from an agent (flushed to the store periodically)."""
+        self._seen[agent_uuid] = now_ms()
+
+    def last_seen(self, agent_uuid: str) -> int | None:
+        """When this node last heard from the agent, if it did."""
+        return self._seen.get(agent_uuid)
+
+    async def flush_seen(self) -> None:
+        """Write agents' last-seen times."""
+        seen = {u: t for u, t in self._seen.items() if u in self._by_agent}
+        await self.store.touch_agents(seen)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("hub background write failed: %s", task.exception())
+
+    async def drain(self) -> None:
+        """Wait for background writes (shutdown)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    def close_all(self, code: int) -> None:
+        """Close every subscribed connection (shutdown)."""
+        for sub in list(self._by_id.values()):
+            close = getattr(sub.peer, "close_soon", None)
+            if close is not None:
+                close(code)
+
+    # ------------------------------------------------------------------ tasks
+
+    def _push(self, agent_uuid: str, task_id: int, task_token: str, wire: Any) -> bool:
+        sub = self._by_agent.get(agent_uuid)
+        if sub is None or sub.peer.closed:
+            return False
+        if not sub.peer.send(push_frame(sub.id, task_id, task_token, wire)):
+            return False
+        self.in_flight[task_id] = (agent_uuid, task_token, str(variant_tag(wire)))
+        return True
+
+    async def create(
+        self,
+        targets: Sequence[str],
+        task: TaskVariant,
+        *,
+        queue_ttl_ms: int | None = None,
+        deadline_ms: int | None = None,
+        cron_source: str | None = None,
+        created_by: str | None = None,
+        wait: bool = False,
+    ) -> tuple[list[Created], dict[int, asyncio.Future[StoredResult]]]:
+        """Create ``task`` for each target: insert, then push (or queue when offline with a TTL).
+
+        Targets that are offline without a TTL get ``AgentNotConnected`` and no row.
+        With ``wait``, a future per pushed task is registered before the push.
+        """
+        now = now_ms()
+        wire = task.to_wire()
+        rows: list[NewTask] = []
+        outcomes: dict[str, Created] = {}
+        for agent_uuid in targets:
+            online = self.is_connected(agent_uuid)
+            if not online and queue_ttl_ms is None:
+                outcomes[agent_uuid] = Created(
+                    agent_uuid,
+                    None,
+                    error=AgentNotConnected(f"Agent {agent_uuid} is not connected"),
+                )
+                continue
+            queued = not online
+            rows.append(
+                NewTask(
+                    uuid=agent_uuid,
+                    task_token=random_string(TASK_TOKEN_LENGTH),
+                    type=task.kind,
+                    task_event_type=wire,
+                    created_at=now,
+                    deadline=now
+                    + (
+                        queue_ttl_ms
+                        if queued and queue_ttl_ms is not None
+                        else deadline_ms or self.task_deadline_ms
+                    ),
+                    state=TaskState.QUEUED if queued else TaskState.RUNNING,
+                    queue_ttl_ms=queue_ttl_ms,
+                    cron_source=cron_source,
+                    created_by=created_by,
+                )
+            )
+        waiters: dict[int, asyncio.Future[StoredResult]] = {}
+        if rows:
+            await self.store.insert_tasks(rows)
+        undelivered: list[NewTask] = []
+        requeue: list[NewTask] = []
+        late: set[str] = set()
+        for row in rows:
+            if row.state == TaskState.QUEUED:
+                outcomes[row.uuid] = Created(row.uuid, row.id, queued=True)
+                if self.is_connected(row.uuid):
+                    late.add(row.uuid)  # the agent subscribed while the row was being written
+                continue
+            if wait:
+                waiters[row.id] = self.add_waiter(row.id)
+            if self._push(row.uuid, row.id, row.task_token, wire):
+                outcomes[row.uuid] = Created(row.uuid, row.id)
+            elif queue_ttl_ms is not None:
+                requeue.append(row)
+                outcomes[row.uuid] = Created(row.uuid, row.id, queued=True)
+            else:
+                undelivered.append(row)
+                outcomes[row.uuid] = Created(
+                    row.uuid, None, error=AgentNotConnected(f"Agent {row.uuid} is not connected")
+                )
+        for row in undelivered:
+            self.remove_waiter(row.id, waiters.pop(row.id, None))
+        if undelivered:
+            await self.store.delete_task_ids([r.id for r in undelivered])
+        if requeue:
+            await self.store.requeue([r.id for r in requeue])
+            late.update(r.uuid for r in requeue if self.is_connected(r.uuid))
+        for agent_uuid in late:
+            self._spawn(self.deliver_queued(agent_uuid))
+        return [outcomes[u] for u in targets if u in outcomes], waiters
+
+    async def deliver_queued(self, agent_uuid: str) -> int:
+        """Push every queued task of an agent that is connected here; return how many."""
+        if not self.is_connected(agent_uuid):
+            return 0
+        rows = await self.store.take_queued(agent_uuid, self.task_deadline_ms)
+        failed = [
+            r.id for r in rows if not self._push(agent_uuid, r.id, r.task_token, r.task_event_type)
+        ]
+        if failed:
+            await self.store.requeue(failed)
+        if rows:
+            logger.info(
+                "delivered %d queued task(s) to agent %s", len(rows) - len(failed), agent_uuid
+            )
+        return len(rows) - len(failed)
+
+    # ------------------------------------------------------------------ results
+
+    def add_waiter(self, task_id: int) -> asyncio.Future[StoredResult]:
+        """A future resolved when the task's result is committed."""
+        future: asyncio.Future[StoredResult] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(task_id, []).append(future)
+        return future
+
+    def remove_waiter(self, task_id: int, future: asyncio.Future[StoredResult] | None) -> None:
+        """Forget a waiter (its caller gave up)."""
+        futures = self._waiters.get(task_id)
+        if futures is None or future is None:
+            return
+        if future in futures:
+            futures.remove(future)
+        if not futures:
+            del self._waiters[task_id]
+
+    def resolve(self, results: Iterable[StoredResult]) -> None:
+        """Wake the waiters of committed results."""
+        for result in results:
+            self.in_flight.pop(result.task_id, None)
+            for future in self._waiters.pop(result.task_id, ()):
+                if not future.done():
+                    future.set_result(result)

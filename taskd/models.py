@@ -1,0 +1,170 @@
+"""SQLModel tables: tasks, tokens, agents, crons and their fire history, cluster nodes."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, Index, Integer, Text, UniqueConstraint, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+JsonColumn = JSON().with_variant(JSONB(), "postgresql")
+IdType = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def _id() -> Any:
+    return Field(default=None, sa_column=Column(IdType, primary_key=True, autoincrement=True))
+
+
+def _ms(nullable: bool = False, index: bool = False) -> Any:
+    return Field(default=None, sa_column=Column(BigInteger, nullable=nullable, index=index))
+
+
+class TaskState(IntEnum):
+    """Where a task is in its life; only QUEUED and RUNNING tasks have no result."""
+
+    QUEUED = 0
+    RUNNING = 1
+    DONE = 2
+    FAILED_BY_SERVER = 3
+
+
+class Task(SQLModel, table=True):
+    """One task sent (or queued) to one agent, and its result."""
+
+    __tablename__ = "task"
+    __table_args__ = (
+        Index("ix_task_uuid_type_order", "uuid", "type", "order_ts", "id"),
+        Index("ix_task_uuid_order", "uuid", "order_ts", "id"),
+        Index("ix_task_type_order", "type", "order_ts", "id"),
+        Index("ix_task_order", "order_ts", "id"),
+        Index("ix_task_cron_order", "cron_source", "order_ts", "id"),
+        Index("ix_task_timestamp", "timestamp"),
+        Index(
+            "ix_task_open_deadline",
+            "deadline",
+            sqlite_where=text("state < 2"),
+            postgresql_where=text("state < 2"),
+        ),
+        Index(
+            "ix_task_queued_uuid",
+            "uuid",
+            sqlite_where=text("state = 0"),
+            postgresql_where=text("state = 0"),
+        ),
+    )
+
+    id: int | None = _id()
+    uuid: str = Field(max_length=36)
+    task_token: str = Field(max_length=16)
+    type: str = Field(max_length=16)
+    task_event_type: Any = Field(sa_column=Column(JsonColumn, nullable=False))
+    state: int = Field(default=TaskState.RUNNING)
+    created_at: int = _ms()
+    deadline: int = _ms()
+    queue_ttl_ms: int | None = _ms(nullable=True)
+    order_ts: int = _ms()
+    timestamp: int | None = _ms(nullable=True)
+    success: bool | None = None
+    error_message: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    task_event_result: Any = Field(default=None, sa_column=Column(JsonColumn, nullable=True))
+    cron_source: str | None = Field(default=None, max_length=128)
+    created_by: str | None = Field(default=None, max_length=64)
+
+
+class Token(SQLModel, table=True):
+    """An API token; secrets and passwords are stored only as hashes."""
+
+    __tablename__ = "token"
+
+    id: int | None = _id()
+    key: str = Field(max_length=64, unique=True)
+    secret_hash: str = Field(max_length=128)
+    username: str | None = Field(default=None, max_length=128, unique=True)
+    password_hash: str | None = Field(default=None, max_length=256)
+    is_super: bool = False
+    limits: Any = Field(default_factory=list, sa_column=Column(JsonColumn, nullable=False))
+    timestamp_from: int | None = _ms(nullable=True)
+    timestamp_to: int | None = _ms(nullable=True)
+    max_uses: int | None = Field(default=None)
+    uses: int = 0
+    description: str | None = Field(default=None, max_length=256)
+    created_at: int = _ms()
+    updated_at: int = _ms()
+
+
+class Agent(SQLModel, table=True):
+    """Every agent UUID ever seen, and where it is connected now."""
+
+    __tablename__ = "agent"
+
+    uuid: str = Field(primary_key=True, max_length=36)
+    first_seen: int = _ms()
+    last_seen: int = _ms()
+    connected_since: int | None = _ms(nullable=True)
+    remote_addr: str | None = Field(default=None, max_length=128)
+    node_id: str | None = Field(default=None, max_length=64)
+    token_key: str | None = Field(default=None, max_length=64)
+
+
+class Cron(SQLModel, table=True):
+    """A recurring task definition."""
+
+    __tablename__ = "cron"
+
+    id: int | None = _id()
+    name: str = Field(max_length=128, unique=True)
+    enable: bool = True
+    cron_expression: str = Field(max_length=256)
+    cron_type: Any = Field(sa_column=Column(JsonColumn, nullable=False))
+    task_type: str = Field(max_length=16)
+    queue_ttl_ms: int | None = _ms(nullable=True)
+    last_run_time: int | None = _ms(nullable=True)
+    created_by: str | None = Field(default=None, max_length=64)
+    created_at: int = _ms()
+    updated_at: int = _ms()
+
+
+class CronResult(SQLModel, table=True):
+    """One target of one fire of a cron."""
+
+    __tablename__ = "cron_result"
+    __table_args__ = (
+        Index("ix_cron_result_cron_run", "cron_id", "run_time", "id"),
+        Index("ix_cron_result_name_run", "cron_name", "run_time", "id"),
+        Index("ix_cron_result_run", "run_time", "id"),
+    )
+
+    id: int | None = _id()
+    cron_id: int = Field(sa_column=Column(BigInteger, nullable=False))
+    cron_name: str = Field(max_length=128)
+    run_time: int = _ms()
+    agent_uuid: str | None = Field(default=None, max_length=36)
+    relative_id: int | None = _ms(nullable=True)
+    success: bool = False
+    message: str = Field(default="", sa_column=Column(Text, nullable=False))
+
+
+class CronFire(SQLModel, table=True):
+    """One row per (cron, slot) fired: the guard that no slot fires twice."""
+
+    __tablename__ = "cron_fire"
+    __table_args__ = (UniqueConstraint("cron_id", "slot", name="uq_cron_fire_slot"),)
+
+    id: int | None = _id()
+    cron_id: int = Field(sa_column=Column(BigInteger, nullable=False))
+    slot: int = _ms()
+    fired_at: int = _ms()
+    node_id: str | None = Field(default=None, max_length=64)
+
+
+class Node(SQLModel, table=True):
+    """A server process of a cluster, with its heartbeat."""
+
+    __tablename__ = "node"
+
+    id: str = Field(primary_key=True, max_length=64)
+    address: str = Field(default="", max_length=256)
+    started_at: int = _ms()
+    heartbeat: int = _ms()

@@ -1,0 +1,1193 @@
+"""Wire types: tasks, results, query conditions, crons and token limits.
+
+Every type parses and validates once at the edge (``parse_*``) and serialises
+back to the exact JSON of the wire spec (``to_wire``). Variants are serde
+"externally tagged": a unit variant is a bare string, any other a one-key
+object whose key is the variant name.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+import uuid
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar, Union
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    GetJsonSchemaHandler,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
+
+from taskd.errors import InvalidParams
+
+TASK_TYPES: tuple[str, ...] = (
+    "ping",
+    "tcp_ping",
+    "http_ping",
+    "http_request",
+    "dns",
+    "web_shell",
+    "execute",
+    "read_config",
+    "edit_config",
+    "ip",
+    "version",
+    "self_update",
+)
+RESULT_KIND: dict[str, str] = {kind: kind for kind in TASK_TYPES} | {
+    "tcp_ping": "ping",
+    "http_ping": "ping",
+}
+"""The TaskEventResult variant each TaskEventType variant must be answered with."""
+
+DNS_RECORD_TYPES: tuple[str, ...] = (
+    "a",
+    "aaaa",
+    "cname",
+    "mx",
+    "txt",
+    "ns",
+    "srv",
+    "ptr",
+    "soa",
+    "caa",
+)
+DnsRecordType = Literal["a", "aaaa", "cname", "mx", "txt", "ns", "srv", "ptr", "soa", "caa"]
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9_.\-:%\[\]]{1,253}$")
+_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
+_VERSION_RE = re.compile(r"^v\d{1,6}\.\d{1,6}\.\d{1,6}(?:-[0-9A-Za-z.]{1,32})?$")
+_MAX_TEXT = 1 << 20
+
+
+def canonical_uuid(value: str) -> str:
+    """Return the lower-case hyphenated form of a UUID string, or raise ValueError."""
+    if not isinstance(value, str) or len(value) > 64:
+        raise ValueError("must be a UUID string")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not a valid UUID") from None
+
+
+def _check_host(host: str) -> str:
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not _HOST_RE.match(host) or bare.startswith("-") or not bare:
+        raise ValueError(f"{host!r} is not a valid host name or IP address")
+    if ":" in bare:
+        try:
+            ipaddress.IPv6Address(bare.split("%", 1)[0])
+        except ValueError:
+            raise ValueError(f"{host!r} is not a valid host name or IP address") from None
+    return host
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` for IPv6) into host and port, or raise ValueError."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{value!r} must be host:port")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{value!r} has no valid port (1-65535)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{value!r}: write IPv6 addresses as [addr]:port")
+    _check_host(host)
+    return host, int(port_text)
+
+
+def _check_url(value: str, schemes: tuple[str, ...]) -> str:
+    if len(value) > 8192:
+        raise ValueError("URL longer than 8192 characters")
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a valid URL: {exc}") from None
+    if parts.scheme not in schemes or not parts.netloc or not parts.hostname:
+        raise ValueError(f"{value!r} must be an absolute {'/'.join(schemes)} URL")
+    if any(c in value for c in " \r\n\t"):
+        raise ValueError(f"{value!r} contains whitespace")
+    return value
+
+
+class WireModel(BaseModel):
+    """Strict, immutable base: unknown fields and type coercion are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+# --------------------------------------------------------------------------- task types
+
+
+class TaskVariant(WireModel):
+    """Base of every TaskEventType variant; ``kind`` is its wire tag."""
+
+    kind: ClassVar[str]
+
+    def to_wire(self) -> Any:
+        """The exact JSON value of this task type."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class _UnitVariant(TaskVariant):
+    @model_validator(mode="before")
+    @classmethod
+    def _from_tag(cls, value: Any) -> Any:
+        if value == cls.kind:
+            return {}
+        raise ValueError(f"expected the string {cls.kind!r}")
+
+    @model_serializer
+    def _to_tag(self) -> str:
+        return self.kind
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {"const": cls.kind, "type": "string", "title": cls.__name__}
+
+    def to_wire(self) -> Any:
+        """The bare tag string."""
+        return self.kind
+
+
+class Ping(TaskVariant):
+    """ICMP echo to a host name or address."""
+
+    kind: ClassVar[str] = "ping"
+    ping: str
+
+    @field_validator("ping")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return _check_host(value)
+
+
+class TcpPing(TaskVariant):
+    """TCP connect time to ``host:port``."""
+
+    kind: ClassVar[str] = "tcp_ping"
+    tcp_ping: str
+
+    @field_validator("tcp_ping")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        split_host_port(value)
+        return value
+
+
+class HttpPing(TaskVariant):
+    """Time to response headers of a GET."""
+
+    kind: ClassVar[str] = "http_ping"
+    http_ping: str
+
+    @field_validator("http_ping")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_url(value, ("http", "https"))
+
+
+class HttpRequestSpec(WireModel):
+    """An HTTP request an agent makes on the caller's behalf."""
+
+    url: str
+    method: str
+    headers: dict[str, str] = Field(default_factory=dict)
+    body: str | None = None
+    body_base64: str | None = None
+    ip: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_url(value, ("http", "https"))
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str) -> str:
+        if not _TOKEN_RE.match(value):
+            raise ValueError(f"{value!r} is not a valid HTTP method")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not _TOKEN_RE.match(name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if any(c in text for c in "\r\n\x00"):
+                raise ValueError(f"header {name!r} contains CR, LF or NUL")
+        return value
+
+    @field_validator("body_base64")
+    @classmethod
+    def _base64(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError("is not valid base64") from None
+        return value
+
+    @field_validator("ip")
+    @classmethod
+    def _ip(cls, value: str | None) -> str | None:
+        if value is not None and value not in ("ipv4 auto", "ipv6 auto"):
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ValueError(
+                    f"{value!r} must be a local IP address, 'ipv4 auto' or 'ipv6 auto'"
+                ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_body(self) -> HttpRequestSpec:
+        if self.body is not None and self.body_base64 is not None:
+            raise ValueError("body and body_base64 are mutually exclusive")
+        return self
+
+
+class HttpRequest(TaskVariant):
+    """A full HTTP request."""
+
+    kind: ClassVar[str] = "http_request"
+    http_request: HttpRequestSpec
+
+
+class DnsSpec(WireModel):
+    """A DNS lookup of several record types."""
+
+    domain: str
+    record_types: list[DnsRecordType] = Field(min_length=1, max_length=len(DNS_RECORD_TYPES))
+    dns_server: str | None = None
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        if not value or len(value) > 253 or any(c.isspace() or c == "\x00" for c in value):
+            raise ValueError(f"{value!r} is not a valid domain name")
+        return value
+
+    @field_validator("dns_server")
+    @classmethod
+    def _server(cls, value: str | None) -> str | None:
+        if value is not None:
+            host, _ = split_host_port(value)
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"{value!r} must be ip:port") from None
+        return value
+
+    @model_validator(mode="after")
+    def _ptr_takes_ip(self) -> DnsSpec:
+        if "ptr" in self.record_types:
+            try:
+                ipaddress.ip_address(self.domain)
+            except ValueError:
+                raise ValueError("a ptr lookup takes an IP address as domain") from None
+        return self
+
+
+class Dns(TaskVariant):
+    """A DNS lookup."""
+
+    kind: ClassVar[str] = "dns"
+    dns: DnsSpec
+
+
+class WebShellSpec(WireModel):
+    """Where the agent connects its terminal."""
+
+    url: str
+    terminal_id: str
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_url(value, ("ws", "wss"))
+
+    @field_validator("terminal_id")
+    @classmethod
+    def _terminal_id(cls, value: str) -> str:
+        return canonical_uuid(value)
+
+
+class WebShell(TaskVariant):
+    """An interactive terminal relayed through the server."""
+
+    kind: ClassVar[str] = "web_shell"
+    web_shell: WebShellSpec
+
+
+class ExecuteSpec(WireModel):
+    """A command run without a shell."""
+
+    cmd: str = Field(max_length=4096)
+    args: list[str] = Field(max_length=4096)
+
+    @field_validator("cmd")
+    @classmethod
+    def _cmd(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("cmd must not be empty or blank")
+        if "\x00" in value:
+            raise ValueError("cmd contains a NUL byte")
+        return value
+
+    @field_validator("args")
+    @classmethod
+    def _args(cls, value: list[str]) -> list[str]:
+        if any("\x00" in arg for arg in value):
+            raise ValueError("an argument contains a NUL byte")
+        return value
+
+
+class Execute(TaskVariant):
+    """Run a program."""
+
+    kind: ClassVar[str] = "execute"
+    execute: ExecuteSpec
+
+
+class ReadConfig(_UnitVariant):
+    """Read the agent's configuration (secrets redacted)."""
+
+    kind: ClassVar[str] = "read_config"
+
+
+class EditConfig(TaskVariant):
+    """Replace the agent's configuration with a whole TOML document."""
+
+    kind: ClassVar[str] = "edit_config"
+    edit_config: str = Field(max_length=_MAX_TEXT)
+
+
+class Ip(_UnitVariant):
+    """The agent's public IPv4 and IPv6 addresses."""
+
+    kind: ClassVar[str] = "ip"
+
+
+class Version(_UnitVariant):
+    """The agent's version information."""
+
+    kind: ClassVar[str] = "version"
+
+
+class SelfUpdate(TaskVariant):
+    """Install another taskd version into the agent and restart it."""
+
+    kind: ClassVar[str] = "self_update"
+    self_update: str
+
+    @field_validator("self_update")
+    @classmethod
+    def _version(cls, value: str) -> str:
+        if not _VERSION_RE.match(value):
+            raise ValueError(f"{value!r} is not a version of the form vX.Y.Z")
+        return value
+
+
+def variant_tag(value: Any) -> str | None:
+    """The variant name of an externally tagged value (or model), None if it has no tag."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and len(value) == 1:
+        key = next(iter(value))
+        return key if isinstance(key, str) else None
+    if isinstance(value, TaskVariant | ResultVariant):
+        return value.kind
+    return None
+
+
+_V = TypeVar("_V", bound=BaseModel)
+
+
+def _tagged(*variants: type[_V]) -> Any:
+    members = tuple(Annotated[v, Tag(v.kind)] for v in variants)  # type: ignore[attr-defined]
+    return Annotated[
+        Union[members],  # noqa: UP007 - a runtime tuple of members
+        Discriminator(
+            variant_tag,
+            custom_error_type="unknown_variant",
+            custom_error_message="unknown variant",
+        ),
+    ]
+
+
+TASK_VARIANTS: tuple[type[TaskVariant], ...] = (
+    Ping,
+    TcpPing,
+    HttpPing,
+    HttpRequest,
+    Dns,
+    WebShell,
+    Execute,
+    ReadConfig,
+    EditConfig,
+    Ip,
+    Version,
+    SelfUpdate,
+)
+if TYPE_CHECKING:
+    TaskEventType = TaskVariant
+else:
+    TaskEventType = _tagged(*TASK_VARIANTS)
+TASK_EVENT_TYPE: TypeAdapter[TaskVariant] = TypeAdapter(TaskEventType)
+
+
+# --------------------------------------------------------------------------- results
+
+
+class ResultVariant(WireModel):
+    """Base of every TaskEventResult variant; ``kind`` is its wire tag."""
+
+    kind: ClassVar[str]
+
+    def to_wire(self) -> Any:
+        """The exact JSON value of this result."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class PingResult(ResultVariant):
+    """Round-trip or connect time in milliseconds (ping, tcp_ping, http_ping)."""
+
+    kind: ClassVar[str] = "ping"
+    ping: float = Field(ge=0, allow_inf_nan=False)
+
+
+class HttpResponse(WireModel):
+    """What an http_request got back."""
+
+    status: int = Field(ge=100, le=999)
+    headers: list[dict[str, str]]
+    body: str | None = None
+    body_base64: str | None = None
+
+    @field_validator("headers")
+    @classmethod
+    def _pairs(cls, value: list[dict[str, str]]) -> list[dict[str, str]]:
+        if any(len(pair) != 1 for pair in value):
+            raise ValueError("each header must be an object with exactly one name")
+        return value
+
+
+class HttpRequestResult(ResultVariant):
+    """An HTTP response."""
+
+    kind: ClassVar[str] = "http_request"
+    http_request: HttpResponse
+
+
+class DnsRecord(WireModel):
+    """One answer of a DNS lookup."""
+
+    record_type: DnsRecordType
+    time: float = Field(ge=0, allow_inf_nan=False)
+    data: str
+
+
+class DnsResult(ResultVariant):
+    """Every answer of a DNS lookup."""
+
+    kind: ClassVar[str] = "dns"
+    dns: list[DnsRecord]
+
+
+class WebShellResult(ResultVariant):
+    """The terminal session ended."""
+
+    kind: ClassVar[str] = "web_shell"
+    web_shell: bool
+
+
+class ExecuteResult(ResultVariant):
+    """Command output in the wire format (stdout, stderr, exit code)."""
+
+    kind: ClassVar[str] = "execute"
+    execute: str
+
+
+class ReadConfigResult(ResultVariant):
+    """The agent configuration with secrets redacted."""
+
+    kind: ClassVar[str] = "read_config"
+    read_config: str
+
+
+class EditConfigResult(ResultVariant):
+    """The configuration was replaced."""
+
+    kind: ClassVar[str] = "edit_config"
+    edit_config: bool
+
+
+class IpResult(ResultVariant):
+    """Public IPv4 and IPv6 addresses (null when unknown)."""
+
+    kind: ClassVar[str] = "ip"
+    ip: tuple[str | None, str | None] = Field(strict=False)
+
+    @field_validator("ip")
+    @classmethod
+    def _addresses(cls, value: tuple[str | None, str | None]) -> tuple[str | None, str | None]:
+        for address, family in zip(
+            value, (ipaddress.IPv4Address, ipaddress.IPv6Address), strict=True
+        ):
+            if address is not None:
+                try:
+                    family(address)
+                except ValueError:
+                    raise ValueError(f"{address!r} is not an {family.__name__}") from None
+        return value
+
+
+class VersionResult(ResultVariant):
+    """Agent version details."""
+
+    kind: ClassVar[str] = "version"
+    version: dict[str, Any]
+
+
+class SelfUpdateResult(ResultVariant):
+    """Whether the update was installed."""
+
+    kind: ClassVar[str] = "self_update"
+    self_update: bool
+
+
+RESULT_VARIANTS: tuple[type[ResultVariant], ...] = (
+    PingResult,
+    HttpRequestResult,
+    DnsResult,
+    WebShellResult,
+    ExecuteResult,
+    ReadConfigResult,
+    EditConfigResult,
+    IpResult,
+    VersionResult,
+    SelfUpdateResult,
+)
+if TYPE_CHECKING:
+    TaskEventResult = ResultVariant
+else:
+    TaskEventResult = _tagged(*RESULT_VARIANTS)
+TASK_EVENT_RESULT: TypeAdapter[ResultVariant] = TypeAdapter(TaskEventResult)
+
+
+class TaskResponse(WireModel):
+    """An agent's upload: the outcome of one task."""
+
+    task_id: int = Field(ge=1, lt=1 << 63)
+    agent_uuid: str
+    task_token: str = Field(max_length=64)
+    timestamp: int = Field(ge=0, lt=1 << 53)
+    success: bool
+    error_message: str | None = Field(default=None, max_length=_MAX_TEXT)
+    task_event_result: TaskEventResult | None = None
+
+    @field_validator("agent_uuid")
+    @classmethod
+    def _uuid(cls, value: str) -> str:
+        return canonical_uuid(value)
+
+
+class TaskPush(WireModel):
+    """What the server pushes to an agent's subscription."""
+
+    task_id: int
+    task_token: str
+    task_event_type: TaskEventType
+
+
+class TaskRecord(WireModel):
+    """One task as returned by task_query_task (``timestamp``/``success`` null while running)."""
+
+    task_id: int
+    uuid: str
+    timestamp: int | None
+    success: bool | None
+    error_message: str | None
+    task_event_type: TaskEventType
+    task_event_result: TaskEventResult | None
+    cron_source: str | None
+    created_by: str | None = None
+
+
+class TaskEventResponse(WireModel):
+    """The result of a blocking task."""
+
+    task_id: int
+    agent_uuid: str
+    task_token: str
+    timestamp: int | None
+    success: bool | None
+    error_message: str | None
+    task_event_result: TaskEventResult | None
+
+
+# --------------------------------------------------------------------------- query conditions
+
+
+class TaskIdCondition(WireModel):
+    """``{"task_id": n}``"""
+
+    task_id: int = Field(ge=0, lt=1 << 63)
+
+
+class UuidCondition(WireModel):
+    """``{"uuid": "<agent>"}``"""
+
+    uuid: str
+
+    @field_validator("uuid")
+    @classmethod
+    def _uuid(cls, value: str) -> str:
+        return canonical_uuid(value)
+
+
+class TimestampFromToCondition(WireModel):
+    """``{"timestamp_from_to": [a, b]}`` inclusive, ms."""
+
+    timestamp_from_to: tuple[int, int] = Field(strict=False)
+
+
+class TimestampFromCondition(WireModel):
+    """``{"timestamp_from": a}`` inclusive, ms."""
+
+    timestamp_from: int
+
+
+class TimestampToCondition(WireModel):
+    """``{"timestamp_to": b}`` inclusive, ms."""
+
+    timestamp_to: int
+
+
+class TypeCondition(WireModel):
+    """``{"type": "ping"}`` exact task type."""
+
+    type: Literal[
+        "ping",
+        "tcp_ping",
+        "http_ping",
+        "http_request",
+        "dns",
+        "web_shell",
+        "execute",
+        "read_config",
+        "edit_config",
+        "ip",
+        "version",
+        "self_update",
+    ]
+
+
+class CronSourceCondition(WireModel):
+    """``{"cron_source": "name"}``"""
+
+    cron_source: str = Field(max_length=128)
+
+
+class LimitCondition(WireModel):
+    """``{"limit": n}``"""
+
+    limit: int = Field(ge=0, lt=1 << 53)
+
+
+_FLAGS = ("is_success", "is_failure", "is_running", "last")
+TaskCondition = Union[  # noqa: UP007
+    Literal["is_success", "is_failure", "is_running", "last"],
+    TaskIdCondition,
+    UuidCondition,
+    TimestampFromToCondition,
+    TimestampFromCondition,
+    TimestampToCondition,
+    TypeCondition,
+    CronSourceCondition,
+    LimitCondition,
+]
+_TASK_CONDITIONS: dict[str, type[WireModel]] = {
+    "task_id": TaskIdCondition,
+    "uuid": UuidCondition,
+    "timestamp_from_to": TimestampFromToCondition,
+    "timestamp_from": TimestampFromCondition,
+    "timestamp_to": TimestampToCondition,
+    "type": TypeCondition,
+    "cron_source": CronSourceCondition,
+    "limit": LimitCondition,
+}
+
+
+class TaskQuery(WireModel):
+    """Parsed TaskQueryCondition list, all conditions ANDed."""
+
+    task_ids: tuple[int, ...] = ()
+    uuids: tuple[str, ...] = ()
+    types: tuple[str, ...] = ()
+    cron_sources: tuple[str, ...] = ()
+    timestamp_from: int | None = None
+    timestamp_to: int | None = None
+    is_success: bool = False
+    is_failure: bool = False
+    is_running: bool = False
+    limit: int | None = None
+    condition_count: int = 0
+
+
+DEFAULT_QUERY_LIMIT = 1000
+
+
+def _format_error(field: str, exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_url=False)[:3]:
+        path: list[str] = []
+        for part in (field, *error["loc"]):
+            # a tagged variant repeats its tag as the field name: show it once
+            if str(part) and (not path or path[-1] != str(part)):
+                path.append(str(part))
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{'.'.join(path)}: {message}")
+    return "; ".join(parts)
+
+
+_M = TypeVar("_M")
+
+
+def parse_as(adapter: TypeAdapter[_M] | Callable[[Any], _M], field: str, value: Any) -> _M:
+    """Validate ``value`` for the param ``field``; raise InvalidParams naming the field."""
+    try:
+        if isinstance(adapter, TypeAdapter):
+            return adapter.validate_python(value)
+        return adapter(value)
+    except ValidationError as exc:
+        raise InvalidParams(_format_error(field, exc)) from None
+    except ValueError as exc:
+        raise InvalidParams(f"{field}: {exc}") from None
+
+
+def parse_task_event_type(value: Any, field: str = "task_event_type") -> TaskVariant:
+    """Parse a TaskEventType; unknown variants and bad fields raise InvalidParams."""
+    tag = variant_tag(value)
+    if tag is None:
+        raise InvalidParams(f"{field}: must be a task type name or an object with one key")
+    if tag not in TASK_TYPES:
+        raise InvalidParams(
+            f"{field}: unknown task type {tag!r}; expected one of {', '.join(TASK_TYPES)}"
+        )
+    return parse_as(TASK_EVENT_TYPE, field, value)
+
+
+def parse_task_event_result(value: Any, field: str = "task_event_result") -> ResultVariant:
+    """Parse a TaskEventResult; unknown variants and bad fields raise InvalidParams."""
+    tag = variant_tag(value)
+    if tag not in RESULT_KIND.values():
+        raise InvalidParams(f"{field}: unknown result type {tag!r}")
+    return parse_as(TASK_EVENT_RESULT, field, value)
+
+
+def parse_uuid(value: Any, field: str) -> str:
+    """Validate an agent UUID param and return its canonical form."""
+    return parse_as(canonical_uuid, field, value)
+
+
+def _parse_conditions(
+    value: Any, field: str, known: dict[str, type[WireModel]], flags: Sequence[str]
+) -> list[str | WireModel]:
+    if not isinstance(value, list):
+        raise InvalidParams(f"{field}: must be a list of conditions")
+    if len(value) > 1000:
+        raise InvalidParams(f"{field}: more than 1000 conditions")
+    parsed: list[str | WireModel] = []
+    for index, item in enumerate(value):
+        where = f"{field}.{index}"
+        if isinstance(item, str):
+            if item not in flags:
+                raise InvalidParams(f"{where}: unknown condition {item!r}")
+            parsed.append(item)
+            continue
+        tag = variant_tag(item)
+        model = known.get(tag) if tag is not None and isinstance(item, dict) else None
+        if model is None:
+            expected = ", ".join([*flags, *known])
+            raise InvalidParams(f"{where}: unknown condition {tag!r}; expected one of {expected}")
+        try:
+            parsed.append(model.model_validate(item))
+        except ValidationError as exc:
+            raise InvalidParams(_format_error(where, exc)) from None
+    return parsed
+
+
+def parse_task_conditions(value: Any, field: str = "condition") -> TaskQuery:
+    """Parse a TaskQueryCondition list into one TaskQuery."""
+    fields: dict[str, Any] = {"condition_count": len(value) if isinstance(value, list) else 0}
+    task_ids: list[int] = []
+    uuids: list[str] = []
+    types: list[str] = []
+    sources: list[str] = []
+    lows: list[int] = []
+    highs: list[int] = []
+    limit: int | None = None
+    last = False
+    for cond in _parse_conditions(value, field, _TASK_CONDITIONS, _FLAGS):
+        match cond:
+            case "last":
+                last = True
+            case str():
+                fields[cond] = True
+            case TaskIdCondition():
+                task_ids.append(cond.task_id)
+            case UuidCondition():
+                uuids.append(cond.uuid)
+            case TypeCondition():
+                types.append(cond.type)
+            case CronSourceCondition():
+                sources.append(cond.cron_source)
+            case TimestampFromToCondition():
+                lows.append(cond.timestamp_from_to[0])
+                highs.append(cond.timestamp_from_to[1])
+            case TimestampFromCondition():
+                lows.append(cond.timestamp_from)
+            case TimestampToCondition():
+                highs.append(cond.timestamp_to)
+            case LimitCondition():
+                limit = cond.limit if limit is None else min(limit, cond.limit)
+    return TaskQuery(
+        task_ids=tuple(task_ids),
+        uuids=tuple(uuids),
+        types=tuple(types),
+        cron_sources=tuple(sources),
+        timestamp_from=max(lows) if lows else None,
+        timestamp_to=min(highs) if highs else None,
+        limit=1 if last else limit,
+        **fields,
+    )
+
+
+def parse_task_query(value: Any, field: str = "task_data_query") -> TaskQuery:
+    """Parse ``{"condition": [...]}``."""
+    if not isinstance(value, dict) or set(value) != {"condition"}:
+        raise InvalidParams(f'{field}: must be an object {{"condition": [...]}}')
+    return parse_task_conditions(value["condition"], f"{field}.condition")
+
+
+# --------------------------------------------------------------------------- crontab
+
+
+class AgentCronTask(WireModel):
+    """``{"task": <TaskEventType>}``"""
+
+    task: TaskEventType
+
+
+class AgentCron(WireModel):
+    """``{"agent": [["<uuid>", ...], {"task": ...}]}``"""
+
+    kind: ClassVar[str] = "agent"
+    agent: tuple[list[str], AgentCronTask] = Field(strict=False)
+
+    @field_validator("agent")
+    @classmethod
+    def _uuids(cls, value: tuple[list[str], AgentCronTask]) -> tuple[list[str], AgentCronTask]:
+        uuids, task = value
+        if not uuids:
+            raise ValueError("needs at least one agent UUID")
+        if len(uuids) > 100_000:
+            raise ValueError("more than 100000 agents")
+        canonical = list(dict.fromkeys(canonical_uuid(u) for u in uuids))
+        return canonical, task
+
+    @property
+    def uuids(self) -> list[str]:
+        """The target agents."""
+        return self.agent[0]
+
+    @property
+    def task(self) -> TaskVariant:
+        """The task each fire creates."""
+        return self.agent[1].task
+
+    def to_wire(self) -> Any:
+        """The exact JSON value of this cron type."""
+        return {"agent": [self.uuids, {"task": self.task.to_wire()}]}
+
+
+class ServerCron(WireModel):
+    """``{"server": ...}`` (NodeGet server-side scripts; taskd refuses them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    kind: ClassVar[str] = "server"
+    server: Any
+
+
+CronType = Annotated[
+    Union[Annotated[AgentCron, Tag("agent")], Annotated[ServerCron, Tag("server")]],  # noqa: UP007
+    Discriminator(
+        variant_tag, custom_error_type="unknown_variant", custom_error_message="unknown variant"
+    ),
+]
+CRON_TYPE: TypeAdapter[AgentCron | ServerCron] = TypeAdapter(CronType)
+
+
+class CronIdCondition(WireModel):
+    """``{"id": n}``"""
+
+    id: int
+
+
+class CronRefCondition(WireModel):
+    """``{"cron_id": n}``"""
+
+    cron_id: int
+
+
+class CronNameCondition(WireModel):
+    """``{"cron_name": "name"}``"""
+
+    cron_name: str = Field(max_length=128)
+
+
+class RunTimeFromToCondition(WireModel):
+    """``{"run_time_from_to": [a, b]}``"""
+
+    run_time_from_to: tuple[int, int] = Field(strict=False)
+
+
+class RunTimeFromCondition(WireModel):
+    """``{"run_time_from": a}``"""
+
+    run_time_from: int
+
+
+class RunTimeToCondition(WireModel):
+    """``{"run_time_to": b}``"""
+
+    run_time_to: int
+
+
+CronResultCondition = Union[  # noqa: UP007
+    Literal["is_success", "is_failure", "last"],
+    CronIdCondition,
+    CronRefCondition,
+    CronNameCondition,
+    RunTimeFromToCondition,
+    RunTimeFromCondition,
+    RunTimeToCondition,
+    LimitCondition,
+]
+_CRON_RESULT_CONDITIONS: dict[str, type[WireModel]] = {
+    "id": CronIdCondition,
+    "cron_id": CronRefCondition,
+    "cron_name": CronNameCondition,
+    "run_time_from_to": RunTimeFromToCondition,
+    "run_time_from": RunTimeFromCondition,
+    "run_time_to": RunTimeToCondition,
+    "limit": LimitCondition,
+}
+
+
+class CronResultQuery(WireModel):
+    """Parsed crontab-result conditions, all ANDed."""
+
+    ids: tuple[int, ...] = ()
+    cron_ids: tuple[int, ...] = ()
+    cron_names: tuple[str, ...] = ()
+    run_time_from: int | None = None
+    run_time_to: int | None = None
+    is_success: bool = False
+    is_failure: bool = False
+    limit: int | None = None
+
+
+def parse_cron_result_query(value: Any, field: str = "query") -> CronResultQuery:
+    """Parse ``{"condition": [...]}`` for crontab-result methods."""
+    if not isinstance(value, dict) or set(value) != {"condition"}:
+        raise InvalidParams(f'{field}: must be an object {{"condition": [...]}}')
+    ids: list[int] = []
+    cron_ids: list[int] = []
+    names: list[str] = []
+    lows: list[int] = []
+    highs: list[int] = []
+    flags: dict[str, bool] = {}
+    limit: int | None = None
+    last = False
+    conditions = _parse_conditions(
+        value["condition"],
+        f"{field}.condition",
+        _CRON_RESULT_CONDITIONS,
+        ("is_success", "is_failure", "last"),
+    )
+    for cond in conditions:
+        match cond:
+            case "last":
+                last = True
+            case str():
+                flags[cond] = True
+            case CronIdCondition():
+                ids.append(cond.id)
+            case CronRefCondition():
+                cron_ids.append(cond.cron_id)
+            case CronNameCondition():
+                names.append(cond.cron_name)
+            case RunTimeFromToCondition():
+                lows.append(cond.run_time_from_to[0])
+                highs.append(cond.run_time_from_to[1])
+            case RunTimeFromCondition():
+                lows.append(cond.run_time_from)
+            case RunTimeToCondition():
+                highs.append(cond.run_time_to)
+            case LimitCondition():
+                limit = cond.limit if limit is None else min(limit, cond.limit)
+    return CronResultQuery(
+        ids=tuple(ids),
+        cron_ids=tuple(cron_ids),
+        cron_names=tuple(names),
+        run_time_from=max(lows) if lows else None,
+        run_time_to=min(highs) if highs else None,
+        limit=1 if last else limit,
+        **flags,
+    )
+
+
+# --------------------------------------------------------------------------- token limits
+
+
+class AgentScope(WireModel):
+    """``{"agent_uuid": "<uuid>"}``"""
+
+    agent_uuid: str
+
+    @field_validator("agent_uuid")
+    @classmethod
+    def _uuid(cls, value: str) -> str:
+        return canonical_uuid(value)
+
+
+class GlobalScope(WireModel):
+    """``{"global": null}``"""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    global_: None = Field(alias="global")
+
+    @model_serializer
+    def _to_wire(self) -> dict[str, None]:
+        return {"global": None}
+
+
+Scope = Union[Literal["global"], GlobalScope, AgentScope]  # noqa: UP007
+
+_PATTERN = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class TaskAction(WireModel):
+    """``{"create"|"read"|"write"|"delete": "<type pattern>"}``"""
+
+    create: _PATTERN | None = None
+    read: _PATTERN | None = None
+    write: _PATTERN | None = None
+    delete: _PATTERN | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TaskAction:
+        if sum(v is not None for v in (self.create, self.read, self.write, self.delete)) != 1:
+            raise ValueError("needs exactly one of create, read, write, delete")
+        return self
+
+
+class TaskPermission(WireModel):
+    """``{"task": "listen"}`` or ``{"task": {"create": "ping"}}``"""
+
+    task: Literal["listen"] | TaskAction
+
+
+class CrontabPermission(WireModel):
+    """``{"crontab": "read"|"write"|"delete"}``"""
+
+    crontab: Literal["read", "write", "delete"]
+
+
+class CronResultAction(WireModel):
+    """``{"read"|"delete": "<cron name pattern>"}``"""
+
+    read: _PATTERN | None = None
+    delete: _PATTERN | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> CronResultAction:
+        if (self.read is None) == (self.delete is None):
+            raise ValueError("needs exactly one of read, delete")
+        return self
+
+
+class CronResultPermission(WireModel):
+    """``{"crontab_result": {"read": "<pattern>"}}``"""
+
+    crontab_result: CronResultAction
+
+
+class TerminalPermission(WireModel):
+    """``{"terminal": "connect"}``"""
+
+    terminal: Literal["connect"]
+
+
+class AgentPermission(WireModel):
+    """``{"agent": "list"|"enroll"}`` (taskd extension)."""
+
+    agent: Literal["list", "enroll"]
+
+
+class TokenPermission(WireModel):
+    """``{"token": "read"|"write"|"delete"}`` (taskd extension)."""
+
+    token: Literal["read", "write", "delete"]
+
+
+Permission = Union[  # noqa: UP007
+    TaskPermission,
+    CrontabPermission,
+    CronResultPermission,
+    TerminalPermission,
+    AgentPermission,
+    TokenPermission,
+]
+
+
+class Limit(WireModel):
+    """One limit: the permissions hold on the scopes."""
+
+    scopes: list[Scope] = Field(max_length=10_000)
+    permissions: list[Permission] = Field(max_length=1_000)
+
+
+LIMITS: TypeAdapter[list[Limit]] = TypeAdapter(list[Limit])
+
+
+def parse_limits(value: Any, field: str = "limits") -> list[Limit]:
+    """Parse a token's limit list."""
+    return parse_as(LIMITS, field, value)
+
+
+def limits_to_wire(limits: Sequence[Limit]) -> list[Any]:
+    """Serialise limits back to their JSON form."""
+    return [limit.model_dump(mode="json", by_alias=True, exclude_none=True) for limit in limits]

@@ -1,0 +1,194 @@
+"""The JSON-RPC dispatcher: a thin adapter around jsonrpcserver.
+
+jsonrpcserver resolves methods, binds named or positional params and calls
+them. This adapter closes its gaps: orjson parsing, a cheap per-item request
+check (so one bad item of a batch does not fail the others), a size limit,
+exceptions answered without leaking their text, and notifications answered
+with nothing. Both transports (HTTP and WebSocket) call ``handle``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from jsonrpcserver.async_dispatcher import dispatch_request
+from jsonrpcserver.request import Request
+from jsonrpcserver.result import Error, Success
+from jsonrpcserver.sentinels import NOID
+from oslash.either import Left
+
+from taskd.errors import InternalError, InvalidParams, TaskdError
+
+if TYPE_CHECKING:
+    from taskd.app import App
+
+logger = logging.getLogger(__name__)
+
+Method = Callable[..., Awaitable[Any]]
+
+
+@dataclass
+class MethodInfo:
+    """A registered method: its function, public names and whether it needs a WebSocket."""
+
+    name: str
+    fn: Method
+    aliases: tuple[str, ...] = ()
+    websocket_only: bool = False
+    summary: str = ""
+
+
+REGISTRY: dict[str, MethodInfo] = {}
+
+
+def method(name: str, *aliases: str, websocket_only: bool = False) -> Callable[[Method], Method]:
+    """Register a JSON-RPC method under ``name`` (and aliases).
+
+    The function takes the call context first, then the wire params by name.
+    It returns a JSON-able value or raises a TaskdError.
+    """
+
+    def register(fn: Method) -> Method:
+        @functools.wraps(fn)
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return Success(await fn(*args, **kwargs))
+            except TaskdError as exc:
+                return Error(exc.code, exc.message, exc.data)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("method %s failed", name)
+                error = InternalError("Internal error")
+                return Error(error.code, error.message)
+
+        # jsonrpcserver binds params against the signature on every call: give it
+        # the precomputed one instead of letting inspect unwrap the decorator each time
+        call.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
+        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        info = MethodInfo(name, call, aliases, websocket_only, summary)
+        for public in (name, *aliases):
+            if public in REGISTRY:
+                raise RuntimeError(f"method {public} registered twice")
+            REGISTRY[public] = info
+        return fn
+
+    return register
+
+
+@dataclass
+class CallContext:
+    """What a method knows about the call beyond its params."""
+
+    app: App
+    transport: str
+    remote: str
+    peer: Any = None
+    after_reply: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+def _error(code: int, message: str, request_id: Any = None) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "error": {"code": code, "message": message}, "id": request_id}
+
+
+def _check(item: Any) -> tuple[Request | None, dict[str, Any] | None]:
+    """Validate one request object; return the request, or the error reply to send."""
+    if not isinstance(item, dict):
+        return None, _error(-32600, "Invalid request: expected a JSON object")
+    request_id = item.get("id", NOID)
+    if request_id is not NOID and (
+        isinstance(request_id, bool) or not isinstance(request_id, str | int | float | None)
+    ):
+        return None, _error(-32600, "Invalid request: id must be a string, number or null")
+    reply_id = None if request_id is NOID else request_id
+    if item.get("jsonrpc") != "2.0":
+        return None, _error(-32600, 'Invalid request: "jsonrpc" must be "2.0"', reply_id)
+    name = item.get("method")
+    if not isinstance(name, str):
+        return None, _error(-32600, 'Invalid request: "method" must be a string', reply_id)
+    params = item.get("params", [])
+    if not isinstance(params, list | dict):
+        return None, _error(
+            -32600, 'Invalid request: "params" must be an array or object', reply_id
+        )
+    extra = set(item) - {"jsonrpc", "method", "params", "id"}
+    if extra:
+        return None, _error(
+            -32600, f"Invalid request: unknown member(s) {', '.join(sorted(extra))}", reply_id
+        )
+    return Request(name, params, request_id), None
+
+
+async def _dispatch_one(request: Request, context: CallContext) -> dict[str, Any] | None:
+    info = REGISTRY.get(request.method)
+    if info is None:
+        reply = _error(-32601, f"Method not found: {request.method[:100]}", None)
+    elif info.websocket_only and context.transport != "websocket":
+        reply = _error(-32601, f"Method {request.method} is only available over WebSocket")
+    else:
+        _, result = await dispatch_request({request.method: info.fn}, context, request)
+        if isinstance(result, Left):
+            err = result._error
+            message = err.message
+            if err.code == InvalidParams.code and isinstance(err.data, str):
+                message = f"Invalid params: {err.data}"  # jsonrpcserver's binding error
+            reply = _error(err.code, message)
+            if err.data is not None and not isinstance(err.data, str) and err.code != -32602:
+                reply["error"]["data"] = err.data
+        else:
+            reply = {"jsonrpc": "2.0", "result": result._value.result}
+    if request.id is NOID:
+        return None
+    reply["id"] = request.id
+    return reply
+
+
+def _dumps(reply: Any) -> bytes:
+    try:
+        return orjson.dumps(reply)
+    except (TypeError, orjson.JSONEncodeError):
+        logger.exception("reply could not be serialised")
+        return orjson.dumps(_error(-32603, "Internal error", None))
+
+
+async def handle(body: bytes | str, context: CallContext) -> bytes | None:
+    """Answer one HTTP body or WebSocket message; None when nothing is to be sent back."""
+    limit = context.app.settings.max_message_bytes
+    if len(body) > limit:
+        return _dumps(
+            _error(
+                -32600,
+                f"Invalid request: message of {len(body)} bytes exceeds the {limit}-byte limit",
+            )
+        )
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return _dumps(_error(-32700, f"Parse error: {str(exc)[:200]}"))
+    if isinstance(parsed, list):
+        if not parsed:
+            return _dumps(_error(-32600, "Invalid request: empty batch"))
+        max_items = context.app.settings.max_batch_items
+        if len(parsed) > max_items:
+            return _dumps(
+                _error(-32600, f"Invalid request: batch of {len(parsed)} exceeds {max_items} items")
+            )
+        replies = await asyncio.gather(*(_handle_item(item, context) for item in parsed))
+        answered = [r for r in replies if r is not None]
+        return _dumps(answered) if answered else None
+    reply = await _handle_item(parsed, context)
+    return None if reply is None else _dumps(reply)
+
+
+async def _handle_item(item: Any, context: CallContext) -> dict[str, Any] | None:
+    request, error = _check(item)
+    if request is None:
+        return error
+    return await _dispatch_one(request, context)

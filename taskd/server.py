@@ -1,0 +1,232 @@
+"""``create_app(settings)``: the Starlette application and its HTTP and WebSocket adapters.
+
+Both adapters feed ``rpc.handle``. A WebSocket gets a bounded send queue
+drained by its own task (a slow agent never blocks pushes to others) and
+handles each incoming message as its own task (callers may pipeline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+import taskd.methods  # noqa: F401 - registers every method
+from taskd import __version__, rpc
+from taskd.app import App
+from taskd.config import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+RPC_PATHS = ("/", "/rpc", "/nodeget/rpc")
+MAX_IN_FLIGHT = 512
+MAX_QUEUED_FRAMES = 100_000
+
+
+def client_address(scope: Mapping[str, Any], headers: Any, trusted: tuple[str, ...]) -> str:
+    """The caller's address; X-Forwarded-For is believed only from a trusted proxy."""
+    client = scope.get("client")
+    peer = client[0] if client else ""
+    if trusted and peer in trusted:
+        forwarded = headers.get("x-forwarded-for", "")
+        if forwarded:
+            candidate = forwarded.split(",")[-1].strip()
+            with contextlib.suppress(ValueError):
+                return str(ipaddress.ip_address(candidate))
+    return str(peer)
+
+
+class WsPeer:
+    """One WebSocket connection: a bounded send queue drained by its own task."""
+
+    def __init__(self, websocket: WebSocket, remote: str) -> None:
+        self.websocket = websocket
+        self.remote: str | None = remote
+        self._frames: deque[bytes] = deque()
+        self._ready = asyncio.Event()
+        self._closed = False
+        self._close_code: int | None = None
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection has ended (or is ending)."""
+        return self._closed
+
+    def send(self, frame: bytes) -> bool:
+        """Queue a frame; False if closed. A peer that stops reading is disconnected."""
+        if self._closed:
+            return False
+        if len(self._frames) >= MAX_QUEUED_FRAMES:
+            logger.warning("closing WebSocket from %s: it stopped reading", self.remote)
+            self.close_soon(1008)
+            return False
+        self._frames.append(frame)
+        self._ready.set()
+        return True
+
+    def close_soon(self, code: int) -> None:
+        """Send what is queued, then close with ``code``."""
+        if self._close_code is None:
+            self._close_code = code
+        self._closed = True
+        self._ready.set()
+
+    def lost(self) -> None:
+        """The connection is gone: nothing more can be sent."""
+        self._closed = True
+        self._frames.clear()
+        self._ready.set()
+
+    async def run_sender(self) -> None:
+        """Write queued frames until closed."""
+        send = self.websocket.send
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            while self._frames:
+                frame = self._frames.popleft()
+                await send({"type": "websocket.send", "text": frame.decode()})
+            if self._closed:
+                if self._close_code is not None:
+                    with contextlib.suppress(Exception):
+                        await self.websocket.close(self._close_code)
+                return
+
+
+class Connections:
+    """Every open WebSocket, so shutdown can close them with 1001."""
+
+    def __init__(self) -> None:
+        self.peers: set[WsPeer] = set()
+        self._empty = asyncio.Event()
+
+    def add(self, peer: WsPeer) -> None:
+        """Track an open WebSocket."""
+        self.peers.add(peer)
+        self._empty.clear()
+
+    def discard(self, peer: WsPeer) -> None:
+        """Forget a closed WebSocket."""
+        self.peers.discard(peer)
+        if not self.peers:
+            self._empty.set()
+
+    async def close_all(self, code: int = 1001, wait: float = 2.0) -> None:
+        """Close every WebSocket with ``code`` and wait a little for the frames to go out."""
+        for peer in list(self.peers):
+            peer.close_soon(code)
+        if self.peers:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._empty.wait(), wait)
+
+
+def create_app(settings: ServerSettings) -> Starlette:
+    """Build the Starlette application for ``settings``."""
+    service = App(settings)
+    connections = Connections()
+    trusted = settings.trust_forwarded_for
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with service:
+            yield
+            await connections.close_all(1001)
+
+    async def http_rpc(request: Request) -> Response:
+        limit = settings.max_message_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return _too_large(int(length), limit)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return _too_large(size, limit)
+            chunks.append(chunk)
+        remote = client_address(request.scope, request.headers, trusted)
+        context = rpc.CallContext(service, "http", remote)
+        reply = await rpc.handle(b"".join(chunks), context)
+        for job in context.after_reply:
+            await job()
+        if reply is None:
+            return Response(status_code=204)
+        return Response(reply, media_type="application/json")
+
+    async def ws_rpc(websocket: WebSocket) -> None:
+        await websocket.accept()
+        remote = client_address(websocket.scope, websocket.headers, trusted)
+        peer = WsPeer(websocket, remote)
+        connections.add(peer)
+        sender = asyncio.create_task(peer.run_sender())
+        slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        handlers: set[asyncio.Task[None]] = set()
+
+        async def answer(body: bytes | str) -> None:
+            try:
+                context = rpc.CallContext(service, "websocket", remote, peer)
+                reply = await rpc.handle(body, context)
+                if reply is not None:
+                    peer.send(reply)
+                for job in context.after_reply:
+                    await job()
+            except Exception:
+                logger.exception("WebSocket message handling failed")
+            finally:
+                slots.release()
+
+        try:
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                body = message.get("text")
+                if body is None:
+                    body = message.get("bytes") or b""
+                await slots.acquire()
+                handler = asyncio.create_task(answer(body))
+                handlers.add(handler)
+                handler.add_done_callback(handlers.discard)
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            service.hub.peer_closed(peer)
+            peer.lost()
+            connections.discard(peer)
+            with contextlib.suppress(Exception):
+                await sender
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "version": __version__, "node_id": service.node_id})
+
+    routes: list[Any] = []
+    for path in RPC_PATHS:
+        routes.append(Route(path, http_rpc, methods=["POST"]))
+        routes.append(WebSocketRoute(path, ws_rpc))
+    routes.append(Route("/healthz", healthz, methods=["GET"]))
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.taskd = service
+    app.state.connections = connections
+    return app
+
+
+def _too_large(size: int, limit: int) -> Response:
+    body = {
+        "jsonrpc": "2.0",
+        "error": {
+            "code": -32600,
+            "message": f"Invalid request: body of {size} bytes exceeds the {limit}-byte limit",
+        },
+        "id": None,
+    }
+    return JSONResponse(body, status_code=413)

@@ -1,0 +1,774 @@
+"""The database: engine, migrations, a group-commit writer, and every query.
+
+All writes go through one writer task that collects whatever operations are
+waiting, runs them in one transaction and only then resolves their futures,
+so a caller is answered after its write is committed. Batches of task
+inserts and result updates become one statement each. The store raises
+domain errors (``NotFound``, ``AlreadyUploaded`` ...) and knows nothing of RPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import (
+    Connection,
+    Row,
+    Select,
+    bindparam,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from taskd.clock import now_ms
+from taskd.errors import AlreadyUploaded, DatabaseError, InvalidInput, NotFound, TaskdError
+from taskd.models import Agent, Task, TaskState, Token
+from taskd.protocol import DEFAULT_QUERY_LIMIT, RESULT_KIND, TaskQuery, TaskResponse
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+task_t = Task.__table__  # type: ignore[attr-defined]
+token_t = Token.__table__  # type: ignore[attr-defined]
+agent_t = Agent.__table__  # type: ignore[attr-defined]
+
+MAX_BATCH = 5000
+TASK_RECORD_COLUMNS = (
+    task_t.c.id,
+    task_t.c.uuid,
+    task_t.c.timestamp,
+    task_t.c.success,
+    task_t.c.error_message,
+    task_t.c.task_event_type,
+    task_t.c.task_event_result,
+    task_t.c.cron_source,
+    task_t.c.created_by,
+)
+
+
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+@dataclass
+class NewTask:
+    """A task row to insert; ``id`` is filled in once it is committed."""
+
+    uuid: str
+    task_token: str
+    type: str
+    task_event_type: Any
+    deadline: int
+    created_at: int
+    state: int = TaskState.RUNNING
+    queue_ttl_ms: int | None = None
+    cron_source: str | None = None
+    created_by: str | None = None
+    id: int = 0
+
+    def row(self) -> dict[str, Any]:
+        """The column values."""
+        return {
+            "uuid": self.uuid,
+            "task_token": self.task_token,
+            "type": self.type,
+            "task_event_type": self.task_event_type,
+            "state": self.state,
+            "created_at": self.created_at,
+            "deadline": self.deadline,
+            "queue_ttl_ms": self.queue_ttl_ms,
+            "order_ts": self.created_at,
+            "cron_source": self.cron_source,
+            "created_by": self.created_by,
+        }
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """A result as committed: what blocking waiters receive."""
+
+    task_id: int
+    agent_uuid: str
+    task_token: str
+    timestamp: int | None
+    success: bool | None
+    error_message: str | None
+    task_event_result: Any
+
+    def to_wire(self) -> dict[str, Any]:
+        """The TaskEventResponse JSON object."""
+        return {
+            "task_id": self.task_id,
+            "agent_uuid": self.agent_uuid,
+            "task_token": self.task_token,
+            "timestamp": self.timestamp,
+            "success": self.success,
+            "error_message": self.error_message,
+            "task_event_result": self.task_event_result,
+        }
+
+
+# --------------------------------------------------------------------------- writer ops
+
+
+@dataclass(eq=False)
+class _Op:
+    future: asyncio.Future[Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.future = asyncio.get_running_loop().create_future()
+
+    async def run_batch(self, conn: AsyncConnection, ops: Sequence[_Op]) -> list[Any]:
+        """Run ``ops`` (all of this class) inside the open transaction; one outcome each."""
+        return [await op.run(conn) for op in ops]
+
+    async def run(self, conn: AsyncConnection) -> Any:
+        """Run this op alone inside the open transaction."""
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
+class _CallOp(_Op):
+    fn: Callable[[AsyncConnection], Awaitable[Any]]
+
+    async def run(self, conn: AsyncConnection) -> Any:
+        return await self.fn(conn)
+
+
+@dataclass(eq=False)
+class _InsertTasksOp(_Op):
+    tasks: Sequence[NewTask]
+
+    async def run_batch(self, conn: AsyncConnection, ops: Sequence[_Op]) -> list[Any]:
+        rows = [task.row() for op in ops for task in op.tasks]  # type: ignore[attr-defined]
+        result = await conn.execute(
+            insert(task_t).returning(task_t.c.id, sort_by_parameter_order=True), rows
+        )
+        ids = iter(result.scalars().all())
+        outcomes = []
+        for op in ops:
+            for task in op.tasks:  # type: ignore[attr-defined]
+                task.id = next(ids)
+            outcomes.append([task.id for task in op.tasks])  # type: ignore[attr-defined]
+        return outcomes
+
+    async def run(self, conn: AsyncConnection) -> Any:
+        return (await self.run_batch(conn, [self]))[0]
+
+
+@dataclass(eq=False)
+class _CompleteOp(_Op):
+    upload: TaskResponse
+    result_kind: str | None
+
+    async def run_batch(self, conn: AsyncConnection, ops: Sequence[_Op]) -> list[Any]:
+        uploads: list[_CompleteOp] = list(ops)  # type: ignore[arg-type]
+        ids = {op.upload.task_id for op in uploads}
+        rows = await conn.execute(
+            select(task_t.c.id, task_t.c.uuid, task_t.c.task_token, task_t.c.type, task_t.c.state)
+            .where(task_t.c.id.in_(ids))
+            .with_for_update()
+        )
+        found = {row.id: row for row in rows}
+        outcomes: list[Any] = []
+        updates: list[dict[str, Any]] = []
+        taken: set[int] = set()
+        for op in uploads:
+            up = op.upload
+            row = found.get(up.task_id)
+            if row is None or row.uuid != up.agent_uuid or row.task_token != up.task_token:
+                outcomes.append(
+                    NotFound(f"No task {up.task_id} for agent {up.agent_uuid} with that task_token")
+                )
+            elif row.state == TaskState.DONE or up.task_id in taken:
+                outcomes.append(AlreadyUploaded(f"Task {up.task_id} already has a result"))
+            elif op.result_kind is not None and op.result_kind != RESULT_KIND[row.type]:
+                outcomes.append(
+                    InvalidInput(
+                        f"task_event_result: a {row.type} task must be answered with a "
+                        f"{RESULT_KIND[row.type]!r} result, not {op.result_kind!r}"
+                    )
+                )
+            else:
+                taken.add(up.task_id)
+                result = (
+                    up.task_event_result.to_wire() if up.task_event_result is not None else None
+                )
+                updates.append(
+                    {
+                        "b_id": up.task_id,
+                        "state": TaskState.DONE,
+                        "timestamp": up.timestamp,
+                        "order_ts": up.timestamp,
+                        "success": up.success,
+                        "error_message": up.error_message,
+                        "task_event_result": result,
+                    }
+                )
+                outcomes.append(
+                    StoredResult(
+                        up.task_id,
+                        up.agent_uuid,
+                        up.task_token,
+                        up.timestamp,
+                        up.success,
+                        up.error_message,
+                        result,
+                    )
+                )
+        if updates:
+            statement = (
+                update(task_t)
+                .where(task_t.c.id == bindparam("b_id"), task_t.c.state != TaskState.DONE)
+                .values(
+                    state=bindparam("state"),
+                    timestamp=bindparam("timestamp"),
+                    order_ts=bindparam("order_ts"),
+                    success=bindparam("success"),
+                    error_message=bindparam("error_message"),
+                    task_event_result=bindparam("task_event_result"),
+                )
+            )
+            result = await conn.execute(statement, updates)
+            if result.rowcount != len(updates):
+                raise _Retry("a result row changed under the batch")
+        return outcomes
+
+    async def run(self, conn: AsyncConnection) -> Any:
+        return (await self.run_batch(conn, [self]))[0]
+
+
+class _Retry(Exception):
+    """The batch must be re-run op by op."""
+
+
+# --------------------------------------------------------------------------- store
+
+
+class Store:
+    """The database behind taskd; an async context manager owning the engine and writer."""
+
+    def __init__(self, url: str, *, pool_size: int = 10, echo: bool = False) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        self._pool_size = pool_size
+        self._echo = echo
+        self._queue: list[_Op] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self.engine: AsyncEngine
+
+    async def __aenter__(self) -> Store:
+        options: dict[str, Any] = {
+            "json_serializer": _json_dumps,
+            "json_deserializer": orjson.loads,
+            "echo": self._echo,
+        }
+        if self.is_sqlite:
+            options["pool_size"] = self._pool_size
+            options["connect_args"] = {"timeout": 30}
+        else:
+            options["pool_size"] = self._pool_size
+            options["max_overflow"] = self._pool_size
+            options["pool_timeout"] = 10
+            options["connect_args"] = {"timeout": 5, "command_timeout": 30}
+        self.engine = create_async_engine(self.url, **options)
+        if self.is_sqlite:
+            self._prepare_sqlite()
+        self._writer = asyncio.create_task(self._write_loop(), name="taskd-store-writer")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._writer is not None:
+            await self._writer
+        await self.engine.dispose()
+
+    def _prepare_sqlite(self) -> None:
+        path = self.url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            if not Path(path).exists():
+                Path(path).touch(mode=0o600)
+
+        @event.listens_for(self.engine.sync_engine, "connect")
+        def _pragmas(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+            # SQLAlchemy emits BEGIN itself (below), so SELECT ... then UPDATE and
+            # SAVEPOINTs behave; the driver's implicit transactions are switched off.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            for pragma in (
+                "PRAGMA journal_mode=WAL",
+                "PRAGMA synchronous=NORMAL",
+                "PRAGMA busy_timeout=30000",
+                "PRAGMA foreign_keys=ON",
+            ):
+                cursor.execute(pragma)
+            cursor.close()
+
+        @event.listens_for(self.engine.sync_engine, "begin")
+        def _begin(conn: Connection) -> None:
+            # the writer takes the write lock up front; readers take a snapshot
+            immediate = conn.get_execution_options().get("taskd_writer", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    # ------------------------------------------------------------------ migrations
+
+    async def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision."""
+
+        def upgrade(connection: Connection) -> None:
+            config = AlembicConfig()
+            config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+        async with self.engine.begin() as conn:
+            await conn.run_sync(upgrade)
+
+    # ------------------------------------------------------------------ writer
+
+    async def _submit(self, op: _Op) -> Any:
+        if self._closing:
+            raise DatabaseError("The store is shutting down")
+        self._queue.append(op)
+        self._wake.set()
+        return await op.future
+
+    async def write(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Run ``fn`` inside a writer transaction; return its value once committed."""
+        result: T = await self._submit(_CallOp(fn))
+        return result
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                await self._run_batch(batch)
+            if self._closing and not self._queue:
+                return
+
+    async def _run_batch(self, batch: list[_Op]) -> None:
+        try:
+            outcomes = await self._transaction(batch)
+        except (_Retry, IntegrityError) as exc:
+            if len(batch) == 1:
+                self._fail(batch, exc)
+                return
+            for op in batch:
+                await self._run_batch([op])
+            return
+        except Exception as exc:  # the database failed: every op of the batch fails
+            self._fail(batch, exc)
+            return
+        for op, outcome in zip(batch, outcomes, strict=True):
+            if op.future.done():
+                continue
+            if isinstance(outcome, TaskdError):
+                op.future.set_exception(outcome)
+            else:
+                op.future.set_result(outcome)
+
+    async def _transaction(self, batch: list[_Op]) -> list[Any]:
+        outcomes: dict[int, Any] = {}
+        async with self.engine.connect() as conn:
+            await conn.execution_options(taskd_writer=True)
+            async with conn.begin():
+                await self._run_grouped(conn, batch, outcomes)
+        return [outcomes[i] for i in range(len(batch))]
+
+    async def _run_grouped(
+        self, conn: AsyncConnection, batch: list[_Op], outcomes: dict[int, Any]
+    ) -> None:
+        groups: dict[type[_Op], list[int]] = {}
+        for index, op in enumerate(batch):
+            groups.setdefault(type(op), []).append(index)
+        # ops of one kind run together; kinds run in order of first appearance
+        for kind, indexes in groups.items():
+            ops = [batch[i] for i in indexes]
+            if kind is _CallOp:
+                results = []
+                for op in ops:
+                    try:
+                        async with conn.begin_nested():
+                            results.append(await op.run(conn))
+                    except TaskdError as exc:
+                        results.append(exc)
+            else:
+                results = await ops[0].run_batch(conn, ops)
+            outcomes.update(zip(indexes, results, strict=True))
+
+    def _fail(self, batch: Iterable[_Op], exc: BaseException) -> None:
+        if isinstance(exc, TaskdError):
+            error: TaskdError = exc
+        else:
+            logger.error("database write failed: %s", _describe(exc))
+            error = DatabaseError("Database error: the write was not committed")
+        for op in batch:
+            if not op.future.done():
+                op.future.set_exception(error)
+
+    async def read(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Run ``fn`` on a pooled read connection; database failures become DatabaseError."""
+        try:
+            async with self.engine.connect() as conn:
+                return await fn(conn)
+        except TaskdError:
+            raise
+        except (TimeoutError, SQLAlchemyError, OSError) as exc:
+            logger.error("database read failed: %s", _describe(exc))
+            raise DatabaseError("Database error: the read failed") from None
+
+    # ------------------------------------------------------------------ tasks
+
+    async def insert_tasks(self, tasks: Sequence[NewTask]) -> list[int]:
+        """Insert task rows; their ids are set once committed."""
+        ids: list[int] = await self._submit(_InsertTasksOp(tasks))
+        return ids
+
+    async def complete_task(self, upload: TaskResponse) -> StoredResult:
+        """Store an agent's result: 105 if id/uuid/token do not match, 108 if already done."""
+        kind = upload.task_event_result.kind if upload.task_event_result is not None else None
+        result: StoredResult = await self._submit(_CompleteOp(upload, kind))
+        return result
+
+    async def get_result(self, task_id: int) -> StoredResult | None:
+        """The committed result of a task, or None while it has none."""
+
+        async def fetch(conn: AsyncConnection) -> StoredResult | None:
+            row = (
+                await conn.execute(
+                    select(
+                        task_t.c.id,
+                        task_t.c.uuid,
+                        task_t.c.task_token,
+                        task_t.c.timestamp,
+                        task_t.c.success,
+                        task_t.c.error_message,
+                        task_t.c.task_event_result,
+                    ).where(task_t.c.id == task_id, task_t.c.state >= TaskState.DONE)
+                )
+            ).first()
+            return StoredResult(*row) if row is not None else None
+
+        return await self.read(fetch)
+
+    async def task_identity(self, task_id: int) -> Row[Any] | None:
+        """The (uuid, task_token, type) of a task, or None."""
+
+        async def fetch(conn: AsyncConnection) -> Row[Any] | None:
+            statement = select(task_t.c.uuid, task_t.c.task_token, task_t.c.type).where(
+                task_t.c.id == task_id
+            )
+            return (await conn.execute(statement)).first()
+
+        return await self.read(fetch)
+
+    async def delete_task_ids(self, ids: Sequence[int]) -> int:
+        """Remove task rows by id (a task that could not be delivered)."""
+
+        async def remove(conn: AsyncConnection) -> int:
+            result = await conn.execute(delete(task_t).where(task_t.c.id.in_(ids)))
+            return int(result.rowcount)
+
+        return await self.write(remove)
+
+    async def take_queued(self, agent_uuid: str, deadline_ms: int) -> list[Row[Any]]:
+        """Mark every queued task of an agent as running (with a fresh deadline) and return them."""
+
+        async def take(conn: AsyncConnection) -> list[Row[Any]]:
+            now = now_ms()
+            rows = (
+                await conn.execute(
+                    select(task_t.c.id, task_t.c.task_token, task_t.c.task_event_type)
+                    .where(
+                        task_t.c.uuid == agent_uuid,
+                        task_t.c.state == TaskState.QUEUED,
+                        task_t.c.deadline > now,
+                    )
+                    .order_by(task_t.c.id)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            if rows:
+                await conn.execute(
+                    update(task_t)
+                    .where(task_t.c.id.in_([r.id for r in rows]))
+                    .values(state=TaskState.RUNNING, deadline=now + deadline_ms)
+                )
+            return list(rows)
+
+        return await self.write(take)
+
+    async def requeue(self, ids: Sequence[int]) -> None:
+        """Put taken tasks back in the queue (their agent went away before delivery)."""
+
+        async def back(conn: AsyncConnection) -> None:
+            await conn.execute(
+                update(task_t)
+                .where(task_t.c.id.in_(ids), task_t.c.state == TaskState.RUNNING)
+                .values(
+                    state=TaskState.QUEUED,
+                    deadline=task_t.c.created_at + task_t.c.queue_ttl_ms,
+                )
+            )
+
+        await self.write(back)
+
+    async def reap(self, now: int, limit: int = 5000) -> list[StoredResult]:
+        """Fail tasks past their deadline: running ones time out, queued ones expire."""
+
+        async def fail(conn: AsyncConnection) -> list[StoredResult]:
+            rows = (
+                await conn.execute(
+                    select(
+                        task_t.c.id,
+                        task_t.c.uuid,
+                        task_t.c.task_token,
+                        task_t.c.state,
+                        task_t.c.queue_ttl_ms,
+                    )
+                    .where(task_t.c.state < TaskState.DONE, task_t.c.deadline <= now)
+                    .order_by(task_t.c.deadline)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            if not rows:
+                return []
+            reaped = []
+            for row in rows:
+                if row.state == TaskState.QUEUED:
+                    message = f"expired: agent did not connect within {row.queue_ttl_ms} ms"
+                else:
+                    message = "timed out: no result from agent"
+                reaped.append(
+                    StoredResult(row.id, row.uuid, row.task_token, now, False, message, None)
+                )
+            await conn.execute(
+                update(task_t)
+                .where(task_t.c.id == bindparam("b_id"), task_t.c.state < TaskState.DONE)
+                .values(
+                    state=TaskState.FAILED_BY_SERVER,
+                    timestamp=now,
+                    order_ts=now,
+                    success=False,
+                    error_message=bindparam("message"),
+                ),
+                [{"b_id": r.task_id, "message": r.error_message} for r in reaped],
+            )
+            return reaped
+
+        return await self.write(fail)
+
+    def _filtered(self, statement: Select[Any], query: TaskQuery) -> Select[Any]:
+        c = task_t.c
+        if query.task_ids:
+            for task_id in set(query.task_ids):
+                statement = statement.where(c.id == task_id)
+        for agent_uuid in set(query.uuids):
+            statement = statement.where(c.uuid == agent_uuid)
+        for task_type in set(query.types):
+            statement = statement.where(c.type == task_type)
+        for source in set(query.cron_sources):
+            statement = statement.where(c.cron_source == source)
+        if query.timestamp_from is not None:
+            statement = statement.where(c.timestamp >= query.timestamp_from)
+        if query.timestamp_to is not None:
+            statement = statement.where(c.timestamp <= query.timestamp_to)
+        if query.is_success:
+            statement = statement.where(c.success.is_(True))
+        if query.is_failure:
+            statement = statement.where(c.success.is_(False))
+        if query.is_running:
+            statement = statement.where(c.timestamp.is_(None))
+        limit = DEFAULT_QUERY_LIMIT if query.limit is None else query.limit
+        return statement.order_by(c.order_ts.desc(), c.id.desc()).limit(limit)
+
+    async def query_tasks(self, query: TaskQuery) -> list[Row[Any]]:
+        """Task records matching every condition, newest first."""
+
+        async def fetch(conn: AsyncConnection) -> list[Row[Any]]:
+            statement = self._filtered(select(*TASK_RECORD_COLUMNS), query)
+            return list((await conn.execute(statement)).all())
+
+        return await self.read(fetch)
+
+    async def delete_tasks(self, query: TaskQuery) -> int:
+        """Delete the task records a query selects (newest first, its limit applies)."""
+
+        async def remove(conn: AsyncConnection) -> int:
+            ids = self._filtered(select(task_t.c.id), query).scalar_subquery()
+            result = await conn.execute(delete(task_t).where(task_t.c.id.in_(ids)))
+            return int(result.rowcount)
+
+        return await self.write(remove)
+
+    async def count_tasks(self) -> int:
+        """How many task rows exist."""
+
+        async def count(conn: AsyncConnection) -> int:
+            return int((await conn.execute(select(func.count()).select_from(task_t))).scalar_one())
+
+        return await self.read(count)
+
+    # ------------------------------------------------------------------ tokens
+
+    async def token_by_key(self, key: str) -> Row[Any] | None:
+        """The token row with that key."""
+
+        async def fetch(conn: AsyncConnection) -> Row[Any] | None:
+            return (await conn.execute(select(token_t).where(token_t.c.key == key))).first()
+
+        return await self.read(fetch)
+
+    async def token_by_username(self, username: str) -> Row[Any] | None:
+        """The token row with that username."""
+
+        async def fetch(conn: AsyncConnection) -> Row[Any] | None:
+            statement = select(token_t).where(token_t.c.username == username)
+            return (await conn.execute(statement)).first()
+
+        return await self.read(fetch)
+
+    async def insert_token(self, values: dict[str, Any]) -> int:
+        """Insert a token row; 108 if its key or username is taken."""
+
+        async def add(conn: AsyncConnection) -> int:
+            now = now_ms()
+            row = {"created_at": now, "updated_at": now, "uses": 0, "is_super": False} | values
+            if row.get("username") is not None:
+                taken = await conn.execute(
+                    select(token_t.c.id).where(token_t.c.username == row["username"])
+                )
+                if taken.first() is not None:
+                    raise InvalidInput(f"Username {row['username']!r} is already taken")
+            result = await conn.execute(insert(token_t).returning(token_t.c.id), [row])
+            return int(result.scalar_one())
+
+        return await self.write(add)
+
+    async def has_super_token(self) -> bool:
+        """Whether a super token exists."""
+
+        async def fetch(conn: AsyncConnection) -> bool:
+            statement = select(token_t.c.id).where(token_t.c.is_super.is_(True)).limit(1)
+            return (await conn.execute(statement)).first() is not None
+
+        return await self.read(fetch)
+
+    # ------------------------------------------------------------------ agents
+
+    def _upsert(
+        self, table: Any, values: dict[str, Any], keys: list[str], update_cols: Iterable[str]
+    ) -> Any:
+        dialect_insert = sqlite_insert if self.is_sqlite else pg_insert
+        statement = dialect_insert(table).values(**values)
+        return statement.on_conflict_do_update(
+            index_elements=keys,
+            set_={col: getattr(statement.excluded, col) for col in update_cols},
+        )
+
+    async def agent_connected(
+        self, agent_uuid: str, remote_addr: str | None, node_id: str, token_key: str | None
+    ) -> None:
+        """Record that an agent subscribed here."""
+        now = now_ms()
+        values = {
+            "uuid": agent_uuid,
+            "first_seen": now,
+            "last_seen": now,
+            "connected_since": now,
+            "remote_addr": remote_addr,
+            "node_id": node_id,
+            "token_key": token_key,
+        }
+
+        async def upsert(conn: AsyncConnection) -> None:
+            await conn.execute(
+                self._upsert(
+                    agent_t,
+                    values,
+                    ["uuid"],
+                    ["last_seen", "connected_since", "remote_addr", "node_id", "token_key"],
+                )
+            )
+
+        await self.write(upsert)
+
+    async def agents_disconnected(self, seen: dict[str, int], node_id: str) -> None:
+        """Record that agents' subscriptions on this node ended (``seen``: uuid → last seen ms)."""
+
+        async def mark(conn: AsyncConnection) -> None:
+            await conn.execute(
+                update(agent_t)
+                .where(agent_t.c.uuid == bindparam("b_uuid"), agent_t.c.node_id == node_id)
+                .values(connected_since=None, last_seen=bindparam("last_seen")),
+                [{"b_uuid": u, "last_seen": t} for u, t in seen.items()],
+            )
+
+        if seen:
+            await self.write(mark)
+
+    async def touch_agents(self, seen: dict[str, int]) -> None:
+        """Update agents' last-seen times."""
+
+        async def mark(conn: AsyncConnection) -> None:
+            await conn.execute(
+                update(agent_t)
+                .where(agent_t.c.uuid == bindparam("b_uuid"))
+                .values(last_seen=bindparam("last_seen")),
+                [{"b_uuid": u, "last_seen": t} for u, t in seen.items()],
+            )
+
+        if seen:
+            await self.write(mark)
+
+    async def list_agents(self) -> list[Row[Any]]:
+        """Every agent ever seen."""
+
+        async def fetch(conn: AsyncConnection) -> list[Row[Any]]:
+            return list((await conn.execute(select(agent_t).order_by(agent_t.c.uuid))).all())
+
+        return await self.read(fetch)
+
+    async def reset_node_agents(self, node_id: str) -> None:
+        """Mark every agent recorded on ``node_id`` as disconnected (the node restarted)."""
+
+        async def mark(conn: AsyncConnection) -> None:
+            await conn.execute(
+                update(agent_t)
+                .where(agent_t.c.node_id == node_id, agent_t.c.connected_since.is_not(None))
+                .values(connected_since=None)
+            )
+
+        await self.write(mark)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, DBAPIError):
+        return (
+            f"{type(exc.orig).__name__}: {str(exc.orig).splitlines()[0] if str(exc.orig) else ''}"
+        )
+    return f"{type(exc).__name__}: {exc}"
