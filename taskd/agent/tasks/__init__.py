@@ -1,0 +1,66 @@
+"""One module per task kind. Each exposes ``async def run(task, ctx) -> ResultVariant``.
+
+A runner returns the typed result on success and raises ``TaskFailed`` with a
+readable reason on failure; the client uploads that as ``success: false``.
+Runners never enforce the allow-list (the client does) but do enforce their
+own limits; the client adds a hard timeout on top (``TIMEOUT_S`` seconds, or
+``timeout_s(settings)``; None means the kind runs until it ends by itself).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from taskd.config import AgentServer, AgentSettings
+from taskd.protocol import ResultVariant
+
+
+class TaskFailed(Exception):
+    """The task could not be done; the message becomes the uploaded error_message."""
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a runner knows besides its task."""
+
+    settings: AgentSettings
+    server: AgentServer
+    task_id: int
+    task_token: str
+
+
+Runner = Callable[[Any, TaskContext], Awaitable[ResultVariant]]
+
+MODULES: dict[str, str] = {
+    "ping": "ping",
+    "tcp_ping": "tcp_ping",
+    "http_ping": "http",
+    "http_request": "http",
+    "dns": "dns",
+    "web_shell": "web_shell",
+    "execute": "execute",
+    "read_config": "config",
+    "edit_config": "config",
+    "ip": "ip",
+    "version": "version",
+    "self_update": "self_update",
+}
+"""Task kind → module under taskd.agent.tasks that runs it."""
+
+
+def runner_for(kind: str, settings: AgentSettings) -> tuple[Runner, float | None]:
+    """The runner of a task kind and the client's hard timeout for it (None: no limit).
+
+    A module that serves several kinds names its runners ``run_<kind>``; a module
+    whose limit depends on the settings defines ``timeout_s(settings)``.
+    """
+    module = importlib.import_module(f"taskd.agent.tasks.{MODULES[kind]}")
+    runner: Runner = getattr(module, f"run_{kind}", None) or module.run
+    limit = getattr(module, "timeout_s", None)
+    timeout: float | None = (
+        limit(settings) if limit is not None else getattr(module, "TIMEOUT_S", 60.0)
+    )
+    return runner, timeout
