@@ -291,6 +291,23 @@ class Authenticator:
         return principal
 
 
+async def ensure_super_token(store: Store) -> str | None:
+    """Create the super token unless one exists; return ``KEY:SECRET`` once, else None."""
+    if await store.has_super_token():
+        return None
+    token = NewToken.generate()
+    await store.insert_token(
+        {
+            "key": token.key,
+            "secret_hash": hash_secret(token.secret),
+            "is_super": True,
+            "limits": [],
+            "description": "super token",
+        }
+    )
+    return str(token)
+
+
 def _principal(row: Any) -> Principal:
     return Principal(
         key=row.key,

@@ -63,24 +63,12 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
 
 
 async def _init_database(settings: ServerSettings) -> str | None:
-    from taskd.auth import NewToken, hash_secret
+    from taskd.auth import ensure_super_token
     from taskd.store import Store
 
     async with Store(settings.database_url, pool_size=2) as store:
         await store.migrate()
-        if await store.has_super_token():
-            return None
-        token = NewToken.generate()
-        await store.insert_token(
-            {
-                "key": token.key,
-                "secret_hash": hash_secret(token.secret),
-                "is_super": True,
-                "limits": [],
-                "description": "super token created by taskd init",
-            }
-        )
-        return str(token)
+        return await ensure_super_token(store)
 
 
 def cmd_init(args: argparse.Namespace) -> int:

@@ -1,0 +1,27 @@
+"""Fixtures: every database-backed test runs on SQLite and on the real PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Server, make_settings, postgres_database, running_server, tmp_sqlite_url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh database: a SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        yield tmp_sqlite_url(tmp_path)
+    else:
+        async with postgres_database() as url:
+            yield url
+
+
+@pytest.fixture
+async def server(database_url: str) -> AsyncIterator[Server]:
+    """A real taskd server on a free port over a fresh database."""
+    async with running_server(make_settings(database_url)) as running:
+        yield running
