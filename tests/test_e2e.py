@@ -30,7 +30,7 @@ async def _answer_next(agent: ScriptedAgent, result: Any = None, **kw: Any) -> d
 
 
 async def test_push_frame_has_the_exact_wire_shape(server: Server) -> None:
-    """A created task reaches the agent as a task_register_task notification with id, token and type."""
+    """A created task reaches the agent as a task_register_task notification: id, token, type."""
     async with WsClient(server.ws_url) as agent:
         agent_uuid = str(uuid.uuid4())
         sub = await agent.call("task_register_task", server.super_token, agent_uuid)
@@ -159,8 +159,10 @@ async def test_queued_task_expires_with_a_reason(server: Server) -> None:
 
 async def test_unanswered_task_is_reaped_after_its_deadline(database_url: str) -> None:
     """A pushed task with no result by its deadline is marked failed 'timed out'."""
-    async with running_server(make_settings(database_url, task_deadline_ms=200)) as server:
-        async with ScriptedAgent(server.ws_url, server.super_token) as agent:
+    settings = make_settings(database_url, task_deadline_ms=200)
+    async with running_server(settings) as server:
+        agent = ScriptedAgent(server.ws_url, server.super_token)
+        async with agent:
             created = await server.su("task_create_task", agent.uuid, "ip")
             await agent.next_task()
             await asyncio.sleep(scaled(0.6))
@@ -175,14 +177,15 @@ async def test_unanswered_task_is_reaped_after_its_deadline(database_url: str) -
 async def test_newest_subscription_wins(server: Server) -> None:
     """When an agent subscribes again, only the newest subscription receives tasks."""
     agent_uuid = str(uuid.uuid4())
-    async with ScriptedAgent(server.ws_url, server.super_token, agent_uuid) as old:
-        async with ScriptedAgent(server.ws_url, server.super_token, agent_uuid) as new:
-            assert new.subscription != old.subscription
-            await server.su("task_create_task", agent_uuid, "version")
-            task = await new.next_task()
-            assert task["task_event_type"] == "version"
-            with pytest.raises(asyncio.TimeoutError):
-                await old.next_task(timeout=0.3)
+    old = ScriptedAgent(server.ws_url, server.super_token, agent_uuid)
+    new = ScriptedAgent(server.ws_url, server.super_token, agent_uuid)
+    async with old, new:  # subscribes after old
+        assert new.subscription != old.subscription
+        await server.su("task_create_task", agent_uuid, "version")
+        task = await new.next_task()
+        assert task["task_event_type"] == "version"
+        with pytest.raises(asyncio.TimeoutError):
+            await old.next_task(timeout=0.3)
 
 
 async def test_closed_websocket_drops_its_subscription_at_once(server: Server) -> None:
@@ -532,7 +535,7 @@ async def test_all_rpc_paths_serve(server: Server) -> None:
 
 
 async def test_pipelined_websocket_creates(server: Server) -> None:
-    """A caller pipelining 500 creates over one WebSocket gets 500 distinct ids; the agent all tasks."""
+    """500 creates pipelined over one WebSocket get 500 distinct ids; the agent gets each task."""
     async with (
         ScriptedAgent(server.ws_url, server.super_token) as agent,
         WsClient(server.ws_url) as caller,
