@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -107,48 +108,73 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the server until SIGTERM/SIGINT."""
-    import uvicorn
-
-    from taskd.server import create_app
+    from taskd.server import serve
 
     settings = server_settings(args)
     configure_logging(settings.log_level)
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        ws="websockets-sansio",
-        ws_max_size=settings.max_message_bytes * 2,
-        ws_ping_interval=settings.ws_ping_interval_s,
-        ws_ping_timeout=settings.ws_ping_timeout_s,
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-        backlog=4096,
+    return 0 if serve(settings) else 1
+
+
+# --------------------------------------------------------------------------- agent
+
+
+def _agent_settings(args: argparse.Namespace) -> tuple[Any, Path]:
+    import uuid as uuid_module
+
+    from taskd.config import (
+        load_agent_settings,
+        persist_agent_uuid,
+        quick_agent_settings,
     )
-    server = _GracefulServer(config)
-    server.run()
-    return 0 if server.started else 1
+
+    if args.server:
+        if not args.token:
+            raise SystemExit("taskd agent: --server needs --token (KEY:SECRET)")
+        state_root = Path(
+            args.state_dir or os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")
+        )
+        state = state_root / "taskd-agent"
+        uuid_file = state / "agent_uuid"
+        agent_uuid = args.uuid
+        if agent_uuid is None and uuid_file.exists():
+            agent_uuid = uuid_file.read_text().strip()
+        if agent_uuid is None:
+            agent_uuid = str(uuid_module.uuid4())
+            state.mkdir(parents=True, exist_ok=True)
+            uuid_file.write_text(agent_uuid + "\n")
+        allow = tuple(k.strip() for k in (args.allow or "").split(",") if k.strip())
+        url = args.server.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+        return quick_agent_settings(url, args.token, agent_uuid, allow), state / agent_uuid
+    path = Path(args.config or os.environ.get("TASKD_AGENT_CONFIG") or "agent.toml")
+    settings = load_agent_settings(path)
+    if settings.agent_uuid == "auto_gen":
+        generated = str(uuid_module.uuid4())
+        persist_agent_uuid(path, generated)
+        settings = settings.with_uuid(generated)
+    state_dir = Path(args.state_dir) if args.state_dir else path.parent / f"{path.stem}.state"
+    return settings, state_dir
 
 
-class _GracefulServer:
-    """uvicorn's server, closing our WebSockets with 1001 before it shuts down."""
+def cmd_agent(args: argparse.Namespace) -> int:
+    """Run the agent until SIGTERM/SIGINT."""
+    from taskd.agent.client import Agent
 
-    def __new__(cls, config: Any) -> Any:
-        import uvicorn
+    settings, state_dir = _agent_settings(args)
+    configure_logging(args.log_level or settings.log_level)
+    logger.info("agent %s starting (%d server(s))", settings.agent_uuid, len(settings.servers))
 
-        class Server(uvicorn.Server):
-            async def shutdown(self, sockets: Any = None) -> None:
-                connections = getattr(config.app.state, "connections", None)
-                if connections is not None:
-                    await connections.close_all(1001)
-                await super().shutdown(sockets)
+    async def main() -> None:
+        agent = Agent(settings, state_dir)
+        runner = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, runner.cancel)  # type: ignore[union-attr]
+        with contextlib.suppress(asyncio.CancelledError):
+            await agent.run()
 
-        return Server(config)
+    asyncio.run(main())
+    logger.info("agent stopped")
+    return 0
 
 
 # --------------------------------------------------------------------------- call
@@ -260,6 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--database", help="database URL")
     serve.set_defaults(func=cmd_serve)
+
+    agent = sub.add_parser("agent", help="run the agent (on each managed server)")
+    agent.add_argument("--config", help="agent config (default $TASKD_AGENT_CONFIG or agent.toml)")
+    agent.add_argument("--server", help="quick form: server URL ws://HOST:PORT/ (no config file)")
+    agent.add_argument("--token", help="quick form: the agent's token KEY:SECRET")
+    agent.add_argument("--uuid", help="quick form: agent UUID (default: generated and kept)")
+    agent.add_argument("--allow", help="quick form: task kinds to allow, comma-separated")
+    agent.add_argument("--state-dir", help="where the result spool lives")
+    agent.add_argument("--log-level")
+    agent.set_defaults(func=cmd_agent)
 
     call = sub.add_parser("call", help="make one JSON-RPC call")
     call.add_argument("method")

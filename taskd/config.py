@@ -356,6 +356,23 @@ def parse_agent_config(text: str, path: Path | None = None) -> AgentSettings:
     )
 
 
+def persist_agent_uuid(path: Path, agent_uuid: str) -> None:
+    """Write a generated agent UUID back into the config file, keeping its comments."""
+    document = tomlkit.parse(path.read_text())
+    document["agent_uuid"] = agent_uuid
+    write_private_file(path, tomlkit.dumps(document))
+
+
+def quick_agent_settings(
+    ws_url: str, token: str, agent_uuid: str, allow: tuple[str, ...] = ()
+) -> AgentSettings:
+    """Settings for an agent started from the command line without a config file."""
+    server = _agent_server(
+        {"name": "server", "ws_url": ws_url, "token": token, "allow_task_type": list(allow)}, 0
+    )
+    return AgentSettings(agent_uuid=canonical_uuid(agent_uuid), servers=(server,))
+
+
 def load_agent_settings(path: Path) -> AgentSettings:
     """Read an agent config file."""
     if not path.exists():

@@ -1190,4 +1190,18 @@ def parse_limits(value: Any, field: str = "limits") -> list[Limit]:
 
 def limits_to_wire(limits: Sequence[Limit]) -> list[Any]:
     """Serialise limits back to their JSON form."""
-    return [limit.model_dump(mode="json", by_alias=True, exclude_none=True) for limit in limits]
+
+    # each member is dumped on its own: pydantic's union serializer picks the first model
+    # whose serializer accepts the value, which turned an agent scope into a global one
+    def dump(item: Any) -> Any:
+        if isinstance(item, BaseModel):
+            return item.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return item
+
+    return [
+        {
+            "scopes": [dump(scope) for scope in limit.scopes],
+            "permissions": [dump(permission) for permission in limit.permissions],
+        }
+        for limit in limits
+    ]

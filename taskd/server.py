@@ -11,10 +11,14 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import signal
+import socket
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
+from types import FrameType
 from typing import Any
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -218,6 +222,55 @@ def create_app(settings: ServerSettings) -> Starlette:
     app.state.taskd = service
     app.state.connections = connections
     return app
+
+
+def uvicorn_config(app: Starlette, settings: ServerSettings, **options: Any) -> uvicorn.Config:
+    """The uvicorn settings taskd runs with (fastest HTTP and WebSocket backends here)."""
+    defaults: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "http": "httptools",
+        "ws": "websockets-sansio",
+        "ws_max_size": settings.max_message_bytes * 2,
+        "ws_ping_interval": settings.ws_ping_interval_s,
+        "ws_ping_timeout": settings.ws_ping_timeout_s,
+        "lifespan": "on",
+        "log_config": None,
+        "access_log": False,
+        "timeout_graceful_shutdown": 10,
+        "backlog": 4096,
+    }
+    return uvicorn.Config(app, **(defaults | options))
+
+
+class TaskdServer(uvicorn.Server):
+    """uvicorn's server, shutting down the taskd way.
+
+    Open WebSockets are closed with 1001 "going away" (uvicorn would send 1012)
+    and a SIGTERM/SIGINT ends the process with status 0 once shutdown is done
+    (uvicorn would re-raise the signal).
+    """
+
+    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+        super().__init__(config)
+        self.connections: Connections = app.state.connections
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self.connections.close_all(1001)
+        await super().shutdown(sockets)
+
+
+def serve(settings: ServerSettings) -> bool:
+    """Run taskd under uvicorn until a signal; False if it never started."""
+    app = create_app(settings)
+    server = TaskdServer(uvicorn_config(app, settings, loop="uvloop"), app)
+    server.run()
+    return bool(server.started)
 
 
 def _too_large(size: int, limit: int) -> Response:

@@ -17,12 +17,11 @@ from typing import Any
 import asyncpg
 import httpx
 import orjson
-import uvicorn
 import websockets
 
 from taskd.auth import ensure_super_token
 from taskd.config import ServerSettings
-from taskd.server import create_app
+from taskd.server import TaskdServer, create_app, uvicorn_config
 from taskd.store import Store
 
 UNIT = float(os.environ.get("TASKD_TEST_TIME_FACTOR", "1"))
@@ -98,7 +97,7 @@ class Server:
     port: int
     super_token: str
     app: Any
-    uvicorn_server: uvicorn.Server
+    uvicorn_server: TaskdServer
     http: httpx.AsyncClient = field(init=False)
 
     def __post_init__(self) -> None:
@@ -160,19 +159,7 @@ async def running_server(
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(
-        app,
-        ws="websockets-sansio",
-        http="httptools",
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        ws_max_size=settings.max_message_bytes * 2,
-        ws_ping_interval=settings.ws_ping_interval_s,
-        ws_ping_timeout=settings.ws_ping_timeout_s,
-        timeout_graceful_shutdown=2,
-    )
-    server = uvicorn.Server(config)
+    server = TaskdServer(uvicorn_config(app, settings, timeout_graceful_shutdown=2), app)
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     deadline = time.monotonic() + scaled(20)
     while not server.started:

@@ -1,0 +1,193 @@
+"""The taskd command as scripts drive it: init, serve, call, schemas — real subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import ScriptedAgent, WsClient, free_port, scaled
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKD = [sys.executable, "-m", "taskd"]
+
+
+def run(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the taskd command and capture its output."""
+    return subprocess.run(
+        [*TASKD, *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
+    )
+
+
+def test_init_creates_config_schema_and_one_super_token(tmp_path: Path) -> None:
+    """init writes a 0600 config and database and prints the super token once."""
+    first = run("init", "--config", "conf/taskd.toml", "--json", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    data = json.loads(first.stdout)
+    assert data["config"] == "conf/taskd.toml"
+    assert str(uuid.UUID(data["server_uuid"])) == data["server_uuid"]
+    key, secret = data["super_token"].split(":")
+    assert len(key) == 16 and len(secret) == 32 and (key + secret).isalnum()
+    for name in ("conf/taskd.toml", "conf/taskd.db"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+    second = run("init", "--config", "conf/taskd.toml", "--json", cwd=tmp_path)
+    assert second.returncode == 0
+    again = json.loads(second.stdout)
+    assert again["super_token"] is None and again["server_uuid"] == data["server_uuid"]
+    plain = run("init", "--config", "conf/taskd.toml", cwd=tmp_path)
+    assert "already exists" in plain.stdout
+    assert secret not in (tmp_path / "conf/taskd.db").read_bytes().decode("latin-1")
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
+    """A `taskd serve` process on a free port (port from TASKD_PORT) with its super token."""
+    init = run("init", "--json", cwd=tmp_path)
+    token = json.loads(init.stdout)["super_token"]
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [*TASKD, "serve"],
+            cwd=tmp_path,
+            env={**os.environ, "TASKD_PORT": str(port)},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + scaled(30)
+    while True:
+        try:
+            if httpx.get(url + "healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"server did not start: {log.read_text()}")
+        time.sleep(0.1)
+    try:
+        yield process, url, token
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_call_creates_queries_and_deletes(
+    served: tuple[subprocess.Popen[str], str, str], tmp_path: Path
+) -> None:
+    """`taskd call` with TASKD_URL/TASKD_TOKEN drives the whole task life cycle."""
+    _, url, token = served
+    env = {"TASKD_URL": url, "TASKD_TOKEN": token}
+    agent_uuid = str(uuid.uuid4())
+    created = run(
+        "call", "task_create_task", json.dumps([agent_uuid, "ip", 60000]), cwd=tmp_path, env=env
+    )
+    assert created.returncode == 0, created.stderr
+    task_id = json.loads(created.stdout)["id"]
+    query = json.dumps({"task_data_query": {"condition": [{"uuid": agent_uuid}]}})
+    listed = run("call", "task_query_task", query, cwd=tmp_path, env=env)
+    assert [r["task_id"] for r in json.loads(listed.stdout)] == [task_id]
+    deleted = run(
+        "call", "task_delete_task", json.dumps([[{"task_id": task_id}]]), cwd=tmp_path, env=env
+    )
+    assert json.loads(deleted.stdout) == {"success": True, "deleted": 1, "condition_count": 1}
+    failed = run("call", "task_create_task", json.dumps([agent_uuid, "ip"]), cwd=tmp_path, env=env)
+    assert failed.returncode == 1
+    assert json.loads(failed.stderr)["code"] == 104
+    denied = run(
+        "call",
+        "task_query_task",
+        '[{"condition": []}]',
+        "--token",
+        "a:b",
+        "--url",
+        url,
+        cwd=tmp_path,
+    )
+    assert denied.returncode == 1 and json.loads(denied.stderr)["code"] == 102
+    hello = run("call", "server_hello", "--url", url, cwd=tmp_path)
+    assert "taskd" in json.loads(hello.stdout)
+
+
+def test_sigterm_closes_websockets_with_1001_and_exits_0(
+    served: tuple[subprocess.Popen[str], str, str],
+) -> None:
+    """SIGTERM: open WebSockets are closed with 1001, the process exits 0."""
+    process, url, token = served
+    ws_url = url.replace("http://", "ws://")
+
+    async def scenario() -> tuple[int | None, int | None]:
+        async with ScriptedAgent(ws_url, token) as agent, WsClient(ws_url) as caller:
+            assert (await caller.call("server_hello")).startswith("hello")
+            process.send_signal(signal.SIGTERM)
+            return await agent.closed(), await caller.closed()
+
+    agent_code, caller_code = asyncio.run(scenario())
+    assert (agent_code, caller_code) == (1001, 1001)
+    assert process.wait(timeout=scaled(20)) == 0
+
+
+def test_flags_override_environment_and_file(tmp_path: Path) -> None:
+    """--port beats TASKD_PORT, which beats the file's listen setting."""
+    run("init", cwd=tmp_path)
+    port = free_port()
+    process = subprocess.Popen(
+        [*TASKD, "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env={**os.environ, "TASKD_PORT": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + scaled(30)
+        while time.monotonic() < deadline:
+            try:
+                reply = httpx.post(
+                    f"http://127.0.0.1:{port}/",
+                    json={"jsonrpc": "2.0", "method": "server_hello", "id": 1},
+                    timeout=1,
+                )
+                assert reply.json()["result"].startswith("hello")
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("server did not listen on the --port given")
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=scaled(20)) == 0
+
+
+def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
+    """serve with a missing config file says how to create one."""
+    result = run("serve", "--config", "missing.toml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "taskd init" in result.stderr
+
+
+def test_checked_in_schemas_are_current() -> None:
+    """`taskd schemas --check` passes: schemas/ matches the wire types and methods."""
+    result = run("schemas", "--check", "--dir", str(ROOT / "schemas"), cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    document = json.loads((ROOT / "schemas" / "openrpc.json").read_text())
+    assert "task_create_task" in {m["name"] for m in document["methods"]}
