@@ -177,6 +177,185 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- demo
+
+
+def _demo_tokens(settings: ServerSettings, agent_uuid: str, path: Path) -> dict[str, str]:
+    """An agent token and a caller token for the demo, created once and kept in ``path``."""
+    from taskd.config import write_private_file
+
+    if path.exists():
+        tokens: dict[str, str] = json.loads(path.read_text())
+        return tokens
+
+    async def create() -> dict[str, str]:
+        from taskd.auth import NewToken, hash_secret
+        from taskd.store import Store
+
+        made: dict[str, str] = {}
+        roles = {
+            "agent": [
+                {
+                    "scopes": [{"agent_uuid": agent_uuid}],
+                    "permissions": [{"task": "listen"}, {"task": {"write": "*"}}],
+                }
+            ],
+            "caller": [
+                {
+                    "scopes": ["global"],
+                    "permissions": [
+                        {"task": {"create": "*"}},
+                        {"task": {"read": "*"}},
+                        {"agent": "list"},
+                    ],
+                }
+            ],
+        }
+        async with Store(settings.database_url, pool_size=2) as store:
+            for role, limits in roles.items():
+                token = NewToken.generate()
+                await store.insert_token(
+                    {
+                        "key": token.key,
+                        "secret_hash": hash_secret(token.secret),
+                        "limits": limits,
+                        "description": f"demo {role}",
+                    }
+                )
+                made[role] = str(token)
+        return made
+
+    tokens = asyncio.run(create())
+    write_private_file(path, json.dumps(tokens))
+    return tokens
+
+
+def _wait_for(check: Any, what: str, seconds: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:  # not up yet
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"taskd demo: {what} did not come up within {seconds:.0f} s")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start a server and a local agent, show one task round trip, keep both running."""
+    import subprocess
+    import uuid as uuid_module
+
+    import httpx
+    import tomlkit
+
+    from taskd.config import write_private_file
+
+    directory = Path(args.dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "taskd.toml"
+    init_args = argparse.Namespace(config=str(config), json=False, database=None)
+    if not config.exists():
+        cmd_init(init_args)
+    settings = server_settings(init_args)
+    port = args.port or settings.port
+    agent_config = directory / "agent.toml"
+    if agent_config.exists():
+        agent_uuid = str(tomlkit.parse(agent_config.read_text())["agent_uuid"])
+    else:
+        agent_uuid = str(uuid_module.uuid4())
+    tokens = _demo_tokens(settings, agent_uuid, directory / "demo-tokens.json")
+    if not agent_config.exists():
+        document = tomlkit.document()
+        document.add(
+            tomlkit.comment("demo agent: every task kind allowed (see agent.example.toml)")
+        )
+        document["agent_uuid"] = agent_uuid
+        link = tomlkit.table()
+        link["name"] = "local"
+        link["ws_url"] = f"ws://127.0.0.1:{port}/"
+        link["token"] = tokens["agent"]
+        link["allow_task_type"] = list(_all_kinds())
+        servers = tomlkit.aot()
+        servers.append(link)
+        document["server"] = servers
+        write_private_file(agent_config, tomlkit.dumps(document))
+
+    url = f"http://127.0.0.1:{port}/"
+    base = [sys.executable, "-m", "taskd"]
+    with (
+        (directory / "server.log").open("a") as server_log,
+        (directory / "agent.log").open("a") as agent_log,
+    ):
+        server = subprocess.Popen(
+            [*base, "serve", "--config", str(config), "--port", str(port)],
+            stdout=server_log,
+            stderr=subprocess.STDOUT,
+        )
+        agent = subprocess.Popen(
+            [*base, "agent", "--config", str(agent_config)],
+            stdout=agent_log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        client = httpx.Client(base_url=url, timeout=30)
+
+        def call(method: str, *params: Any) -> Any:
+            reply = client.post(
+                "/", json={"jsonrpc": "2.0", "method": method, "params": list(params), "id": 1}
+            ).json()
+            if "error" in reply:
+                raise SystemExit(f"taskd demo: {method} failed: {reply['error']}")
+            return reply["result"]
+
+        _wait_for(lambda: client.get("/healthz").status_code == 200, "the server")
+        caller = tokens["caller"]
+        _wait_for(
+            lambda: any(
+                a["uuid"] == agent_uuid and a["online"] for a in call("agent_list", caller)
+            ),
+            "the agent",
+        )
+        print(f"taskd server on {url} (logs in {directory}/server.log), agent {agent_uuid} online")
+        for task in (
+            {"execute": {"cmd": "uname", "args": ["-a"]}},
+            {"tcp_ping": f"127.0.0.1:{port}"},
+            "version",
+        ):
+            result = call("task_create_task_blocking", caller, agent_uuid, task, 30000)
+            shown = result["task_event_result"] if result["success"] else result["error_message"]
+            print(f"  task {result['task_id']} {json.dumps(task)} -> {json.dumps(shown)}")
+        print(
+            f"try: TASKD_URL={url} TASKD_TOKEN=$(jq -r .caller {directory}/demo-tokens.json) "
+            f'taskd call task_create_task_blocking \'["{agent_uuid}", "ip", 5000]\''
+        )
+        print("Ctrl-C stops the server and the agent.")
+        if args.once:
+            return 0
+        server.wait()
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for process in (agent, server):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in (agent, server):
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _all_kinds() -> tuple[str, ...]:
+    from taskd.protocol import TASK_TYPES
+
+    return TASK_TYPES
+
+
 # --------------------------------------------------------------------------- call
 
 
@@ -296,6 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--state-dir", help="where the result spool lives")
     agent.add_argument("--log-level")
     agent.set_defaults(func=cmd_agent)
+
+    demo = sub.add_parser("demo", help="start a server and a local agent; show a round trip")
+    demo.add_argument("--dir", default="var", help="where config, database and logs go")
+    demo.add_argument("--port", type=int)
+    demo.add_argument("--once", action="store_true", help="stop after the round trip")
+    demo.set_defaults(func=cmd_demo)
 
     call = sub.add_parser("call", help="make one JSON-RPC call")
     call.add_argument("method")
