@@ -144,7 +144,7 @@ class Server:
 
 @contextlib.asynccontextmanager
 async def running_server(
-    settings: ServerSettings, super_token: str | None = None
+    settings: ServerSettings, super_token: str | None = None, port: int = 0
 ) -> AsyncIterator[Server]:
     """Start taskd under uvicorn on a free port; stop it afterwards.
 
@@ -158,7 +158,7 @@ async def running_server(
     app = create_app(settings)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     server = TaskdServer(uvicorn_config(app, settings, timeout_graceful_shutdown=2), app)
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     deadline = time.monotonic() + scaled(20)

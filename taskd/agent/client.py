@@ -234,15 +234,23 @@ class ServerLink:
         else:
             response["task_event_result"] = outcome.to_wire()
         logger.debug("task %d (%s) done in %.3f s", task_id, kind, time.monotonic() - started)
-        await self.deliver(response)
+        try:
+            await self.deliver(response)
+        except OSError as exc:  # the spool is unwritable: the result can only be sent now
+            logger.error(
+                "[%s] cannot spool the result of task %d: %s", self.server.name, task_id, exc
+            )
+            if self.rpc is not None:
+                await self._upload(self.rpc, response)
         await self.agent.after_task(kind, outcome)
 
     async def _run(self, task: TaskVariant, ctx: TaskContext) -> ResultVariant | str:
         if not self.server.allows(task.kind):
             return f"permission denied: task type {task.kind} is not allowed on this agent"
-        runner, limit = runner_for(task.kind, self.settings)
         bound = contextlib.nullcontext() if task.kind in UNLIMITED_KINDS else self.agent.slots
+        limit: float | None = None
         try:
+            runner, limit = runner_for(task.kind, self.settings)
             async with bound:
                 if limit is None:
                     return await runner(task, ctx)
