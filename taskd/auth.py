@@ -45,8 +45,11 @@ _SCRYPT = {"n": 1 << 14, "r": 8, "p": 1}
 
 
 def random_string(length: int) -> str:
-    """A random alphanumeric string from the OS CSPRNG."""
-    return "".join(secrets.choice(ALPHABET) for _ in range(length))
+    """A random alphanumeric string from the OS CSPRNG (uniform: bytes >= 248 are redrawn)."""
+    chars: list[str] = []
+    while len(chars) < length:
+        chars.extend(ALPHABET[b % 62] for b in secrets.token_bytes(length * 2) if b < 248)
+    return "".join(chars[:length])
 
 
 def hash_secret(secret: str) -> str:
@@ -168,6 +171,13 @@ def allows(principal: Principal, need: Need, agent_uuid: str | None) -> bool:
     )
 
 
+def allows_any_type(principal: Principal, action: str, agent_uuid: str | None) -> bool:
+    """Whether ``task.<action>`` holds on the agent for at least one task type."""
+    return principal.is_super or any(
+        allows(principal, Need("task", action, task_type), agent_uuid) for task_type in TASK_TYPES
+    )
+
+
 def authorize(principal: Principal, need: Need, agent_uuid: str | None = None) -> None:
     """The one permission check: raise PermissionDenied unless ``principal`` holds ``need``."""
     if not allows(principal, need, agent_uuid):
@@ -219,9 +229,12 @@ class Authenticator:
         self.limiter = limiter
         self._cache: dict[str, _Cached] = {}
         self._passwords: dict[tuple[str, str], tuple[Principal, float]] = {}
+        self._loading: dict[str, asyncio.Future[_Cached | None]] = {}
+        self._generation = 0
 
     def invalidate(self, key: str | None = None) -> None:
         """Forget cached token rows (one key, or all) after a token changed."""
+        self._generation += 1
         if key is None:
             self._cache.clear()
         else:
@@ -261,15 +274,31 @@ class Authenticator:
     async def _by_key(self, key: str, secret: str) -> Principal:
         cached = self._cache.get(key)
         if cached is None or time.monotonic() - cached.loaded > CACHE_SECONDS:
-            row = await self.store.token_by_key(key)
-            if row is None:
-                self._cache.pop(key, None)
-                raise PermissionDenied("Invalid token: unknown key or wrong secret")
-            cached = _Cached(_principal(row), row.secret_hash, time.monotonic())
-            self._cache[key] = cached
-        if not hmac.compare_digest(hash_secret(secret), cached.secret_hash):
+            cached = await self._load(key)
+        if cached is None or not hmac.compare_digest(hash_secret(secret), cached.secret_hash):
             raise PermissionDenied("Invalid token: unknown key or wrong secret")
         return cached.principal
+
+    async def _load(self, key: str) -> _Cached | None:
+        # one database read per key however many calls arrive while it runs
+        loading = self._loading.get(key)
+        if loading is None:
+            loading = asyncio.ensure_future(self._fetch(key, self._generation))
+            self._loading[key] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(key, None))
+        return await asyncio.shield(loading)
+
+    async def _fetch(self, key: str, generation: int) -> _Cached | None:
+        row = await self.store.token_by_key(key)
+        cached = (
+            None if row is None else _Cached(_principal(row), row.secret_hash, time.monotonic())
+        )
+        if generation == self._generation:  # no invalidation raced with this read
+            if cached is None:
+                self._cache.pop(key, None)
+            else:
+                self._cache[key] = cached
+        return cached
 
     async def _by_password(self, username: str, password: str) -> Principal:
         fingerprint = (username, hashlib.sha256(password.encode()).hexdigest())

@@ -43,6 +43,7 @@ class MethodInfo:
     aliases: tuple[str, ...] = ()
     websocket_only: bool = False
     summary: str = ""
+    dispatch: Method | None = None
 
 
 REGISTRY: dict[str, MethodInfo] = {}
@@ -56,10 +57,13 @@ def method(name: str, *aliases: str, websocket_only: bool = False) -> Callable[[
     """
 
     def register(fn: Method) -> Method:
+        signature = inspect.signature(fn)
+        bind = _binder(signature)
+
         @functools.wraps(fn)
         async def call(*args: Any, **kwargs: Any) -> Any:
             try:
-                return Success(await fn(*args, **kwargs))
+                return Success(await fn(*bind(args, kwargs)))
             except TaskdError as exc:
                 return Error(exc.code, exc.message, exc.data)
             except asyncio.CancelledError:
@@ -69,11 +73,14 @@ def method(name: str, *aliases: str, websocket_only: bool = False) -> Callable[[
                 error = InternalError("Internal error")
                 return Error(error.code, error.message)
 
-        # jsonrpcserver binds params against the signature on every call: give it
-        # the precomputed one instead of letting inspect unwrap the decorator each time
-        call.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
+        # jsonrpcserver checks params with inspect's Signature.bind on every call,
+        # which costs more than the method itself on the hot path; it is handed a
+        # catch-all signature and ``bind`` (precomputed from the real one) checks instead
+        dispatch = functools.partial(call)
+        dispatch.__signature__ = _ANYTHING  # type: ignore[attr-defined]
+        call.__signature__ = signature  # type: ignore[attr-defined]
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        info = MethodInfo(name, call, aliases, websocket_only, summary)
+        info = MethodInfo(name, call, aliases, websocket_only, summary, dispatch)
         for public in (name, *aliases):
             if public in REGISTRY:
                 raise RuntimeError(f"method {public} registered twice")
@@ -81,6 +88,44 @@ def method(name: str, *aliases: str, websocket_only: bool = False) -> Callable[[
         return fn
 
     return register
+
+
+_ANYTHING = inspect.Signature(
+    [
+        inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
+        inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+    ]
+)
+
+
+def _binder(signature: inspect.Signature) -> Callable[[tuple[Any, ...], dict[str, Any]], list[Any]]:
+    """A fast params check: positional or named params → the argument list, or InvalidParams."""
+    params = list(signature.parameters.values())
+    names = [p.name for p in params[1:]]  # the first is the call context
+    required = [p.name for p in params[1:] if p.default is inspect.Parameter.empty]
+    defaults = {p.name: p.default for p in params[1:] if p.default is not inspect.Parameter.empty}
+
+    def bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        if kwargs:
+            unknown = [k for k in kwargs if k not in defaults and k not in required]
+            if unknown:
+                raise InvalidParams(
+                    f"Invalid params: got an unexpected keyword argument {unknown[0]!r}"
+                )
+            missing = [n for n in required if n not in kwargs]
+            if missing:
+                raise InvalidParams(f"Invalid params: missing a required argument: {missing[0]!r}")
+            return [args[0], *(kwargs[n] if n in kwargs else defaults[n] for n in names)]
+        given = len(args) - 1
+        if given > len(names):
+            raise InvalidParams(
+                f"Invalid params: expected at most {len(names)} params, got {given}"
+            )
+        if given < len(required):
+            raise InvalidParams(f"Invalid params: missing a required argument: {required[given]!r}")
+        return list(args)
+
+    return bind
 
 
 @dataclass
@@ -98,13 +143,17 @@ def _error(code: int, message: str, request_id: Any = None) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "error": {"code": code, "message": message}, "id": request_id}
 
 
+_ID_TYPES = (str, int, float, type(None))
+_PARAM_TYPES = (list, dict)
+
+
 def _check(item: Any) -> tuple[Request | None, dict[str, Any] | None]:
     """Validate one request object; return the request, or the error reply to send."""
     if not isinstance(item, dict):
         return None, _error(-32600, "Invalid request: expected a JSON object")
     request_id = item.get("id", NOID)
     if request_id is not NOID and (
-        isinstance(request_id, bool) or not isinstance(request_id, str | int | float | None)
+        isinstance(request_id, bool) or not isinstance(request_id, _ID_TYPES)
     ):
         return None, _error(-32600, "Invalid request: id must be a string, number or null")
     reply_id = None if request_id is NOID else request_id
@@ -114,7 +163,7 @@ def _check(item: Any) -> tuple[Request | None, dict[str, Any] | None]:
     if not isinstance(name, str):
         return None, _error(-32600, 'Invalid request: "method" must be a string', reply_id)
     params = item.get("params", [])
-    if not isinstance(params, list | dict):
+    if not isinstance(params, _PARAM_TYPES):
         return None, _error(
             -32600, 'Invalid request: "params" must be an array or object', reply_id
         )
@@ -133,7 +182,8 @@ async def _dispatch_one(request: Request, context: CallContext) -> dict[str, Any
     elif info.websocket_only and context.transport != "websocket":
         reply = _error(-32601, f"Method {request.method} is only available over WebSocket")
     else:
-        _, result = await dispatch_request({request.method: info.fn}, context, request)
+        assert info.dispatch is not None
+        _, result = await dispatch_request({request.method: info.dispatch}, context, request)
         if isinstance(result, Left):
             err = result._error
             message = err.message

@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from taskd.auth import Need, allows, authorize, authorize_all_types
+from taskd.auth import Need, allows_any_type, authorize, authorize_all_types
 from taskd.errors import InvalidParams, TaskTimeout
 from taskd.protocol import (
-    TASK_TYPES,
     TaskResponse,
     parse_as,
     parse_task_conditions,
@@ -155,7 +154,7 @@ async def task_upload_task_result(
     hub = ctx.app.hub
     # refuse tokens that may write nothing on this agent before touching the row, so
     # they cannot probe task ids; the exact type is known once the row matched
-    if not any(allows(principal, Need("task", "write", t), upload.agent_uuid) for t in TASK_TYPES):
+    if not allows_any_type(principal, "write", upload.agent_uuid):
         authorize(principal, Need("task", "write", "*"), upload.agent_uuid)
     task_type = await ctx.app.task_type_of(upload.task_id, upload.agent_uuid, upload.task_token)
     authorize(principal, Need("task", "write", task_type), upload.agent_uuid)
