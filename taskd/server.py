@@ -29,6 +29,7 @@ import taskd.methods  # noqa: F401 - registers every method
 from taskd import __version__, rpc
 from taskd.app import App
 from taskd.config import ServerSettings
+from taskd.terminal import TerminalRelay
 
 logger = logging.getLogger(__name__)
 
@@ -218,9 +219,12 @@ def create_app(settings: ServerSettings) -> Starlette:
         routes.append(Route(path, http_rpc, methods=["POST"]))
         routes.append(WebSocketRoute(path, ws_rpc))
     routes.append(Route("/healthz", healthz, methods=["GET"]))
+    terminals = TerminalRelay(service, client_address)
+    routes.append(WebSocketRoute("/terminal", terminals.serve))
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.taskd = service
     app.state.connections = connections
+    app.state.terminals = terminals
     return app
 
 

@@ -765,6 +765,23 @@ class Store:
 
         await self.write(mark)
 
+    # ------------------------------------------------------------------ terminal relay
+
+    async def terminal_task(self, task_id: int) -> Row[Any, Any, Any, Any, Any] | None:
+        """The (uuid, task_token, type, state, task_event_type) of a task, or None."""
+
+        async def fetch(conn: AsyncConnection) -> Row[Any, Any, Any, Any, Any] | None:
+            statement = select(
+                task_t.c.uuid,
+                task_t.c.task_token,
+                task_t.c.type,
+                task_t.c.state,
+                task_t.c.task_event_type,
+            ).where(task_t.c.id == task_id)
+            return (await conn.execute(statement)).first()
+
+        return await self.read(fetch)
+
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, DBAPIError):
