@@ -37,10 +37,8 @@ class Task(SQLModel, table=True):
     __table_args__ = (
         Index("ix_task_uuid_type_order", "uuid", "type", "order_ts", "id"),
         Index("ix_task_uuid_order", "uuid", "order_ts", "id"),
-        Index("ix_task_type_order", "type", "order_ts", "id"),
         Index("ix_task_order", "order_ts", "id"),
         Index("ix_task_cron_order", "cron_source", "order_ts", "id"),
-        Index("ix_task_timestamp", "timestamp"),
         Index(
             "ix_task_open_deadline",
             "deadline",

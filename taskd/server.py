@@ -18,12 +18,14 @@ from collections.abc import AsyncIterator, Mapping
 from types import FrameType
 from typing import Any
 
+import orjson
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import taskd.methods  # noqa: F401 - registers every method
 from taskd import __version__, rpc
@@ -54,8 +56,8 @@ def client_address(scope: Mapping[str, Any], headers: Any, trusted: tuple[str, .
 class WsPeer:
     """One WebSocket connection: a bounded send queue drained by its own task."""
 
-    def __init__(self, websocket: WebSocket, remote: str) -> None:
-        self.websocket = websocket
+    def __init__(self, send: Send, remote: str) -> None:
+        self._send = send
         self.remote: str | None = remote
         self._frames: deque[bytes] = deque()
         self._ready = asyncio.Event()
@@ -94,18 +96,20 @@ class WsPeer:
 
     async def run_sender(self) -> None:
         """Write queued frames until closed."""
-        send = self.websocket.send
-        while True:
-            await self._ready.wait()
-            self._ready.clear()
-            while self._frames:
-                frame = self._frames.popleft()
-                await send({"type": "websocket.send", "text": frame.decode()})
-            if self._closed:
-                if self._close_code is not None:
-                    with contextlib.suppress(Exception):
-                        await self.websocket.close(self._close_code)
-                return
+        send = self._send
+        try:
+            while True:
+                await self._ready.wait()
+                self._ready.clear()
+                while self._frames:
+                    frame = self._frames.popleft()
+                    await send({"type": "websocket.send", "text": frame.decode()})
+                if self._closed:
+                    if self._close_code is not None:
+                        await send({"type": "websocket.close", "code": self._close_code})
+                    return
+        except (OSError, RuntimeError):  # the client went away mid-send
+            self.lost()
 
 
 class Connections:
@@ -135,47 +139,79 @@ class Connections:
                 await asyncio.wait_for(self._empty.wait(), wait)
 
 
-def create_app(settings: ServerSettings) -> Starlette:
-    """Build the Starlette application for ``settings``."""
-    service = App(settings)
-    connections = Connections()
-    trusted = settings.trust_forwarded_for
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with service:
-            yield
-            await connections.close_all(1001)
 
-    async def http_rpc(request: Request) -> Response:
-        limit = settings.max_message_bytes
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return _too_large(int(length), limit)
+def origin_allowed(headers: Mapping[str, str], allowed: tuple[str, ...]) -> bool:
+    """A browser's Origin must be allowed; clients that send none (not browsers) pass."""
+    origin = headers.get("origin")
+    return origin is None or origin.rstrip("/") in allowed
+
+
+class RpcEndpoint:
+    """JSON-RPC on ``/``, ``/rpc`` and ``/nodeget/rpc`` straight from ASGI.
+
+    It sits in front of Starlette's router and exception middleware: every frame
+    of a busy WebSocket would otherwise pass through a per-message wrapper. Other
+    paths (and other HTTP methods) go on to the router.
+    """
+
+    def __init__(self, app: ASGIApp, service: App, connections: Connections) -> None:
+        self.app = app
+        self.service = service
+        self.connections = connections
+        self.settings = service.settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] in RPC_PATHS:
+            await self._websocket(scope, receive, send)
+        elif scope["type"] == "http" and scope["path"] in RPC_PATHS and scope["method"] == "POST":
+            await self._http(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self.settings.max_message_bytes
+        headers = _headers(scope)
+        length = headers.get("content-length", "")
         chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                return _too_large(size, limit)
+        size = int(length) if length.isdigit() else 0
+        while size <= limit:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
             chunks.append(chunk)
-        remote = client_address(request.scope, request.headers, trusted)
-        context = rpc.CallContext(service, "http", remote)
+            size = max(size, sum(map(len, chunks)))
+            if not message.get("more_body", False):
+                break
+        if size > limit:
+            await _respond(send, 413, _too_large(size, limit))
+            return
+        remote = client_address(scope, headers, self.settings.trust_forwarded_for)
+        context = rpc.CallContext(self.service, "http", remote)
         reply = await rpc.handle(b"".join(chunks), context)
         for job in context.after_reply:
             await job()
-        if reply is None:
-            return Response(status_code=204)
-        return Response(reply, media_type="application/json")
+        await _respond(send, 204 if reply is None else 200, reply or b"")
 
-    async def ws_rpc(websocket: WebSocket) -> None:
-        await websocket.accept()
-        remote = client_address(websocket.scope, websocket.headers, trusted)
-        peer = WsPeer(websocket, remote)
-        connections.add(peer)
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (await receive())["type"] != "websocket.connect":
+            return
+        headers = _headers(scope)
+        if not origin_allowed(headers, self.settings.allowed_origins):
+            logger.warning("refused a WebSocket from origin %s", headers.get("origin"))
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await send({"type": "websocket.accept"})
+        remote = client_address(scope, headers, self.settings.trust_forwarded_for)
+        peer = WsPeer(send, remote)
+        self.connections.add(peer)
         sender = asyncio.create_task(peer.run_sender())
-        slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        window = _Window(MAX_IN_FLIGHT)
         handlers: set[asyncio.Task[None]] = set()
+        service = self.service
 
         async def answer(body: bytes | str) -> None:
             try:
@@ -188,40 +224,80 @@ def create_app(settings: ServerSettings) -> Starlette:
             except Exception:
                 logger.exception("WebSocket message handling failed")
             finally:
-                slots.release()
+                window.release()
 
         try:
             while True:
-                message = await websocket.receive()
-                if message["type"] == "websocket.disconnect":
+                message = await receive()
+                if message["type"] != "websocket.receive":
                     break
                 body = message.get("text")
                 if body is None:
                     body = message.get("bytes") or b""
-                await slots.acquire()
+                await window.acquire()
                 handler = asyncio.create_task(answer(body))
                 handlers.add(handler)
                 handler.add_done_callback(handlers.discard)
-        except (WebSocketDisconnect, RuntimeError):
-            pass
         finally:
             service.hub.peer_closed(peer)
             peer.lost()
-            connections.discard(peer)
+            self.connections.discard(peer)
             with contextlib.suppress(Exception):
                 await sender
+
+
+class _Window:
+    """A bound on messages in progress per connection (asyncio.Semaphore scans its waiters)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.used = 0
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def acquire(self) -> None:
+        """Wait until fewer than ``size`` are in progress, then take one place."""
+        while self.used >= self.size:
+            self._room.clear()
+            await self._room.wait()
+        self.used += 1
+
+    def release(self) -> None:
+        """Give a place back."""
+        self.used -= 1
+        self._room.set()
+
+
+async def _respond(send: Send, status: int, body: bytes) -> None:
+    headers = [(b"content-length", str(len(body)).encode())]
+    if body:
+        headers.append((b"content-type", b"application/json"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(settings: ServerSettings) -> Starlette:
+    """Build the Starlette application for ``settings``."""
+    service = App(settings)
+    connections = Connections()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with service:
+            yield
+            await connections.close_all(1001)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", "version": __version__, "node_id": service.node_id})
 
-    routes: list[Any] = []
-    for path in RPC_PATHS:
-        routes.append(Route(path, http_rpc, methods=["POST"]))
-        routes.append(WebSocketRoute(path, ws_rpc))
-    routes.append(Route("/healthz", healthz, methods=["GET"]))
+    routes: list[Any] = [Route("/healthz", healthz, methods=["GET"])]
     terminals = TerminalRelay(service, client_address)
     routes.append(WebSocketRoute("/terminal", terminals.serve))
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(RpcEndpoint, service=service, connections=connections)],
+    )
     app.state.taskd = service
     app.state.connections = connections
     app.state.terminals = terminals
@@ -277,13 +353,14 @@ def serve(settings: ServerSettings) -> bool:
     return bool(server.started)
 
 
-def _too_large(size: int, limit: int) -> Response:
-    body = {
-        "jsonrpc": "2.0",
-        "error": {
-            "code": -32600,
-            "message": f"Invalid request: body of {size} bytes exceeds the {limit}-byte limit",
-        },
-        "id": None,
-    }
-    return JSONResponse(body, status_code=413)
+def _too_large(size: int, limit: int) -> bytes:
+    return orjson.dumps(
+        {
+            "jsonrpc": "2.0",
+            "error": {
+                "code": -32600,
+                "message": f"Invalid request: body of {size} bytes exceeds the {limit}-byte limit",
+            },
+            "id": None,
+        }
+    )

@@ -28,7 +28,9 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -39,8 +41,14 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from taskd.clock import now_ms
 from taskd.errors import AlreadyUploaded, DatabaseError, InvalidInput, NotFound, TaskdError
-from taskd.models import Agent, Task, TaskState, Token
-from taskd.protocol import DEFAULT_QUERY_LIMIT, RESULT_KIND, TaskQuery, TaskResponse
+from taskd.models import Agent, Cron, CronFire, CronResult, Task, TaskState, Token
+from taskd.protocol import (
+    DEFAULT_QUERY_LIMIT,
+    RESULT_KIND,
+    CronResultQuery,
+    TaskQuery,
+    TaskResponse,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +56,9 @@ T = TypeVar("T")
 task_t = Task.__table__  # type: ignore[attr-defined]
 token_t = Token.__table__  # type: ignore[attr-defined]
 agent_t = Agent.__table__  # type: ignore[attr-defined]
+cron_t = Cron.__table__  # type: ignore[attr-defined]
+cron_fire_t = CronFire.__table__  # type: ignore[attr-defined]
+cron_result_t = CronResult.__table__  # type: ignore[attr-defined]
 
 MAX_BATCH = 5000
 TASK_RECORD_COLUMNS = (
@@ -157,17 +168,16 @@ class _InsertTasksOp(_Op):
     tasks: Sequence[NewTask]
 
     async def run_batch(self, conn: AsyncConnection, ops: Sequence[_Op]) -> list[Any]:
-        rows = [task.row() for op in ops for task in op.tasks]  # type: ignore[attr-defined]
-        result = await conn.execute(
-            insert(task_t).returning(task_t.c.id, sort_by_parameter_order=True), rows
-        )
-        ids = iter(result.scalars().all())
-        outcomes = []
-        for op in ops:
-            for task in op.tasks:  # type: ignore[attr-defined]
-                task.id = next(ids)
-            outcomes.append([task.id for task in op.tasks])  # type: ignore[attr-defined]
-        return outcomes
+        tasks: list[NewTask] = [task for op in ops for task in op.tasks]  # type: ignore[attr-defined]
+        # ids are drawn first so the rows go in as one executemany: SQLite cannot
+        # return ids of a multi-row insert in order, and SQLAlchemy then inserts row by row
+        ids = await _allocate_task_ids(conn, len(tasks))
+        rows = []
+        for task, task_id in zip(tasks, ids, strict=True):
+            task.id = task_id
+            rows.append(task.row() | {"id": task_id})
+        await conn.execute(insert(task_t), rows)
+        return [[task.id for task in op.tasks] for op in ops]  # type: ignore[attr-defined]
 
     async def run(self, conn: AsyncConnection) -> Any:
         return (await self.run_batch(conn, [self]))[0]
@@ -247,12 +257,32 @@ class _CompleteOp(_Op):
                 )
             )
             result = await conn.execute(statement, updates)
-            if result.rowcount != len(updates):
+            # SQLite reports the total; where the driver cannot (asyncpg), the rows are
+            # locked by the SELECT ... FOR UPDATE above and cannot have changed
+            sane = conn.dialect.supports_sane_multi_rowcount
+            if sane and result.rowcount != len(updates):
                 raise _Retry("a result row changed under the batch")
         return outcomes
 
     async def run(self, conn: AsyncConnection) -> Any:
         return (await self.run_batch(conn, [self]))[0]
+
+
+async def _allocate_task_ids(conn: AsyncConnection, count: int) -> list[int]:
+    """Reserve ``count`` new task ids inside the writer transaction."""
+    if conn.dialect.name == "postgresql":
+        result = await conn.execute(
+            text(
+                "SELECT nextval(pg_get_serial_sequence('task', 'id')) FROM generate_series(1, :n)"
+            ),
+            {"n": count},
+        )
+        return [int(value) for value in result.scalars()]
+    # SQLite: the writer holds the write lock (BEGIN IMMEDIATE), so max(id) cannot move
+    # under it; sqlite_sequence is not used because the table is not AUTOINCREMENT
+    highest = (await conn.execute(select(func.max(task_t.c.id)))).scalar()
+    start = int(highest or 0) + 1
+    return list(range(start, start + count))
 
 
 class _Retry(Exception):
@@ -362,6 +392,9 @@ class Store:
     async def _write_loop(self) -> None:
         while True:
             await self._wake.wait()
+            # one turn of the loop lets every request that is already running add its
+            # write, so a burst becomes one transaction instead of many small ones
+            await asyncio.sleep(0)
             self._wake.clear()
             while self._queue:
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
@@ -593,10 +626,16 @@ class Store:
             statement = statement.where(c.type == task_type)
         for source in set(query.cron_sources):
             statement = statement.where(c.cron_source == source)
+        # order_ts equals timestamp once a task has one, so repeating the bounds on
+        # order_ts lets the (..., order_ts) indexes serve time ranges too
         if query.timestamp_from is not None:
-            statement = statement.where(c.timestamp >= query.timestamp_from)
+            statement = statement.where(
+                c.timestamp >= query.timestamp_from, c.order_ts >= query.timestamp_from
+            )
         if query.timestamp_to is not None:
-            statement = statement.where(c.timestamp <= query.timestamp_to)
+            statement = statement.where(
+                c.timestamp <= query.timestamp_to, c.order_ts <= query.timestamp_to
+            )
         if query.is_success:
             statement = statement.where(c.success.is_(True))
         if query.is_failure:
@@ -781,6 +820,211 @@ class Store:
             return (await conn.execute(statement)).first()
 
         return await self.read(fetch)
+
+    # ---- crons
+
+    async def _next_cron_id(self, conn: AsyncConnection) -> int:
+        # SQLite hands the highest rowid out again once its row is deleted, but a
+        # deleted cron's history keeps its id: a new cron must not inherit it
+        highest = select(func.max(cron_t.c.id)).union_all(
+            select(func.max(cron_fire_t.c.cron_id)), select(func.max(cron_result_t.c.cron_id))
+        )
+        values = (await conn.execute(highest)).scalars().all()
+        return max((int(v) for v in values if v is not None), default=0) + 1
+
+    async def insert_cron(self, values: dict[str, Any]) -> Row[Any]:
+        """Insert a cron and return its row; 108 if the name is taken."""
+
+        async def add(conn: AsyncConnection) -> Row[Any]:
+            taken = await conn.execute(select(cron_t.c.id).where(cron_t.c.name == values["name"]))
+            if taken.first() is not None:
+                raise InvalidInput(f"A cron named {values['name']!r} already exists")
+            now = now_ms()
+            row = {"enable": True, "created_at": now, "updated_at": now} | values
+            if self.is_sqlite:
+                row["id"] = await self._next_cron_id(conn)
+            result = await conn.execute(insert(cron_t).values(row).returning(*cron_t.c))
+            return result.one()
+
+        return await self.write(add)
+
+    async def update_cron(
+        self,
+        name: str,
+        values: dict[str, Any],
+        check: Callable[[Row[Any]], None] | None = None,
+    ) -> Row[Any]:
+        """Change a cron and return the new row; 105 if none has that name.
+
+        ``check`` sees the current row inside the transaction and may raise to refuse.
+        """
+
+        async def change(conn: AsyncConnection) -> Row[Any]:
+            current = (
+                await conn.execute(select(cron_t).where(cron_t.c.name == name).with_for_update())
+            ).first()
+            if current is None:
+                raise NotFound(f"No cron named {name!r}")
+            if check is not None:
+                check(current)
+            result = await conn.execute(
+                update(cron_t)
+                .where(cron_t.c.id == current.id)
+                .values(updated_at=now_ms(), **values)
+                .returning(*cron_t.c)
+            )
+            return result.one()
+
+        return await self.write(change)
+
+    async def delete_cron(
+        self, name: str, check: Callable[[Row[Any]], None] | None = None
+    ) -> Row[Any]:
+        """Delete a cron (its fire history stays) and return the deleted row; 105 if none."""
+
+        async def remove(conn: AsyncConnection) -> Row[Any]:
+            current = (
+                await conn.execute(select(cron_t).where(cron_t.c.name == name).with_for_update())
+            ).first()
+            if current is None:
+                raise NotFound(f"No cron named {name!r}")
+            if check is not None:
+                check(current)
+            await conn.execute(delete(cron_t).where(cron_t.c.id == current.id))
+            return current
+
+        return await self.write(remove)
+
+    async def cron_by_name(self, name: str) -> Row[Any] | None:
+        """The cron with that name."""
+
+        async def fetch(conn: AsyncConnection) -> Row[Any] | None:
+            return (await conn.execute(select(cron_t).where(cron_t.c.name == name))).first()
+
+        return await self.read(fetch)
+
+    async def list_crons(self, *, enabled_only: bool = False) -> list[Row[Any]]:
+        """Every cron (or every enabled one), by id."""
+
+        async def fetch(conn: AsyncConnection) -> list[Row[Any]]:
+            statement = select(cron_t).order_by(cron_t.c.id)
+            if enabled_only:
+                statement = statement.where(cron_t.c.enable.is_(True))
+            return list((await conn.execute(statement)).all())
+
+        return await self.read(fetch)
+
+    async def claim_cron_slot(
+        self, cron_id: int, slot: int, fired_at: int, node_id: str
+    ) -> Row[Any] | None:
+        """Record that a cron fires ``slot`` and return its row.
+
+        None if the cron is gone or disabled, or the slot was already fired (by an
+        earlier run of this node or by another node): the unique (cron_id, slot)
+        row is the guard, written in the same transaction as ``last_run_time``.
+        """
+
+        async def claim(conn: AsyncConnection) -> Row[Any] | None:
+            cron = (
+                await conn.execute(
+                    select(cron_t).where(cron_t.c.id == cron_id, cron_t.c.enable.is_(True))
+                )
+            ).first()
+            if cron is None:
+                return None
+            dialect_insert = sqlite_insert if self.is_sqlite else pg_insert
+            inserted = await conn.execute(
+                dialect_insert(cron_fire_t)
+                .values(cron_id=cron_id, slot=slot, fired_at=fired_at, node_id=node_id)
+                .on_conflict_do_nothing(index_elements=["cron_id", "slot"])
+                .returning(cron_fire_t.c.id)
+            )
+            if inserted.first() is None:
+                return None
+            await conn.execute(
+                update(cron_t)
+                .where(
+                    cron_t.c.id == cron_id,
+                    or_(cron_t.c.last_run_time.is_(None), cron_t.c.last_run_time < slot),
+                )
+                .values(last_run_time=slot)
+            )
+            return cron
+
+        return await self.write(claim)
+
+    async def insert_cron_results(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Store the outcome of a fire: one row per target agent."""
+
+        async def add(conn: AsyncConnection) -> None:
+            await conn.execute(insert(cron_result_t), list(rows))
+
+        if rows:
+            await self.write(add)
+
+    async def cron_result_names(self) -> list[str]:
+        """Every cron name that has results."""
+
+        async def fetch(conn: AsyncConnection) -> list[str]:
+            statement = select(cron_result_t.c.cron_name).distinct()
+            return [str(name) for name in (await conn.execute(statement)).scalars()]
+
+        return await self.read(fetch)
+
+    def _cron_results_filtered(
+        self,
+        statement: Select[Any],
+        query: CronResultQuery,
+        names: Sequence[str] | None,
+        default_limit: int | None,
+    ) -> Select[Any]:
+        c = cron_result_t.c
+        for result_id in set(query.ids):
+            statement = statement.where(c.id == result_id)
+        for cron_id in set(query.cron_ids):
+            statement = statement.where(c.cron_id == cron_id)
+        for cron_name in set(query.cron_names):
+            statement = statement.where(c.cron_name == cron_name)
+        if names is not None:
+            statement = statement.where(c.cron_name.in_(names))
+        if query.run_time_from is not None:
+            statement = statement.where(c.run_time >= query.run_time_from)
+        if query.run_time_to is not None:
+            statement = statement.where(c.run_time <= query.run_time_to)
+        if query.is_success:
+            statement = statement.where(c.success.is_(True))
+        if query.is_failure:
+            statement = statement.where(c.success.is_(False))
+        statement = statement.order_by(c.run_time.desc(), c.id.desc())
+        limit = default_limit if query.limit is None else query.limit
+        return statement if limit is None else statement.limit(limit)
+
+    async def query_cron_results(
+        self, query: CronResultQuery, names: Sequence[str] | None = None
+    ) -> list[Row[Any]]:
+        """Cron results matching every condition (and, if given, one of ``names``), newest first."""
+
+        async def fetch(conn: AsyncConnection) -> list[Row[Any]]:
+            statement = self._cron_results_filtered(
+                select(cron_result_t), query, names, DEFAULT_QUERY_LIMIT
+            )
+            return list((await conn.execute(statement)).all())
+
+        return await self.read(fetch)
+
+    async def delete_cron_results(
+        self, query: CronResultQuery, names: Sequence[str] | None = None
+    ) -> int:
+        """Delete the cron results a query selects (all of them unless it has a limit)."""
+
+        async def remove(conn: AsyncConnection) -> int:
+            ids = self._cron_results_filtered(
+                select(cron_result_t.c.id), query, names, None
+            ).scalar_subquery()
+            result = await conn.execute(delete(cron_result_t).where(cron_result_t.c.id.in_(ids)))
+            return int(result.rowcount)
+
+        return await self.write(remove)
 
 
 def _describe(exc: BaseException) -> str:

@@ -154,8 +154,6 @@ def upgrade() -> None:
             sqlite_where=sa.text("state = 0"),
             postgresql_where=sa.text("state = 0"),
         )
-        batch_op.create_index("ix_task_timestamp", ["timestamp"], unique=False)
-        batch_op.create_index("ix_task_type_order", ["type", "order_ts", "id"], unique=False)
         batch_op.create_index("ix_task_uuid_order", ["uuid", "order_ts", "id"], unique=False)
         batch_op.create_index(
             "ix_task_uuid_type_order", ["uuid", "type", "order_ts", "id"], unique=False
@@ -198,8 +196,6 @@ def downgrade() -> None:
     with op.batch_alter_table("task", schema=None) as batch_op:
         batch_op.drop_index("ix_task_uuid_type_order")
         batch_op.drop_index("ix_task_uuid_order")
-        batch_op.drop_index("ix_task_type_order")
-        batch_op.drop_index("ix_task_timestamp")
         batch_op.drop_index(
             "ix_task_queued_uuid",
             sqlite_where=sa.text("state = 0"),
