@@ -1,0 +1,1 @@
+"""Benchmarks: load generators, floors and peers, measured side by side in one run."""
