@@ -147,12 +147,12 @@ async def test_shell_session_end_to_end(server: Server) -> None:
         token = await terminal_token(server, shell.agent.uuid)
         async with websockets.connect(user_url(server, shell, token)) as user:
             await user.send("echo hi\n")
-            await read_until(user, rb"\r\nhi\r\n")
+            await read_until(user, rb"(?<!echo )hi\r\n")
             await user.send("stty size\n")
-            await read_until(user, rb"\r\n24 80\r\n")
+            await read_until(user, rb"(?<!\d)24 80\r\n")
             await user.send(orjson.dumps({"type": "resize", "cols": 100, "rows": 40}).decode())
             await user.send(b"stty size\n")
-            await read_until(user, rb"\r\n40 100\r\n")
+            await read_until(user, rb"(?<!\d)40 100\r\n")
             await user.send("sleep 1000 & echo PIDS $$ $!\n")
             output = await read_until(user, rb"PIDS \d+ \d+\r\n")
             shell_pid, job_pid = map(int, re.findall(rb"PIDS (\d+) (\d+)\r\n", output)[-1])
@@ -191,7 +191,7 @@ async def test_user_may_connect_before_the_agent(server: Server) -> None:
             await asyncio.sleep(0.3)
             runner = start_runner(server, shell)
             await user.send("echo $((6*7))\n")
-            await read_until(user, rb"\r\n42\r\n")
+            await read_until(user, rb"(?<!\d)42\r\n")
         await asyncio.wait_for(runner, scaled(10))
 
 
@@ -303,12 +303,12 @@ async def test_one_user_per_slot(server: Server) -> None:
         runner = start_runner(server, shell)
         async with websockets.connect(user_url(server, shell, server.super_token)) as first:
             await first.send("echo one\n")
-            await read_until(first, rb"\r\none\r\n")
+            await read_until(first, rb"(?<!echo )one\r\n")
             frame, _ = await refusal(user_url(server, shell, server.super_token))
             assert frame["error_id"] == 108
             assert "already has a user" in frame["error_message"]
             await first.send("echo two\n")
-            await read_until(first, rb"\r\ntwo\r\n")
+            await read_until(first, rb"(?<!echo )two\r\n")
         await asyncio.wait_for(runner, scaled(10))
 
 
@@ -412,6 +412,7 @@ async def test_origin_is_checked_before_anything_else(database_url: str) -> None
     settings = make_settings(database_url, allowed_origins=("https://dash.example",))
     async with running_server(settings) as server, shell_task(server) as shell:
         runner = start_runner(server, shell)
+        await wait_for_slot(server, shell)
         url = user_url(server, shell, server.super_token)
         frame, code = await refusal(url, origin="https://evil.example")
         assert (frame["error_id"], code) == (102, 1008)
@@ -422,7 +423,7 @@ async def test_origin_is_checked_before_anything_else(database_url: str) -> None
         assert slot is not None and slot.user is None
         async with websockets.connect(url, origin="https://dash.example") as user:
             await user.send("echo allowed\n")
-            await read_until(user, rb"\r\nallowed\r\n")
+            await read_until(user, rb"(?<!echo )allowed\r\n")
         await asyncio.wait_for(runner, scaled(10))
 
         await server.su(
@@ -434,7 +435,7 @@ async def test_origin_is_checked_before_anything_else(database_url: str) -> None
         runner = start_runner(server, shell)
         async with websockets.connect(url) as user:
             await user.send("echo no origin\n")
-            await read_until(user, rb"\r\nno origin\r\n")
+            await read_until(user, rb"(?<!echo )no origin\r\n")
         await asyncio.wait_for(runner, scaled(10))
 
 

@@ -1,0 +1,329 @@
+"""web_shell with a real PTY and shell, relayed to a local WebSocket server posing as /terminal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import shutil
+import ssl
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from taskd.agent.tasks import TaskContext, TaskFailed, runner_for
+from taskd.agent.tasks.web_shell import run, session_url
+from taskd.config import parse_agent_config
+from taskd.protocol import WebShell, WebShellResult, WebShellSpec
+from tests.helpers import free_port, scaled
+
+AGENT_UUID = "6f1c1a52-8c43-4d4e-9a51-6c4a3f0e2b10"
+TERMINAL_ID = "0b7e5a8e-2f1d-4c55-b1f9-3a2d6c7e8f90"
+Script = Callable[[ServerConnection], Awaitable[None]]
+
+
+def context(
+    ws_url: str = "ws://127.0.0.1:1/", extra: str = "", server_extra: str = ""
+) -> TaskContext:
+    """A task context for task 7 with task_token "tok7", running /bin/sh."""
+    settings = parse_agent_config(
+        f'agent_uuid = "{AGENT_UUID}"\nterminal_shell = "/bin/sh"\n{extra}\n'
+        f'[[server]]\nws_url = "{ws_url}"\ntoken = "k:s"\n{server_extra}\n'
+    )
+    return TaskContext(settings, settings.servers[0], task_id=7, task_token="tok7")
+
+
+def shell_task(url: str) -> WebShell:
+    """A web_shell task for ``url``."""
+    return WebShell(web_shell=WebShellSpec(url=url, terminal_id=TERMINAL_ID))
+
+
+@contextlib.asynccontextmanager
+async def relay(
+    script: Script, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[tuple[str, list[str]]]:
+    """A local WebSocket server running ``script`` per connection; yields its URL and the paths."""
+    paths: list[str] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        paths.append(ws.request.path if ws.request is not None else "")
+        await script(ws)
+
+    async with serve(handler, "127.0.0.1", 0, ssl=ssl_context) as server:
+        port = server.sockets[0].getsockname()[1]
+        scheme = "wss" if ssl_context is not None else "ws"
+        yield f"{scheme}://127.0.0.1:{port}", paths
+
+
+async def read_until(ws: ServerConnection, pattern: bytes, timeout: float = 10) -> bytes:
+    """Collect binary frames until ``pattern`` (a regex) matches; return everything read."""
+    seen = b""
+    async with asyncio.timeout(scaled(timeout)):
+        while not re.search(pattern, seen):
+            frame = await ws.recv()
+            assert isinstance(frame, bytes), f"PTY output must come as binary frames: {frame!r}"
+            seen += frame
+    return seen
+
+
+def alive(pid: int) -> bool:
+    """Whether a process with that pid exists (zombies count as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def gone(pid: int, timeout: float = 10) -> bool:
+    """Wait until the process ``pid`` no longer exists."""
+    deadline = time.monotonic() + scaled(timeout)
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def test_interface_finds_runner_without_a_timeout() -> None:
+    """The task-kind interface maps web_shell to this runner with no hard limit."""
+    runner, limit = runner_for("web_shell", context().settings)
+    assert runner is run
+    assert limit is None
+
+
+def test_auto_gen_url_goes_to_the_servers_terminal_endpoint() -> None:
+    """A /auto_gen URL becomes the sending server's /terminal URL with the session's identity."""
+    for ws_url, expected in (
+        ("ws://10.1.2.3:2211/", "ws://10.1.2.3:2211/terminal"),
+        ("wss://taskd.example:8443/rpc", "wss://taskd.example:8443/terminal"),
+    ):
+        url = session_url(shell_task("wss://anything.example/auto_gen"), context(ws_url))
+        base, _, query = url.partition("?")
+        assert base == expected
+        assert parse_qs(query) == {
+            "agent_uuid": [AGENT_UUID],
+            "task_id": ["7"],
+            "task_token": ["tok7"],
+            "terminal_id": [TERMINAL_ID],
+        }
+
+
+def test_other_urls_keep_their_path_and_query() -> None:
+    """Any other URL is used as given, with the session's parameters appended to its query."""
+    url = session_url(shell_task("wss://relay.example/term/in?x=1"), context())
+    parts = urlsplit(url)
+    assert (parts.scheme, parts.netloc, parts.path) == ("wss", "relay.example", "/term/in")
+    assert parse_qs(parts.query) == {
+        "x": ["1"],
+        "agent_uuid": [AGENT_UUID],
+        "task_id": ["7"],
+        "task_token": ["tok7"],
+        "terminal_id": [TERMINAL_ID],
+    }
+
+
+async def test_relays_typing_output_and_resize() -> None:
+    """Typed frames reach the shell, output comes back as binary, and resize frames resize it."""
+    seen: dict[str, bytes] = {}
+
+    async def script(ws: ServerConnection) -> None:
+        await ws.send("echo hi\n")
+        await read_until(ws, rb"(?<!echo )hi\r\n")
+        await ws.send(b"stty size\n")
+        seen["before"] = await read_until(ws, rb"(?<!\d)\d+ \d+\r\n")
+        await ws.send(orjson.dumps({"type": "resize", "cols": 132, "rows": 50}).decode())
+        await ws.send("stty size\n")
+        seen["after"] = await read_until(ws, rb"(?<!\d)50 132\r\n")
+
+    async with relay(script) as (base, paths):
+        result = await asyncio.wait_for(
+            run(shell_task(f"{base}/custom?x=1"), context()), scaled(20)
+        )
+    assert result == WebShellResult(web_shell=True)
+    assert b"24 80" in seen["before"]
+    assert b"resize" not in seen["after"], "a resize frame must not be typed into the shell"
+    path, _, query = paths[0].partition("?")
+    assert path == "/custom"
+    assert parse_qs(query)["task_token"] == ["tok7"]
+    assert parse_qs(query)["x"] == ["1"]
+
+
+async def test_shell_exit_closes_the_connection() -> None:
+    """When the shell exits, the agent closes the WebSocket normally and reports success."""
+    closed: dict[str, Any] = {}
+
+    async def script(ws: ServerConnection) -> None:
+        await ws.send("exit 3\n")
+        try:
+            while True:
+                await ws.recv()
+        except ConnectionClosed as exc:
+            closed["code"] = exc.rcvd.code if exc.rcvd is not None else None
+
+    async with relay(script) as (base, _):
+        result = await asyncio.wait_for(run(shell_task(f"{base}/t"), context()), scaled(20))
+    assert result == WebShellResult(web_shell=True)
+    assert closed["code"] == 1000
+
+
+async def test_ctrl_c_reaches_the_foreground_job() -> None:
+    """The PTY is the shell's controlling terminal: Ctrl-C interrupts a running command."""
+
+    async def script(ws: ServerConnection) -> None:
+        await ws.send("sleep 1000\n")
+        await asyncio.sleep(0.3)
+        await ws.send("\x03")
+        await ws.send("echo after\n")
+        await read_until(ws, rb"(?<!echo )after\r\n", timeout=5)
+
+    async with relay(script) as (base, _):
+        await asyncio.wait_for(run(shell_task(f"{base}/t"), context()), scaled(20))
+
+
+async def test_closing_kills_the_whole_session_even_if_it_ignores_hangups() -> None:
+    """Closing the WebSocket kills the shell and its background jobs, with SIGKILL if needed."""
+    pids: list[int] = []
+
+    async def script(ws: ServerConnection) -> None:
+        await ws.send("trap '' HUP TERM; sleep 1000 & echo PIDS $$ $!\n")
+        output = await read_until(ws, rb"PIDS \d+ \d+\r\n")
+        pids.extend(map(int, re.findall(rb"PIDS (\d+) (\d+)\r\n", output)[-1]))
+
+    async with relay(script) as (base, _):
+        await asyncio.wait_for(run(shell_task(f"{base}/t"), context()), scaled(20))
+    shell_pid, job_pid = pids
+    assert await gone(shell_pid), "the shell outlived its session"
+    assert await gone(job_pid), "a background job outlived its session"
+
+
+async def test_error_frame_fails_the_task() -> None:
+    """A relay error frame is not typed: it fails the task with the relay's message."""
+
+    async def script(ws: ServerConnection) -> None:
+        frame = {"error_id": 105, "error_message": "No task 7 for agent X with that task_token"}
+        await ws.send(orjson.dumps(frame).decode())
+        await ws.close(1008, "105")
+
+    async with relay(script) as (base, _):
+        with pytest.raises(TaskFailed) as failed:
+            await asyncio.wait_for(run(shell_task(f"{base}/t"), context()), scaled(20))
+    assert str(failed.value) == (
+        "the terminal relay refused the session: No task 7 for agent X with that task_token"
+    )
+
+
+async def test_unreachable_relay_fails_the_task() -> None:
+    """A refused connection fails the task with the reason and the address."""
+    port = free_port()
+    with pytest.raises(TaskFailed) as failed:
+        await run(shell_task("ws://x.example/auto_gen"), context(f"ws://127.0.0.1:{port}/"))
+    assert str(failed.value).startswith(f"cannot connect the terminal to 127.0.0.1:{port}")
+
+
+async def test_rejected_handshake_fails_the_task() -> None:
+    """An HTTP refusal of the WebSocket handshake fails the task with its status."""
+
+    def reject(connection: ServerConnection, request: Request) -> Response:
+        return connection.respond(403, "no\n")
+
+    async def never(ws: ServerConnection) -> None:
+        raise AssertionError("the handshake was refused")
+
+    async with serve(never, "127.0.0.1", 0, process_request=reject) as server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(TaskFailed) as failed:
+            await run(shell_task(f"ws://127.0.0.1:{port}/t"), context())
+    assert "HTTP 403" in str(failed.value)
+
+
+async def test_at_most_max_terminals_sessions() -> None:
+    """Beyond max_terminals open sessions a task fails; a slot frees when a session ends."""
+    release = asyncio.Event()
+
+    async def hold(ws: ServerConnection) -> None:
+        await release.wait()
+
+    ctx = context(extra="max_terminals = 2")
+    async with relay(hold) as (base, paths):
+        first = asyncio.create_task(run(shell_task(f"{base}/a"), ctx))
+        second = asyncio.create_task(run(shell_task(f"{base}/b"), ctx))
+        for _ in range(int(scaled(10) / 0.01)):
+            if len(paths) == 2:
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(TaskFailed) as failed:
+            await run(shell_task(f"{base}/c"), ctx)
+        assert str(failed.value) == "too many terminals: at most 2 may be open at once"
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, second), scaled(10))
+
+    async def quit_shell(ws: ServerConnection) -> None:
+        await ws.send("exit\n")
+
+    async with relay(quit_shell) as (base, _):
+        result = await asyncio.wait_for(run(shell_task(f"{base}/d"), ctx), scaled(10))
+    assert result == WebShellResult(web_shell=True)
+
+
+async def test_terminal_traffic_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """Even at DEBUG, neither the task_token URL nor the keystrokes reach the logs."""
+    caplog.set_level(logging.DEBUG)
+
+    async def script(ws: ServerConnection) -> None:
+        await ws.send("echo s3cr3t-typed\n")
+        await read_until(ws, rb"(?<!echo )s3cr3t-typed\r\n")
+
+    async with relay(script) as (base, _):
+        await asyncio.wait_for(run(shell_task(f"{base}/t"), context()), scaled(20))
+    agent_side = [r for r in caplog.records if r.name.startswith(("websockets.client", "taskd"))]
+    text = "\n".join(record.getMessage() for record in agent_side)
+    assert "tok7" not in text
+    assert "s3cr3t" not in text
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A fresh self-signed certificate for 127.0.0.1 and its key, made by openssl."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+async def test_wss_certificates_are_checked_unless_ignored(certificate: tuple[Path, Path]) -> None:
+    """A self-signed wss relay fails the task, unless the server entry sets ignore_cert."""
+    cert, key = certificate
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+
+    async def quit_shell(ws: ServerConnection) -> None:
+        await ws.send("exit\n")
+
+    async with relay(quit_shell, tls) as (base, _):
+        with pytest.raises(TaskFailed) as failed:
+            await run(shell_task(f"{base}/t"), context())
+        assert "CERTIFICATE_VERIFY_FAILED" in str(failed.value)
+        trusting = context(server_extra="ignore_cert = true")
+        result = await asyncio.wait_for(run(shell_task(f"{base}/t"), trusting), scaled(20))
+    assert result == WebShellResult(web_shell=True)
