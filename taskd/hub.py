@@ -13,7 +13,7 @@ import logging
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -23,6 +23,9 @@ from taskd.errors import AgentNotConnected
 from taskd.models import TaskState
 from taskd.protocol import TaskVariant, variant_tag
 from taskd.store import NewTask, Store, StoredResult
+
+if TYPE_CHECKING:
+    from taskd.cluster import Cluster
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +87,16 @@ def push_frame(subscription_id: int, task_id: int, task_token: str, task_event_t
 class Hub:
     """Maps agent UUIDs to live subscriptions and moves tasks and results between them."""
 
-    def __init__(self, store: Store, *, node_id: str, task_deadline_ms: int) -> None:
+    def __init__(
+        self, store: Store, *, node_id: str, task_deadline_ms: int, cluster: Cluster | None = None
+    ) -> None:
         self.store = store
         self.node_id = node_id
+        self.cluster = cluster
+        if cluster is not None:
+            cluster.on_queued = self._queued_here
+            cluster.on_results = self._results_elsewhere
+            cluster.on_moved = self._moved_away
         self.task_deadline_ms = task_deadline_ms
         self._by_agent: dict[str, Subscription] = {}
         self._by_id: dict[int, Subscription] = {}
@@ -162,6 +172,27 @@ class Hub:
         if seen:
             self._spawn(self.store.agents_disconnected(seen, self.node_id))
 
+    def _queued_here(self, agent_uuids: list[str]) -> None:
+        for agent_uuid in agent_uuids:
+            if self.is_connected(agent_uuid):
+                self._spawn(self.deliver_queued(agent_uuid))
+
+    def _results_elsewhere(self, task_ids: list[int]) -> None:
+        async def fetch(task_id: int) -> None:
+            result = await self.store.get_result(task_id)
+            if result is not None:
+                self.resolve([result])
+
+        for task_id in task_ids:
+            if task_id in self._waiters:
+                self._spawn(fetch(task_id))
+
+    def _moved_away(self, agent_uuid: str) -> None:
+        sub = self._by_agent.get(agent_uuid)
+        if sub is not None:
+            self._drop(sub)
+            logger.info("agent %s subscribed on another node; dropped here", agent_uuid)
+
     def mark_seen(self, agent_uuid: str) -> None:
         """Note activity from an agent (flushed to the store periodically)."""
         self._seen[agent_uuid] = now_ms()
@@ -230,7 +261,9 @@ class Hub:
         outcomes: dict[str, Created] = {}
         for agent_uuid in targets:
             online = self.is_connected(agent_uuid)
-            if not online and queue_ttl_ms is None:
+            # held by another live node: queued here, pushed there (see cluster.py)
+            elsewhere = None if online or self.cluster is None else self.cluster.locate(agent_uuid)
+            if not online and elsewhere is None and queue_ttl_ms is None:
                 outcomes[agent_uuid] = Created(
                     agent_uuid,
                     None,
@@ -238,6 +271,7 @@ class Hub:
                 )
                 continue
             queued = not online
+            offline = queued and elsewhere is None
             rows.append(
                 NewTask(
                     uuid=agent_uuid,
@@ -248,13 +282,15 @@ class Hub:
                     deadline=now
                     + (
                         queue_ttl_ms
-                        if queued and queue_ttl_ms is not None
+                        if offline and queue_ttl_ms is not None
                         else deadline_ms or self.task_deadline_ms
                     ),
                     state=TaskState.QUEUED if queued else TaskState.RUNNING,
                     queue_ttl_ms=queue_ttl_ms,
                     cron_source=cron_source,
                     created_by=created_by,
+                    route_to=elsewhere,
+                    waiter_node=self.node_id if wait and elsewhere is not None else None,
                 )
             )
         waiters: dict[int, asyncio.Future[StoredResult]] = {}
@@ -264,6 +300,13 @@ class Hub:
         requeue: list[NewTask] = []
         late: set[str] = set()
         for row in rows:
+            if row.route_to is not None:
+                outcomes[row.uuid] = Created(row.uuid, row.id)
+                if wait:
+                    waiters[row.id] = self.add_waiter(row.id)
+                    # the result may have been committed before the waiter existed
+                    self._results_elsewhere([row.id])
+                continue
             if row.state == TaskState.QUEUED:
                 outcomes[row.uuid] = Created(row.uuid, row.id, queued=True)
                 if self.is_connected(row.uuid):

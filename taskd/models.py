@@ -69,6 +69,7 @@ class Task(SQLModel, table=True):
     task_event_result: Any = Field(default=None, sa_column=Column(JsonColumn, nullable=True))
     cron_source: str | None = Field(default=None, max_length=128)
     created_by: str | None = Field(default=None, max_length=64)
+    waiter_node: str | None = Field(default=None, max_length=64)
 
 
 class Token(SQLModel, table=True):

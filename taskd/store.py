@@ -41,7 +41,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from taskd.clock import now_ms
 from taskd.errors import AlreadyUploaded, DatabaseError, InvalidInput, NotFound, TaskdError
-from taskd.models import Agent, Cron, CronFire, CronResult, Task, TaskState, Token
+from taskd.models import Agent, Cron, CronFire, CronResult, Node, Task, TaskState, Token
 from taskd.protocol import (
     DEFAULT_QUERY_LIMIT,
     RESULT_KIND,
@@ -56,6 +56,7 @@ T = TypeVar("T")
 task_t = Task.__table__  # type: ignore[attr-defined]
 token_t = Token.__table__  # type: ignore[attr-defined]
 agent_t = Agent.__table__  # type: ignore[attr-defined]
+node_t = Node.__table__  # type: ignore[attr-defined]
 cron_t = Cron.__table__  # type: ignore[attr-defined]
 cron_fire_t = CronFire.__table__  # type: ignore[attr-defined]
 cron_result_t = CronResult.__table__  # type: ignore[attr-defined]
@@ -92,6 +93,8 @@ class NewTask:
     queue_ttl_ms: int | None = None
     cron_source: str | None = None
     created_by: str | None = None
+    route_to: str | None = None
+    waiter_node: str | None = None
     id: int = 0
 
     def row(self) -> dict[str, Any]:
@@ -108,6 +111,7 @@ class NewTask:
             "order_ts": self.created_at,
             "cron_source": self.cron_source,
             "created_by": self.created_by,
+            "waiter_node": self.waiter_node,
         }
 
 
@@ -177,6 +181,12 @@ class _InsertTasksOp(_Op):
             task.id = task_id
             rows.append(task.row() | {"id": task_id})
         await conn.execute(insert(task_t), rows)
+        routed: dict[str, set[str]] = {}
+        for task in tasks:
+            if task.route_to is not None:
+                routed.setdefault(node_channel(task.route_to), set()).add(task.uuid)
+        for channel, uuids in routed.items():
+            await notify(conn, channel, sorted(uuids), "q:")
         return [[task.id for task in op.tasks] for op in ops]  # type: ignore[attr-defined]
 
     async def run(self, conn: AsyncConnection) -> Any:
@@ -187,12 +197,20 @@ class _InsertTasksOp(_Op):
 class _CompleteOp(_Op):
     upload: TaskResponse
     result_kind: str | None
+    node_id: str = ""
 
     async def run_batch(self, conn: AsyncConnection, ops: Sequence[_Op]) -> list[Any]:
         uploads: list[_CompleteOp] = list(ops)  # type: ignore[arg-type]
         ids = {op.upload.task_id for op in uploads}
         rows = await conn.execute(
-            select(task_t.c.id, task_t.c.uuid, task_t.c.task_token, task_t.c.type, task_t.c.state)
+            select(
+                task_t.c.id,
+                task_t.c.uuid,
+                task_t.c.task_token,
+                task_t.c.type,
+                task_t.c.state,
+                task_t.c.waiter_node,
+            )
             .where(task_t.c.id.in_(ids))
             .with_for_update()
         )
@@ -200,6 +218,7 @@ class _CompleteOp(_Op):
         outcomes: list[Any] = []
         updates: list[dict[str, Any]] = []
         taken: set[int] = set()
+        waiting: dict[str, list[str]] = {}
         for op in uploads:
             up = op.upload
             row = found.get(up.task_id)
@@ -218,6 +237,8 @@ class _CompleteOp(_Op):
                 )
             else:
                 taken.add(up.task_id)
+                if row.waiter_node is not None and row.waiter_node != op.node_id:
+                    waiting.setdefault(node_channel(row.waiter_node), []).append(str(row.id))
                 result = (
                     up.task_event_result.to_wire() if up.task_event_result is not None else None
                 )
@@ -262,6 +283,8 @@ class _CompleteOp(_Op):
             sane = conn.dialect.supports_sane_multi_rowcount
             if sane and result.rowcount != len(updates):
                 raise _Retry("a result row changed under the batch")
+        for channel, task_ids in waiting.items():
+            await notify(conn, channel, task_ids, "r:")
         return outcomes
 
     async def run(self, conn: AsyncConnection) -> Any:
@@ -283,6 +306,32 @@ async def _allocate_task_ids(conn: AsyncConnection, count: int) -> list[int]:
     highest = (await conn.execute(select(func.max(task_t.c.id)))).scalar()
     start = int(highest or 0) + 1
     return list(range(start, start + count))
+
+
+AGENTS_CHANNEL = "taskd_agents"
+
+
+def node_channel(node_id: str) -> str:
+    """The LISTEN channel of a cluster node (a valid unquoted identifier)."""
+    return "taskd_n_" + "".join(c for c in node_id.lower() if c.isalnum())[:48]
+
+
+async def notify(
+    conn: AsyncConnection, channel: str, items: Sequence[str], prefix: str = ""
+) -> None:
+    """NOTIFY ``items`` comma-joined (chunked under 8000 bytes) on PostgreSQL, at commit."""
+    if conn.dialect.name != "postgresql" or not items:
+        return
+    payloads: list[str] = []
+    current = ""
+    for item in items:
+        if current and len(prefix) + len(current) + len(item) + 1 > 7_900:
+            payloads.append(prefix + current)
+            current = ""
+        current = f"{current},{item}" if current else item
+    payloads.append(prefix + current)
+    for payload in payloads:
+        await conn.execute(text("SELECT pg_notify(:c, :p)"), {"c": channel, "p": payload})
 
 
 class _Retry(Exception):
@@ -480,10 +529,13 @@ class Store:
         ids: list[int] = await self._submit(_InsertTasksOp(tasks))
         return ids
 
-    async def complete_task(self, upload: TaskResponse) -> StoredResult:
-        """Store an agent's result: 105 if id/uuid/token do not match, 108 if already done."""
+    async def complete_task(self, upload: TaskResponse, node_id: str = "") -> StoredResult:
+        """Store an agent's result: 105 if id/uuid/token do not match, 108 if already done.
+
+        A blocking caller waiting on another node (``waiter_node``) is notified at commit.
+        """
         kind = upload.task_event_result.kind if upload.task_event_result is not None else None
-        result: StoredResult = await self._submit(_CompleteOp(upload, kind))
+        result: StoredResult = await self._submit(_CompleteOp(upload, kind, node_id))
         return result
 
     async def get_result(self, task_id: int) -> StoredResult | None:
@@ -563,7 +615,10 @@ class Store:
                 .where(task_t.c.id.in_(ids), task_t.c.state == TaskState.RUNNING)
                 .values(
                     state=TaskState.QUEUED,
-                    deadline=task_t.c.created_at + task_t.c.queue_ttl_ms,
+                    # a routed task (no TTL) keeps the deadline it was given when taken
+                    deadline=func.coalesce(
+                        task_t.c.created_at + task_t.c.queue_ttl_ms, task_t.c.deadline
+                    ),
                 )
             )
 
@@ -592,7 +647,9 @@ class Store:
                 return []
             reaped = []
             for row in rows:
-                if row.state == TaskState.QUEUED:
+                if row.state == TaskState.QUEUED and row.queue_ttl_ms is None:
+                    message = "timed out: the agent's node did not deliver the task"
+                elif row.state == TaskState.QUEUED:
                     message = f"expired: agent did not connect within {row.queue_ttl_ms} ms"
                 else:
                     message = "timed out: no result from agent"
@@ -753,6 +810,7 @@ class Store:
                     ["last_seen", "connected_since", "remote_addr", "node_id", "token_key"],
                 )
             )
+            await notify(conn, AGENTS_CHANNEL, [f"{agent_uuid} {node_id}"])
 
         await self.write(upsert)
 
@@ -766,6 +824,7 @@ class Store:
                 .values(connected_since=None, last_seen=bindparam("last_seen")),
                 [{"b_uuid": u, "last_seen": t} for u, t in seen.items()],
             )
+            await notify(conn, AGENTS_CHANNEL, [f"{u} -" for u in seen])
 
         if seen:
             await self.write(mark)
@@ -1025,6 +1084,46 @@ class Store:
             return int(result.rowcount)
 
         return await self.write(remove)
+
+    # ------------------------------------------------------------------ cluster
+
+    async def node_heartbeat(self, node_id: str, address: str, *, started: bool = False) -> None:
+        """Record that a node is alive (and where other nodes reach it)."""
+        now = now_ms()
+        values = {"id": node_id, "address": address, "started_at": now, "heartbeat": now}
+        columns = ["address", "heartbeat"] + (["started_at"] if started else [])
+
+        async def beat(conn: AsyncConnection) -> None:
+            await conn.execute(self._upsert(node_t, values, ["id"], columns))
+
+        await self.write(beat)
+
+    async def node_left(self, node_id: str) -> None:
+        """A node shut down: its heartbeat stops counting at once."""
+
+        async def leave(conn: AsyncConnection) -> None:
+            await conn.execute(update(node_t).where(node_t.c.id == node_id).values(heartbeat=0))
+
+        await self.write(leave)
+
+    async def list_nodes(self) -> list[Row[Any]]:
+        """Every node row."""
+
+        async def fetch(conn: AsyncConnection) -> list[Row[Any]]:
+            return list((await conn.execute(select(node_t))).all())
+
+        return await self.read(fetch)
+
+    async def connected_agents(self) -> list[Row[Any]]:
+        """(uuid, node_id) of every agent recorded as connected."""
+
+        async def fetch(conn: AsyncConnection) -> list[Row[Any]]:
+            statement = select(agent_t.c.uuid, agent_t.c.node_id).where(
+                agent_t.c.connected_since.is_not(None)
+            )
+            return list((await conn.execute(statement)).all())
+
+        return await self.read(fetch)
 
 
 def _describe(exc: BaseException) -> str:

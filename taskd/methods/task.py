@@ -158,8 +158,7 @@ async def task_upload_task_result(
         authorize(principal, Need("task", "write", "*"), upload.agent_uuid)
     task_type = await ctx.app.task_type_of(upload.task_id, upload.agent_uuid, upload.task_token)
     authorize(principal, Need("task", "write", task_type), upload.agent_uuid)
-    stored = await ctx.app.store.complete_task(upload)
+    stored = await ctx.app.store.complete_task(upload, ctx.app.node_id)
     hub.mark_seen(upload.agent_uuid)
     hub.resolve([stored])
-    ctx.app.result_committed(stored)
     return {"id": upload.task_id}
