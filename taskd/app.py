@@ -19,6 +19,7 @@ from taskd.config import ServerSettings, parse_agent_config
 from taskd.errors import InvalidInput, NotFound
 from taskd.hub import Hub
 from taskd.protocol import EditConfig, TaskVariant
+from taskd.scheduler import Scheduler
 from taskd.store import Store, StoredResult
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,9 @@ class App:
         self.node_id = settings.node_id or str(uuid.uuid4())
         self.store = Store(settings.database_url, pool_size=settings.db_pool_size)
         self.hub = Hub(self.store, node_id=self.node_id, task_deadline_ms=settings.task_deadline_ms)
+        self.scheduler = Scheduler(
+            self.store, self.hub, timezone=settings.timezone, node_id=self.node_id
+        )
         self.limiter = RateLimiter(settings.auth_burst, settings.auth_rate_per_s)
         self.auth = Authenticator(self.store, self.limiter)
         self.started_at = now_ms()
@@ -43,6 +47,8 @@ class App:
         try:
             await self.store.migrate()
             await self.store.reset_node_agents(self.node_id)
+            # closed before the store on exit: running fires still write their results
+            await self._stack.enter_async_context(self.scheduler)
         except BaseException:
             await self._stack.aclose()
             raise

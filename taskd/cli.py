@@ -412,6 +412,250 @@ def cmd_call(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- cron
+
+
+class _CallFailed(Exception):
+    """A server call failed; the message is printed and ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+def _rpc(args: argparse.Namespace, method: str, params: dict[str, Any]) -> Any:
+    """One JSON-RPC call with the token; the result, or _CallFailed."""
+    import httpx
+
+    token = args.token or os.environ.get("TASKD_TOKEN")
+    if not token:
+        raise _CallFailed("no token: pass --token or set TASKD_TOKEN", 2)
+    url = args.url or os.environ.get("TASKD_URL") or DEFAULT_URL
+    url = url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
+    request = {"jsonrpc": "2.0", "method": method, "params": {"token": token, **params}, "id": 1}
+    try:
+        body = httpx.post(url, json=request, timeout=args.timeout).json()
+    except httpx.HTTPError as exc:
+        raise _CallFailed(f"cannot reach {url}: {exc}", 3) from None
+    except ValueError:
+        raise _CallFailed(f"{url} did not answer with JSON", 3) from None
+    if not isinstance(body, dict):
+        raise _CallFailed(f"unexpected reply from {url}", 3)
+    if "error" in body:
+        error = body["error"]
+        raise _CallFailed(f"error {error.get('code')}: {error.get('message')}", 1)
+    return body.get("result")
+
+
+def _json_arg(text: str, flag: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _CallFailed(f"{flag} is not valid JSON: {exc}", 2) from None
+
+
+def _agents_arg(text: str) -> list[str]:
+    agents = [part.strip() for part in text.split(",") if part.strip()]
+    if not agents:
+        raise _CallFailed("--agents needs at least one agent UUID", 2)
+    return agents
+
+
+def _ms_time(value: int | None) -> str:
+    import datetime
+
+    if value is None:
+        return "-"
+    moment = datetime.datetime.fromtimestamp(value / 1000, datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    for line in (headers, *rows):
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        )
+
+
+def _emit(args: argparse.Namespace, result: Any, text: str) -> int:
+    print(json.dumps(result) if args.json else text)
+    return 0
+
+
+def cmd_cron_create(args: argparse.Namespace) -> int:
+    """Create a cron running one task on several agents."""
+    params: dict[str, Any] = {
+        "name": args.name,
+        "cron_expression": args.expr,
+        "cron_type": {
+            "agent": [_agents_arg(args.agents), {"task": _json_arg(args.task, "--task")}]
+        },
+    }
+    if args.queue_ttl_ms is not None:
+        params["queue_ttl_ms"] = args.queue_ttl_ms
+    result = _rpc(args, "crontab_create", params)
+    return _emit(args, result, f"created cron {args.name} (id {result['id']})")
+
+
+def cmd_cron_list(args: argparse.Namespace) -> int:
+    """Show every cron the token may read."""
+    crons = _rpc(args, "crontab_get", {})
+    if args.json:
+        return _emit(args, crons, "")
+    rows = []
+    for cron in crons:
+        uuids, task = cron["cron_type"]["agent"]
+        agents = uuids[0] + (f" +{len(uuids) - 1}" if len(uuids) > 1 else "")
+        rows.append(
+            [
+                str(cron["id"]),
+                cron["name"],
+                "yes" if cron["enable"] else "no",
+                cron["cron_expression"],
+                json.dumps(task["task"], separators=(",", ":")),
+                agents,
+                _ms_time(cron["last_run_time"]),
+            ]
+        )
+    _print_table(["ID", "NAME", "ENABLED", "EXPRESSION", "TASK", "AGENTS", "LAST RUN"], rows)
+    return 0
+
+
+def cmd_cron_edit(args: argparse.Namespace) -> int:
+    """Change a cron's expression, agents, task or queue TTL; unspecified parts stay."""
+    crons = _rpc(args, "crontab_get", {})
+    current = next((c for c in crons if c["name"] == args.name), None)
+    if current is None:
+        raise _CallFailed(f"error 105: No cron named {args.name!r}", 1)
+    uuids, task = current["cron_type"]["agent"]
+    ttl = current.get("queue_ttl_ms") if args.queue_ttl_ms is None else args.queue_ttl_ms
+    params: dict[str, Any] = {
+        "name": args.name,
+        "cron_expression": args.expr or current["cron_expression"],
+        "cron_type": {
+            "agent": [
+                _agents_arg(args.agents) if args.agents else uuids,
+                {"task": _json_arg(args.task, "--task") if args.task else task["task"]},
+            ]
+        },
+    }
+    if ttl:
+        params["queue_ttl_ms"] = ttl
+    result = _rpc(args, "crontab_edit", params)
+    return _emit(args, result, f"edited cron {args.name}")
+
+
+def cmd_cron_enable(args: argparse.Namespace) -> int:
+    """Enable or disable a cron."""
+    result = _rpc(args, "crontab_set_enable", {"name": args.name, "enable": args.enable})
+    return _emit(args, result, f"{'enabled' if args.enable else 'disabled'} cron {args.name}")
+
+
+def cmd_cron_delete(args: argparse.Namespace) -> int:
+    """Delete a cron (its results stay)."""
+    result = _rpc(args, "crontab_delete", {"name": args.name})
+    return _emit(args, result, f"deleted cron {args.name}")
+
+
+def cmd_cron_results(args: argparse.Namespace) -> int:
+    """Show a cron's latest results."""
+    conditions = [{"cron_name": args.name}, {"limit": args.limit}]
+    rows = _rpc(args, "crontab-result_query", {"query": {"condition": conditions}})
+    if args.json:
+        return _emit(args, rows, "")
+    _print_table(
+        ["RUN TIME", "OK", "TASK", "MESSAGE"],
+        [
+            [
+                _ms_time(row["run_time"]),
+                "yes" if row["success"] else "no",
+                str(row["relative_id"]) if row["relative_id"] is not None else "-",
+                row["message"],
+            ]
+            for row in rows
+        ],
+    )
+    return 0
+
+
+def cmd_cron_preview(args: argparse.Namespace) -> int:
+    """Print the next fire times of an expression (computed locally, like the server does)."""
+    import datetime
+
+    from taskd.crontab import parse_expression
+
+    schedule = parse_expression(args.expr, args.timezone)
+    times = schedule.next_times(datetime.datetime.now(datetime.UTC), args.count)
+    return _emit(args, [t.isoformat() for t in times], "\n".join(t.isoformat() for t in times))
+
+
+def _cron_command(handler: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            code: int = handler(args)
+        except _CallFailed as exc:
+            print(f"taskd cron: {exc.message}", file=sys.stderr)
+            return exc.code
+        return code
+
+    return run
+
+
+def _add_cron_commands(sub: Any) -> None:
+    """The ``taskd cron`` command family."""
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--url", help=f"server URL (default $TASKD_URL or {DEFAULT_URL})")
+    client.add_argument("--token", help="token (default $TASKD_TOKEN)")
+    client.add_argument("--timeout", type=float, default=30.0)
+    client.add_argument("--json", action="store_true", help="print JSON for scripts")
+    cron = sub.add_parser("cron", help="recurring tasks on agents")
+    commands = cron.add_subparsers(dest="cron_command", required=True)
+
+    create = commands.add_parser("create", parents=[client], help="create a cron")
+    create.add_argument("name")
+    create.add_argument("expr", help="sec min hour dom month dow [year], 5 fields, or @hourly ...")
+    create.add_argument("--agents", required=True, help="target agent UUIDs, comma-separated")
+    create.add_argument(
+        "--task", required=True, help='the task as JSON, e.g. \'{"ping":"1.1.1.1"}\''
+    )
+    create.add_argument("--queue-ttl-ms", type=int, help="queue tasks for offline agents this long")
+    create.set_defaults(func=_cron_command(cmd_cron_create))
+
+    listing = commands.add_parser("list", parents=[client], help="list crons")
+    listing.set_defaults(func=_cron_command(cmd_cron_list))
+
+    edit = commands.add_parser("edit", parents=[client], help="change a cron")
+    edit.add_argument("name")
+    edit.add_argument("--expr")
+    edit.add_argument("--agents")
+    edit.add_argument("--task")
+    edit.add_argument("--queue-ttl-ms", type=int, help="0 stops queueing")
+    edit.set_defaults(func=_cron_command(cmd_cron_edit))
+
+    for verb, enable in (("enable", True), ("disable", False)):
+        toggle = commands.add_parser(verb, parents=[client], help=f"{verb} a cron")
+        toggle.add_argument("name")
+        toggle.set_defaults(func=_cron_command(cmd_cron_enable), enable=enable)
+
+    remove = commands.add_parser("delete", parents=[client], help="delete a cron")
+    remove.add_argument("name")
+    remove.set_defaults(func=_cron_command(cmd_cron_delete))
+
+    results = commands.add_parser("results", parents=[client], help="show a cron's fires")
+    results.add_argument("name")
+    results.add_argument("--limit", type=int, default=20)
+    results.set_defaults(func=_cron_command(cmd_cron_results))
+
+    preview = commands.add_parser("preview", help="show an expression's next fire times")
+    preview.add_argument("expr")
+    preview.add_argument("--count", type=int, default=5)
+    preview.add_argument("--timezone", default="UTC")
+    preview.add_argument("--json", action="store_true", help="print JSON for scripts")
+    preview.set_defaults(func=_cron_command(cmd_cron_preview))
+
+
 # --------------------------------------------------------------------------- schemas
 
 
@@ -489,6 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--token", help="token (default $TASKD_TOKEN)")
     call.add_argument("--timeout", type=float, default=330.0)
     call.set_defaults(func=cmd_call)
+
+    _add_cron_commands(sub)
 
     schemas = sub.add_parser("schemas", help="write the JSON Schemas and openrpc.json")
     schemas.add_argument("--dir", default="schemas")

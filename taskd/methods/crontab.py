@@ -1,0 +1,240 @@
+"""Crontab methods: create, edit, get, delete, enable/disable, and the fire history.
+
+Permissions: ``crontab.read|write|delete`` on every target agent of the cron,
+plus ``task.create(<type>)`` on every target for create and edit (an edit also
+needs ``crontab.write`` on the old targets). The history (``crontab-result``)
+is guarded by cron-name patterns on a global scope.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from taskd import crontab
+from taskd.auth import Need, Principal, allows, authorize
+from taskd.errors import InvalidInput, InvalidParams, PermissionDenied
+from taskd.methods.task import MAX_QUEUE_TTL_MS
+from taskd.protocol import (
+    CRON_TYPE,
+    AgentCron,
+    CronResultQuery,
+    parse_as,
+    parse_cron_result_query,
+)
+from taskd.rpc import CallContext, method
+
+
+def _agent_cron(value: Any) -> AgentCron:
+    definition = parse_as(CRON_TYPE, "cron_type", value)
+    if not isinstance(definition, AgentCron):
+        raise InvalidInput("server crons are not supported; use an agent cron")
+    return definition
+
+
+def _queue_ttl(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidParams("queue_ttl_ms: must be an integer")
+    if not 1 <= value <= MAX_QUEUE_TTL_MS:
+        raise InvalidParams(f"queue_ttl_ms: must be between 1 and {MAX_QUEUE_TTL_MS}")
+    return value
+
+
+def _targets(stored_cron_type: Any) -> list[str]:
+    definition = CRON_TYPE.validate_python(stored_cron_type)
+    return definition.uuids if isinstance(definition, AgentCron) else []
+
+
+def _authorize_targets(principal: Principal, need: Need, uuids: Sequence[str]) -> None:
+    for agent_uuid in uuids:
+        authorize(principal, need, agent_uuid)
+
+
+def _holds_anywhere(principal: Principal, need: Need) -> bool:
+    """Whether one of the token's own scopes carries ``need``."""
+    if principal.is_super:
+        return True
+    return any(
+        allows(principal, need, getattr(scope, "agent_uuid", None))
+        for limit in principal.limits
+        for scope in limit.scopes
+    )
+
+
+def _cron(row: Any) -> dict[str, Any]:
+    record = {
+        "id": row.id,
+        "name": row.name,
+        "enable": row.enable,
+        "cron_expression": row.cron_expression,
+        "cron_type": row.cron_type,
+        "last_run_time": row.last_run_time,
+    }
+    if row.queue_ttl_ms is not None:
+        record["queue_ttl_ms"] = row.queue_ttl_ms  # taskd extension, only when set
+    return record
+
+
+def _definition(
+    ctx: CallContext,
+    principal: Principal,
+    cron_expression: Any,
+    cron_type: Any,
+    queue_ttl_ms: Any,
+) -> dict[str, Any]:
+    """Validate a cron's definition and check the token may run it on every target."""
+    schedule = crontab.parse_expression(cron_expression, ctx.app.settings.timezone)
+    definition = _agent_cron(cron_type)
+    ttl = _queue_ttl(queue_ttl_ms)
+    _authorize_targets(principal, Need("crontab", "write"), definition.uuids)
+    _authorize_targets(principal, Need("task", "create", definition.task.kind), definition.uuids)
+    ctx.app.validate_task(definition.task)
+    return {
+        "cron_expression": schedule.expression,
+        "cron_type": definition.to_wire(),
+        "task_type": definition.task.kind,
+        "queue_ttl_ms": ttl,
+    }
+
+
+@method("crontab_create")
+async def crontab_create(
+    ctx: CallContext,
+    token: Any,
+    name: Any,
+    cron_expression: Any,
+    cron_type: Any,
+    queue_ttl_ms: Any = None,
+) -> dict[str, int]:
+    """Create a cron; it fires from its next slot (queue_ttl_ms: queue tasks for offline agents)."""
+    principal = await ctx.app.authenticate(token, ctx.remote)
+    cron_name = crontab.validate_name(name)
+    values = _definition(ctx, principal, cron_expression, cron_type, queue_ttl_ms)
+    row = await ctx.app.store.insert_cron(
+        {"name": cron_name, "created_by": principal.key, **values}
+    )
+    ctx.app.scheduler.schedule(row)
+    return {"id": row.id}
+
+
+@method("crontab_edit")
+async def crontab_edit(
+    ctx: CallContext,
+    token: Any,
+    name: Any,
+    cron_expression: Any,
+    cron_type: Any,
+    queue_ttl_ms: Any = None,
+) -> dict[str, Any]:
+    """Replace a cron's expression, targets and task; it applies from the next slot."""
+    principal = await ctx.app.authenticate(token, ctx.remote)
+    cron_name = crontab.validate_name(name)
+    values = _definition(ctx, principal, cron_expression, cron_type, queue_ttl_ms)
+
+    def may_change(current: Any) -> None:
+        _authorize_targets(principal, Need("crontab", "write"), _targets(current.cron_type))
+
+    row = await ctx.app.store.update_cron(cron_name, values, may_change)
+    ctx.app.scheduler.schedule(row)
+    return {"id": row.id, "success": True}
+
+
+@method("crontab_get")
+async def crontab_get(ctx: CallContext, token: Any) -> list[dict[str, Any]]:
+    """Every cron whose target agents the token may read."""
+    principal = await ctx.app.authenticate(token, ctx.remote)
+    need = Need("crontab", "read")
+    if not _holds_anywhere(principal, need):
+        authorize(principal, need)  # raises, naming what is missing
+    rows = await ctx.app.store.list_crons()
+    return [
+        _cron(row)
+        for row in rows
+        if all(allows(principal, need, agent) for agent in _targets(row.cron_type))
+    ]
+
+
+@method("crontab_delete")
+async def crontab_delete(ctx: CallContext, token: Any, name: Any) -> dict[str, bool]:
+    """Delete a cron: it stops firing; its results stay."""
+    principal = await ctx.app.authenticate(token, ctx.remote)
+    cron_name = crontab.validate_name(name)
+
+    def may_delete(current: Any) -> None:
+        _authorize_targets(principal, Need("crontab", "delete"), _targets(current.cron_type))
+
+    row = await ctx.app.store.delete_cron(cron_name, may_delete)
+    ctx.app.scheduler.unschedule(row.id)
+    return {"success": True}
+
+
+@method("crontab_set_enable")
+async def crontab_set_enable(
+    ctx: CallContext, token: Any, name: Any, enable: Any
+) -> dict[str, bool]:
+    """Enable (from the next slot on) or disable a cron."""
+    principal = await ctx.app.authenticate(token, ctx.remote)
+    cron_name = crontab.validate_name(name)
+    if not isinstance(enable, bool):
+        raise InvalidParams("enable: must be true or false")
+
+    def may_change(current: Any) -> None:
+        _authorize_targets(principal, Need("crontab", "write"), _targets(current.cron_type))
+
+    row = await ctx.app.store.update_cron(cron_name, {"enable": enable}, may_change)
+    ctx.app.scheduler.schedule(row)
+    return {"success": True, "enabled": enable}
+
+
+async def _allowed_names(
+    ctx: CallContext, principal: Principal, action: str, query: CronResultQuery
+) -> list[str] | None:
+    """The cron names a query may touch: None for all, else the readable ones (102 if none)."""
+    if query.cron_names:
+        for cron_name in query.cron_names:
+            authorize(principal, Need("crontab_result", action, cron_name))
+        return None
+    if principal.is_super:
+        return None
+    names = await ctx.app.store.cron_result_names()
+    allowed = [n for n in names if allows(principal, Need("crontab_result", action, n), None)]
+    if names and not allowed:
+        raise PermissionDenied(
+            f"Permission denied: token {principal.key} lacks crontab_result.{action} "
+            "on every cron with results"
+        )
+    return allowed
+
+
+def _result(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "cron_id": row.cron_id,
+        "cron_name": row.cron_name,
+        "run_time": row.run_time,
+        "relative_id": row.relative_id,
+        "success": row.success,
+        "message": row.message,
+    }
+
+
+@method("crontab-result_query")
+async def crontab_result_query(ctx: CallContext, token: Any, query: Any) -> list[dict[str, Any]]:
+    """Cron results matching every condition, newest first (default limit 1000)."""
+    principal = await ctx.app.authenticate(token, ctx.remote)
+    parsed = parse_cron_result_query(query)
+    names = await _allowed_names(ctx, principal, "read", parsed)
+    rows = await ctx.app.store.query_cron_results(parsed, names)
+    return [_result(row) for row in rows]
+
+
+@method("crontab-result_delete")
+async def crontab_result_delete(ctx: CallContext, token: Any, query: Any) -> dict[str, Any]:
+    """Delete the cron results matching every condition (all of them unless limited)."""
+    principal = await ctx.app.authenticate(token, ctx.remote)
+    parsed = parse_cron_result_query(query)
+    names = await _allowed_names(ctx, principal, "delete", parsed)
+    deleted = await ctx.app.store.delete_cron_results(parsed, names)
+    return {"success": True, "deleted": deleted}

@@ -1,0 +1,603 @@
+"""Crons end to end: a real server, scripted agents over real WebSockets, both databases."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from tests.helpers import (
+    RpcError,
+    ScriptedAgent,
+    Server,
+    add_token,
+    make_settings,
+    running_server,
+    scaled,
+)
+
+EVERY_SECOND = "* * * * * *"
+NEVER_SOON = "0 0 0 1 1 * 2099"
+
+
+def agent_cron(uuids: list[str], task: Any = None) -> dict[str, Any]:
+    """An agent cron_type running ``task`` (a tcp_ping by default) on ``uuids``."""
+    return {"agent": [uuids, {"task": task if task is not None else {"tcp_ping": "127.0.0.1:9"}}]}
+
+
+async def wait_for(
+    probe: Callable[[], Awaitable[Any]], timeout: float = 3.0, interval: float = 0.05
+) -> Any:
+    """Poll ``probe`` until it returns something truthy; fail after ``timeout`` (scaled)."""
+    deadline = time.monotonic() + scaled(timeout)
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {scaled(timeout)} s")
+        await asyncio.sleep(interval)
+
+
+async def results_of(server: Server, name: str) -> list[dict[str, Any]]:
+    """Every result row of a cron, newest first."""
+    rows: list[dict[str, Any]] = await server.su(
+        "crontab-result_query", {"condition": [{"cron_name": name}]}
+    )
+    return rows
+
+
+def by_slot(rows: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    """Result rows grouped by run_time."""
+    slots: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        slots.setdefault(row["run_time"], []).append(row)
+    return slots
+
+
+async def cron_named(server: Server, name: str) -> dict[str, Any] | None:
+    """The crontab_get entry of a cron."""
+    crons = await server.su("crontab_get")
+    return next((c for c in crons if c["name"] == name), None)
+
+
+async def test_per_second_cron_fans_out_to_three_agents_one_offline(server: Server) -> None:
+    """A per-second cron creates a task per online agent and a result row per target in 2 s."""
+    offline = str(uuid.uuid4())
+    async with (
+        ScriptedAgent(server.ws_url, server.super_token) as first,
+        ScriptedAgent(server.ws_url, server.super_token) as second,
+    ):
+        targets = [first.uuid, second.uuid, offline]
+        created_at = int(time.time() * 1000)
+        created = await server.su("crontab_create", "fanout", EVERY_SECOND, agent_cron(targets))
+        assert isinstance(created["id"], int)
+        pushed = [await first.next_task(timeout=2), await second.next_task(timeout=2)]
+        received_at = int(time.time() * 1000)
+
+        async def complete_slot() -> list[dict[str, Any]] | None:
+            slots = by_slot(await results_of(server, "fanout"))
+            full = [rows for rows in slots.values() if len(rows) == 3]
+            return min(full, key=lambda rows: rows[0]["run_time"]) if full else None
+
+        rows = await wait_for(complete_slot, timeout=2)
+    run_time = rows[0]["run_time"]
+    assert created_at < run_time <= received_at <= created_at + scaled(2000)
+    assert run_time % 1000 == 0
+    by_id = {row["relative_id"]: row for row in rows if row["success"]}
+    assert set(by_id) == {task["task_id"] for task in pushed}
+    for row in rows:
+        assert row["cron_id"] == created["id"] and row["cron_name"] == "fanout"
+        assert set(row) == {
+            "id",
+            "cron_id",
+            "cron_name",
+            "run_time",
+            "relative_id",
+            "success",
+            "message",
+        }
+    [failed] = [row for row in rows if not row["success"]]
+    assert failed["relative_id"] is None
+    assert failed["message"] == f"Agent {offline} is not connected"
+    for task, agent in zip(pushed, (first, second), strict=True):
+        assert (
+            by_id[task["task_id"]]["message"]
+            == f"Task {task['task_id']} sent to agent {agent.uuid}"
+        )
+        assert task["task_event_type"] == {"tcp_ping": "127.0.0.1:9"}
+    records = await server.su("task_query_task", {"condition": [{"cron_source": "fanout"}]})
+    assert {task["task_id"] for task in pushed} <= {r["task_id"] for r in records}
+    assert all(r["cron_source"] == "fanout" for r in records)
+    assert {r["uuid"] for r in records} == {first.uuid, second.uuid}
+    entry = await cron_named(server, "fanout")
+    assert entry is not None and entry["last_run_time"] >= run_time
+    await server.su("crontab_delete", "fanout")
+
+
+async def test_fires_do_not_wait_for_results(server: Server) -> None:
+    """An agent that never answers gets a new task every slot; each fire is recorded at once."""
+    async with ScriptedAgent(server.ws_url, server.super_token) as silent:
+        await server.su("crontab_create", "silent", EVERY_SECOND, agent_cron([silent.uuid], "ip"))
+        tasks = [await silent.next_task(timeout=2) for _ in range(3)]
+        await server.su("crontab_set_enable", "silent", False)
+    assert len({t["task_id"] for t in tasks}) == 3
+    running = await server.su(
+        "task_query_task", {"condition": [{"cron_source": "silent"}, "is_running"]}
+    )
+    assert {t["task_id"] for t in tasks} <= {r["task_id"] for r in running}
+    rows = await results_of(server, "silent")
+    assert {t["task_id"] for t in tasks} <= {r["relative_id"] for r in rows}
+    slots = sorted(r["run_time"] for r in rows)
+    assert len(slots) == len(set(slots))
+    assert all(b - a == 1000 for a, b in itertools.pairwise(slots))
+
+
+async def test_create_returns_the_wire_shapes(server: Server) -> None:
+    """crontab_create/get/edit/set_enable/delete answer with the exact protocol shapes."""
+    agent = str(uuid.uuid4())
+    created = await server.call(
+        "crontab_create",
+        token=server.super_token,
+        name="shapes",
+        cron_expression="0 30 9 * * 1-5",
+        cron_type=agent_cron([agent.upper()], "version"),
+    )
+    assert set(created) == {"id"}
+    [entry] = await server.su("crontab_get")
+    assert entry == {
+        "id": created["id"],
+        "name": "shapes",
+        "enable": True,
+        "cron_expression": "0 30 9 * * 1-5",
+        "cron_type": {"agent": [[agent], {"task": "version"}]},
+        "last_run_time": None,
+    }
+    edited = await server.su("crontab_edit", "shapes", "0 0 * * *", agent_cron([agent]))
+    assert edited == {"id": created["id"], "success": True}
+    assert await server.su("crontab_set_enable", "shapes", False) == {
+        "success": True,
+        "enabled": False,
+    }
+    [entry] = await server.su("crontab_get")
+    assert entry["enable"] is False and entry["cron_expression"] == "0 0 * * *"
+    assert entry["cron_type"] == agent_cron([agent])
+    assert await server.su("crontab_delete", "shapes") == {"success": True}
+    assert await server.su("crontab_get") == []
+
+
+async def test_invalid_input_codes(server: Server) -> None:
+    """Bad expressions are 101 with the reason; names, server crons, duplicates 108; unknown 105."""
+    target = agent_cron([str(uuid.uuid4())])
+    cases: list[tuple[tuple[Any, ...], int, str]] = [
+        (("bad", "0 0 0 * * 8", target), 101, "day of week"),
+        (("bad", "61 * * * *", target), 101, "minute"),
+        (("bad", "0 0 24 * * *", target), 101, "hour"),
+        (("bad", "* * *", target), 101, "fields"),
+        (("bad", "0 0 0 30 2 *", target), 101, "never fires"),
+        (("bad", "@reboot", target), 101, "shorthand"),
+        (("a/b", EVERY_SECOND, target), 108, "'/'"),
+        (("", EVERY_SECOND, target), 108, "empty"),
+        (("x" * 129, EVERY_SECOND, target), 108, "128"),
+        (("tab\there", EVERY_SECOND, target), 108, "control"),
+        (("srv", EVERY_SECOND, {"server": {"script": "x"}}), 108, "server crons are not supported"),
+        (("bad", EVERY_SECOND, agent_cron([])), -32602, "cron_type"),
+        (("bad", EVERY_SECOND, agent_cron(["not-a-uuid"])), -32602, "UUID"),
+        (("bad", EVERY_SECOND, agent_cron([str(uuid.uuid4())], {"nope": 1})), -32602, "cron_type"),
+        (("bad", 5, target), -32602, "cron_expression"),
+    ]
+    for params, code, fragment in cases:
+        with pytest.raises(RpcError) as error:
+            await server.su("crontab_create", *params)
+        assert error.value.code == code, (params, error.value.error)
+        assert fragment in error.value.message, (params, error.value.message)
+    with pytest.raises(RpcError) as error:
+        await server.call("crontab_create", server.super_token, "ttl", EVERY_SECOND, target, 0)
+    assert error.value.code == -32602 and "queue_ttl_ms" in error.value.message
+    await server.su("crontab_create", "dup", NEVER_SOON, target)
+    with pytest.raises(RpcError) as error:
+        await server.su("crontab_create", "dup", NEVER_SOON, target)
+    assert error.value.code == 108 and "already exists" in error.value.message
+    for method, params in (
+        ("crontab_edit", ("missing", NEVER_SOON, target)),
+        ("crontab_delete", ("missing",)),
+        ("crontab_set_enable", ("missing", True)),
+    ):
+        with pytest.raises(RpcError) as error:
+            await server.su(method, *params)
+        assert error.value.code == 105, method
+    with pytest.raises(RpcError) as error:
+        await server.su("crontab_set_enable", "dup", "yes")
+    assert error.value.code == -32602
+
+
+async def test_edit_disable_enable_delete(server: Server) -> None:
+    """Edit applies at the next slot; disable stops fires; enable resumes; delete keeps history."""
+    async with ScriptedAgent(server.ws_url, server.super_token) as agent:
+        await server.su("crontab_create", "life", NEVER_SOON, agent_cron([agent.uuid]))
+        with pytest.raises(asyncio.TimeoutError):
+            await agent.next_task(timeout=1.2)
+        edited_at = int(time.time() * 1000)
+        await server.su("crontab_edit", "life", EVERY_SECOND, agent_cron([agent.uuid], "ip"))
+        task = await agent.next_task(timeout=2)
+        assert task["task_event_type"] == "ip"
+        await wait_for(lambda: results_of(server, "life"))
+
+        await server.su("crontab_set_enable", "life", False)
+        disabled_at = int(time.time() * 1000)
+        await asyncio.sleep(scaled(0.3))  # a fire that had already started may still land
+        while not agent.notifications.empty():
+            agent.notifications.get_nowait()
+        with pytest.raises(asyncio.TimeoutError):
+            await agent.next_task(timeout=1.5)
+        before_enable = await results_of(server, "life")
+        assert all(r["run_time"] <= disabled_at for r in before_enable)
+        assert all(r["run_time"] > edited_at for r in before_enable)
+
+        await asyncio.sleep(scaled(1))
+        enabled_at = int(time.time() * 1000)
+        assert await server.su("crontab_set_enable", "life", True) == {
+            "success": True,
+            "enabled": True,
+        }
+        await agent.next_task(timeout=2)
+
+        async def fired_again() -> list[dict[str, Any]]:
+            return [r for r in await results_of(server, "life") if r["run_time"] > disabled_at]
+
+        after_enable = await wait_for(fired_again)
+        # resumed at the next slot: nothing fired for the slots while it was disabled
+        assert after_enable and all(r["run_time"] > enabled_at for r in after_enable)
+
+        await server.su("crontab_delete", "life")
+        deleted_at = int(time.time() * 1000)
+        await asyncio.sleep(scaled(0.3))
+        while not agent.notifications.empty():
+            agent.notifications.get_nowait()
+        with pytest.raises(asyncio.TimeoutError):
+            await agent.next_task(timeout=1.5)
+    assert await cron_named(server, "life") is None
+    history = await results_of(server, "life")
+    assert history and all(r["run_time"] <= deleted_at for r in history)
+    assert len(history) >= len(before_enable) + len(after_enable)
+
+
+async def test_edit_takes_new_targets_immediately(server: Server) -> None:
+    """After an edit the next fire goes to the new targets only."""
+    async with (
+        ScriptedAgent(server.ws_url, server.super_token) as old,
+        ScriptedAgent(server.ws_url, server.super_token) as new,
+    ):
+        await server.su("crontab_create", "move", EVERY_SECOND, agent_cron([old.uuid]))
+        await old.next_task(timeout=2)
+        await server.su("crontab_edit", "move", EVERY_SECOND, agent_cron([new.uuid]))
+        await asyncio.sleep(scaled(0.3))
+        while not old.notifications.empty():
+            old.notifications.get_nowait()
+        await new.next_task(timeout=2)
+        with pytest.raises(asyncio.TimeoutError):
+            await old.next_task(timeout=1.2)
+        await server.su("crontab_delete", "move")
+
+
+async def test_queue_ttl_cron_queues_for_offline_agents(server: Server) -> None:
+    """With queue_ttl_ms a fire for an offline agent queues its task, delivered on subscribe."""
+    offline = str(uuid.uuid4())
+    await server.call(
+        "crontab_create",
+        token=server.super_token,
+        name="queued",
+        cron_expression=EVERY_SECOND,
+        cron_type=agent_cron([offline], "version"),
+        queue_ttl_ms=60_000,
+    )
+    [row] = (await wait_for(lambda: results_of(server, "queued")))[-1:]
+    assert row["success"] is True and isinstance(row["relative_id"], int)
+    assert row["message"] == (
+        f"Task {row['relative_id']} queued for offline agent {offline} (expires after 60000 ms)"
+    )
+    entry = await cron_named(server, "queued")
+    assert entry is not None and entry["queue_ttl_ms"] == 60_000
+    await server.su("crontab_set_enable", "queued", False)
+    async with ScriptedAgent(server.ws_url, server.super_token, offline) as agent:
+        task = await agent.next_task(timeout=2)
+    assert task["task_event_type"] == "version"
+    [record] = await server.su("task_query_task", {"condition": [{"task_id": task["task_id"]}]})
+    assert record["cron_source"] == "queued"
+    # an edit replaces the whole definition: without queue_ttl_ms the cron no longer queues
+    await server.su("crontab_edit", "queued", EVERY_SECOND, agent_cron([offline], "version"))
+    entry = await cron_named(server, "queued")
+    assert entry is not None and "queue_ttl_ms" not in entry
+
+
+async def _slots_by_node(server: Server, cron_id: int) -> list[tuple[int, str]]:
+    async def fetch(conn: Any) -> list[tuple[int, str]]:
+        result = await conn.execute(
+            text("select slot, node_id from cron_fire where cron_id = :c order by slot"),
+            {"c": cron_id},
+        )
+        return [(int(r.slot), str(r.node_id)) for r in result]
+
+    rows: list[tuple[int, str]] = await server.service.store.read(fetch)
+    return rows
+
+
+async def test_restart_fires_once_after_downtime_and_never_twice(database_url: str) -> None:
+    """Across a restart a per-second cron fires every slot once, plus one catch-up for the gap."""
+    settings = make_settings(database_url)
+    target = str(uuid.uuid4())
+    async with running_server(settings) as first:
+        token = first.super_token
+        created = await first.su("crontab_create", "steady", EVERY_SECOND, agent_cron([target]))
+        await asyncio.sleep(scaled(2.5))
+    stopped_at = int(time.time() * 1000)
+    await asyncio.sleep(scaled(3))
+    async with running_server(settings, token) as second:
+        started_at = int(time.time() * 1000)
+        await asyncio.sleep(scaled(2.5))
+        slots = await _slots_by_node(second, created["id"])
+        rows = await results_of(second, "steady")
+    first_node = slots[0][1]
+    before = [s for s, node in slots if node == first_node]
+    after = [s for s, node in slots if node != first_node]
+    assert len(before) >= 2 and len(after) >= 2
+    assert Counter(r["run_time"] for r in rows) == Counter(s for s, _ in slots)
+    assert all(b - a == 1000 for a, b in itertools.pairwise(before))
+    assert all(b - a == 1000 for a, b in itertools.pairwise(after))
+    catch_up = after[0]
+    # the one catch-up is the latest slot missed while down, fired as the server started
+    assert catch_up - before[-1] >= 3000
+    assert stopped_at < catch_up <= started_at
+    assert catch_up > started_at - 1000 - scaled(1000)
+
+
+async def test_permissions(server: Server) -> None:
+    """Crontab permissions follow the targets; a token limited to agent A cannot target B."""
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    only_a = await add_token(
+        server,
+        [
+            {
+                "scopes": [{"agent_uuid": a}],
+                "permissions": [
+                    {"crontab": "read"},
+                    {"crontab": "write"},
+                    {"task": {"create": "tcp*"}},
+                ],
+            }
+        ],
+    )
+    with pytest.raises(RpcError) as error:
+        await server.call("crontab_create", only_a, "on-b", NEVER_SOON, agent_cron([b]))
+    assert error.value.code == 102 and b in error.value.message
+    with pytest.raises(RpcError) as error:
+        await server.call("crontab_create", only_a, "ab", NEVER_SOON, agent_cron([a, b]))
+    assert error.value.code == 102
+    with pytest.raises(RpcError) as error:
+        await server.call("crontab_create", only_a, "ping", NEVER_SOON, agent_cron([a], "ip"))
+    assert error.value.code == 102 and "task.create(ip)" in error.value.message
+    await server.call("crontab_create", only_a, "on-a", NEVER_SOON, agent_cron([a]))
+    await server.su("crontab_create", "both", NEVER_SOON, agent_cron([a, b]))
+    assert [c["name"] for c in await server.call("crontab_get", only_a)] == ["on-a"]
+    assert {c["name"] for c in await server.su("crontab_get")} == {"on-a", "both"}
+    # an edit needs write on the old targets too
+    with pytest.raises(RpcError) as error:
+        await server.call("crontab_edit", only_a, "both", NEVER_SOON, agent_cron([a]))
+    assert error.value.code == 102
+    with pytest.raises(RpcError) as error:
+        await server.call("crontab_edit", only_a, "on-a", NEVER_SOON, agent_cron([b]))
+    assert error.value.code == 102
+    await server.call("crontab_edit", only_a, "on-a", EVERY_SECOND, agent_cron([a]))
+    with pytest.raises(RpcError) as error:
+        await server.call("crontab_set_enable", only_a, "both", False)
+    assert error.value.code == 102
+    with pytest.raises(RpcError) as error:
+        await server.call("crontab_delete", only_a, "on-a")
+    assert error.value.code == 102 and "crontab.delete" in error.value.message
+    assert await server.call("crontab_set_enable", only_a, "on-a", False) == {
+        "success": True,
+        "enabled": False,
+    }
+    nothing = await add_token(
+        server, [{"scopes": ["global"], "permissions": [{"task": {"read": "*"}}]}]
+    )
+    with pytest.raises(RpcError) as error:
+        await server.call("crontab_get", nothing)
+    assert error.value.code == 102 and "crontab.read" in error.value.message
+    deleter = await add_token(
+        server, [{"scopes": [{"agent_uuid": a}], "permissions": [{"crontab": "delete"}]}]
+    )
+    with pytest.raises(RpcError) as error:
+        await server.call("crontab_delete", deleter, "both")
+    assert error.value.code == 102
+    assert await server.call("crontab_delete", deleter, "on-a") == {"success": True}
+
+
+async def test_result_permissions_by_cron_name_pattern(server: Server) -> None:
+    """crontab-result read/delete go by cron-name pattern, and only on a global scope."""
+    target = str(uuid.uuid4())
+    for name in ("probe-1", "other"):
+        await server.su("crontab_create", name, EVERY_SECOND, agent_cron([target]))
+    for name in ("probe-1", "other"):
+        await wait_for(lambda name=name: results_of(server, name))
+        await server.su("crontab_delete", name)
+    probes = await add_token(
+        server,
+        [{"scopes": ["global"], "permissions": [{"crontab_result": {"read": "probe*"}}]}],
+    )
+    scoped = await add_token(
+        server,
+        [
+            {
+                "scopes": [{"agent_uuid": target}],
+                "permissions": [{"crontab_result": {"read": "*"}}],
+            }
+        ],
+    )
+    rows = await server.call(
+        "crontab-result_query", probes, {"condition": [{"cron_name": "probe-1"}]}
+    )
+    assert rows and {r["cron_name"] for r in rows} == {"probe-1"}
+    everything = await server.call("crontab-result_query", probes, {"condition": []})
+    assert everything and {r["cron_name"] for r in everything} == {"probe-1"}
+    with pytest.raises(RpcError) as error:
+        await server.call("crontab-result_query", probes, {"condition": [{"cron_name": "other"}]})
+    assert error.value.code == 102
+    for token in (scoped,):
+        with pytest.raises(RpcError) as error:
+            await server.call("crontab-result_query", token, {"condition": []})
+        assert error.value.code == 102
+    with pytest.raises(RpcError) as error:
+        await server.call(
+            "crontab-result_delete", probes, {"condition": [{"cron_name": "probe-1"}]}
+        )
+    assert error.value.code == 102 and "crontab_result.delete" in error.value.message
+    deleter = await add_token(
+        server,
+        [{"scopes": ["global"], "permissions": [{"crontab_result": {"delete": "probe*"}}]}],
+    )
+    deleted = await server.call("crontab-result_delete", deleter, {"condition": []})
+    assert deleted == {"success": True, "deleted": len(everything)}
+    remaining = await server.su("crontab-result_query", {"condition": []})
+    assert remaining and {r["cron_name"] for r in remaining} == {"other"}
+
+
+async def test_result_query_conditions(server: Server) -> None:
+    """Every crontab-result condition filters like the spec says; newest first; limit and last."""
+    offline = str(uuid.uuid4())
+    async with ScriptedAgent(server.ws_url, server.super_token) as agent:
+        a = await server.su(
+            "crontab_create", "q-a", EVERY_SECOND, agent_cron([agent.uuid, offline])
+        )
+        b = await server.su("crontab_create", "q-b", EVERY_SECOND, agent_cron([offline]))
+
+        async def three_slots_each() -> bool:
+            rows = await server.su("crontab-result_query", {"condition": []})
+            a_slots = {r["run_time"] for r in rows if r["cron_name"] == "q-a"}
+            b_slots = {r["run_time"] for r in rows if r["cron_name"] == "q-b"}
+            return len(a_slots) >= 3 and len(b_slots) >= 3
+
+        await wait_for(three_slots_each, timeout=5)
+        await server.su("crontab_delete", "q-a")
+        await server.su("crontab_delete", "q-b")
+        await asyncio.sleep(scaled(0.3))
+    every = await server.su("crontab-result_query", {"condition": []})
+    assert [(r["run_time"], r["id"]) for r in every] == sorted(
+        ((r["run_time"], r["id"]) for r in every), reverse=True
+    )
+    times = sorted({r["run_time"] for r in every})
+    mid = times[len(times) // 2]
+    some = every[len(every) // 2]
+
+    async def check(conditions: list[Any], keep: Callable[[dict[str, Any]], bool]) -> None:
+        rows = await server.su("crontab-result_query", {"condition": conditions})
+        assert rows == [r for r in every if keep(r)], conditions
+
+    await check([{"id": some["id"]}], lambda r: r["id"] == some["id"])
+    await check([{"cron_id": a["id"]}], lambda r: r["cron_id"] == a["id"])
+    await check([{"cron_id": b["id"]}], lambda r: r["cron_name"] == "q-b")
+    await check([{"cron_name": "q-b"}], lambda r: r["cron_id"] == b["id"])
+    await check([{"cron_name": "q-a"}, {"cron_name": "q-b"}], lambda r: False)
+    await check(["is_success"], lambda r: r["success"])
+    await check(["is_failure"], lambda r: not r["success"])
+    await check(["is_success", {"cron_name": "q-b"}], lambda r: False)
+    await check([{"run_time_from": mid}], lambda r: r["run_time"] >= mid)
+    await check([{"run_time_to": mid}], lambda r: r["run_time"] <= mid)
+    await check([{"run_time_from_to": [mid, mid]}], lambda r: r["run_time"] == mid)
+    await check(
+        [{"run_time_from_to": [times[0], mid]}, "is_failure", {"cron_id": a["id"]}],
+        lambda r: times[0] <= r["run_time"] <= mid and not r["success"] and r["cron_id"] == a["id"],
+    )
+    assert await server.su("crontab-result_query", {"condition": [{"limit": 3}]}) == every[:3]
+    assert await server.su("crontab-result_query", {"condition": ["last"]}) == every[:1]
+    assert (
+        await server.su("crontab-result_query", {"condition": ["last", {"limit": 5}]}) == every[:1]
+    )
+    assert all(r["success"] for r in every if r["relative_id"] is not None)
+    with pytest.raises(RpcError) as error:
+        await server.su("crontab-result_query", {"condition": [{"bogus": 1}]})
+    assert error.value.code == -32602
+    with pytest.raises(RpcError) as error:
+        await server.su("crontab-result_query", [{"cron_name": "q-a"}])
+    assert error.value.code == -32602
+
+    deleted = await server.su(
+        "crontab-result_delete", {"condition": [{"cron_name": "q-a"}, "is_failure", {"limit": 2}]}
+    )
+    assert deleted == {"success": True, "deleted": 2}
+    gone = [r for r in every if r["cron_name"] == "q-a" and not r["success"]][:2]
+    left = await server.su("crontab-result_query", {"condition": []})
+    assert left == [r for r in every if r not in gone]
+    deleted = await server.su("crontab-result_delete", {"condition": [{"cron_name": "q-b"}]})
+    assert deleted["deleted"] == len([r for r in every if r["cron_name"] == "q-b"])
+    left = await server.su("crontab-result_query", {"condition": []})
+    assert {r["cron_name"] for r in left} == {"q-a"}
+
+
+async def _cli(server: Server, *args: str) -> tuple[int, str, str]:
+    env = dict(os.environ, TASKD_URL=server.url, TASKD_TOKEN=server.super_token)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "taskd",
+        "cron",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), scaled(30))
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_cli_cron_commands(server: Server) -> None:
+    """taskd cron create/list/edit/disable/enable/results/delete work against a real server."""
+    agent = str(uuid.uuid4())
+    task = json.dumps({"tcp_ping": "127.0.0.1:9"})
+    code, out, err = await _cli(
+        server, "create", "cli", EVERY_SECOND, "--agents", agent, "--task", task, "--json"
+    )
+    assert code == 0, err
+    created = json.loads(out)
+    code, out, _ = await _cli(server, "list")
+    assert code == 0 and "cli" in out and EVERY_SECOND in out and "tcp_ping" in out
+    await wait_for(lambda: results_of(server, "cli"))
+    code, out, err = await _cli(server, "disable", "cli")
+    assert code == 0, err
+    code, out, _ = await _cli(server, "list", "--json")
+    [entry] = json.loads(out)
+    assert entry["id"] == created["id"] and entry["enable"] is False
+    code, out, err = await _cli(
+        server, "edit", "cli", "--expr", "0 0 * * *", "--queue-ttl-ms", "5000"
+    )
+    assert code == 0, err
+    [entry] = await server.su("crontab_get")
+    assert entry["cron_expression"] == "0 0 * * *" and entry["queue_ttl_ms"] == 5000
+    assert entry["cron_type"] == agent_cron([agent]) and entry["enable"] is False
+    code, _, err = await _cli(server, "enable", "cli")
+    assert code == 0, err
+    code, out, _ = await _cli(server, "results", "cli", "--limit", "1", "--json")
+    [row] = json.loads(out)
+    assert row["cron_name"] == "cli" and row["success"] is False
+    code, out, _ = await _cli(server, "results", "cli")
+    assert code == 0 and f"Agent {agent} is not connected" in out
+    code, _, err = await _cli(
+        server, "create", "cli", "61 * * * *", "--agents", agent, "--task", task
+    )
+    assert code == 1 and "101" in err and "minute" in err
+    code, _, err = await _cli(server, "delete", "cli")
+    assert code == 0, err
+    code, _, err = await _cli(server, "delete", "cli")
+    assert code == 1 and "105" in err
+    assert await server.su("crontab_get") == []
