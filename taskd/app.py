@@ -15,12 +15,13 @@ from typing import Any
 
 from taskd.auth import Authenticator, Principal, RateLimiter
 from taskd.clock import now_ms
+from taskd.cluster import Cluster
 from taskd.config import ServerSettings, parse_agent_config
 from taskd.errors import InvalidInput, NotFound
 from taskd.hub import Hub
 from taskd.protocol import EditConfig, TaskVariant
 from taskd.scheduler import Scheduler
-from taskd.store import Store, StoredResult
+from taskd.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,18 @@ class App:
         self.settings = settings
         self.node_id = settings.node_id or str(uuid.uuid4())
         self.store = Store(settings.database_url, pool_size=settings.db_pool_size)
-        self.hub = Hub(self.store, node_id=self.node_id, task_deadline_ms=settings.task_deadline_ms)
+        self.cluster = Cluster(
+            self.store,
+            node_id=self.node_id,
+            address=settings.node_address or _default_address(settings),
+            grace_ms=settings.node_grace_ms,
+        )
+        self.hub = Hub(
+            self.store,
+            node_id=self.node_id,
+            task_deadline_ms=settings.task_deadline_ms,
+            cluster=self.cluster,
+        )
         self.scheduler = Scheduler(
             self.store, self.hub, timezone=settings.timezone, node_id=self.node_id
         )
@@ -41,14 +53,22 @@ class App:
         self.started_at = now_ms()
         self._stack = AsyncExitStack()
         self._loops: list[asyncio.Task[None]] = []
+        self._leading = False
 
     async def __aenter__(self) -> App:
         await self._stack.enter_async_context(self.store)
         try:
             await self.store.migrate()
             await self.store.reset_node_agents(self.node_id)
-            # closed before the store on exit: running fires still write their results
-            await self._stack.enter_async_context(self.scheduler)
+            await self._stack.enter_async_context(self.cluster)
+            if self.cluster.enabled:
+                # several nodes: only the leader fires crons (see cluster.py)
+                self.cluster.on_leadership = self._leadership
+                self._stack.push_async_callback(self._leadership, False)
+                self.cluster.start_leader_election()
+            else:
+                # closed before the store on exit: running fires still write their results
+                await self._stack.enter_async_context(self.scheduler)
         except BaseException:
             await self._stack.aclose()
             raise
@@ -74,6 +94,14 @@ class App:
         with contextlib.suppress(Exception):
             await self.store.agents_disconnected(seen, self.node_id)
         await self._stack.aclose()
+
+    async def _leadership(self, leader: bool) -> None:
+        if leader and not self._leading:
+            self._leading = True
+            await self.scheduler.__aenter__()
+        elif not leader and self._leading:
+            self._leading = False
+            await self.scheduler.__aexit__(None, None, None)
 
     async def _every(self, seconds: float, job: Any) -> None:
         while True:
@@ -115,8 +143,11 @@ class App:
             raise NotFound(f"No task {task_id} for agent {agent_uuid} with that task_token")
         return known[2]
 
-    def result_committed(self, result: StoredResult) -> None:
-        """Hook for a committed result (other nodes' waiters are woken from here)."""
+
+def _default_address(settings: ServerSettings) -> str:
+    """How other nodes reach this one when node_address is not configured."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    return f"http://{host}:{settings.port}"
 
 
 def _safe_url(url: str) -> str:

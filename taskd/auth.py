@@ -195,6 +195,26 @@ def authorize_all_types(
             authorize(principal, Need("task", action, task_type), agent_uuid)
 
 
+def normal_origin(origin: str) -> str:
+    """An origin in comparable form: lower case, no trailing slash, no default port."""
+    value = origin.strip().rstrip("/").lower()
+    for scheme, port in (("https://", ":443"), ("http://", ":80")):
+        if value.startswith(scheme) and value.endswith(port):
+            value = value[: -len(port)]
+    return value
+
+
+def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
+    """Whether a browser-facing WebSocket with this ``Origin`` may connect.
+
+    Browsers always send Origin; a client that sends none is not a browser and
+    cannot be the vehicle of cross-site WebSocket hijacking.
+    """
+    if origin is None:
+        return True
+    return normal_origin(origin) in {normal_origin(a) for a in allowed}
+
+
 class RateLimiter:
     """Failed-authentication buckets per client address: a burst, then a steady rate."""
 

@@ -36,6 +36,11 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # at DEBUG these log every frame and SQL parameter: keystrokes, tokens, task tokens
+    root = logging.getLogger().level
+    logging.getLogger("uvicorn.error").setLevel(max(logging.INFO, root))
+    for chatty in ("aiosqlite", "websockets", "sqlalchemy.engine"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root))
 
 
 def _config_path(args: argparse.Namespace) -> Path:
@@ -108,9 +113,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the server until SIGTERM/SIGINT."""
+    from taskd.config import ensure_node_id
     from taskd.server import serve
 
-    settings = server_settings(args)
+    settings = ensure_node_id(server_settings(args))
     configure_logging(settings.log_level)
     return 0 if serve(settings) else 1
 

@@ -154,6 +154,10 @@ class Cluster:
                         self.agents.pop(agent_uuid, None)
                     continue
                 self.agents[agent_uuid] = node
+                if node not in self.nodes:
+                    # a node that just subscribed an agent is alive; its address comes
+                    # with the next heartbeat refresh
+                    self.nodes[node] = ("", now_ms())
                 if node != self.node_id:
                     self.on_moved(agent_uuid)
         elif payload.startswith("q:"):

@@ -196,6 +196,18 @@ def write_default_server_config(path: Path) -> str:
     return server_uuid
 
 
+def ensure_node_id(settings: ServerSettings) -> ServerSettings:
+    """Give the node a persistent id: generated once and written into its config file."""
+    if settings.node_id or settings.config_path is None:
+        return settings
+    node_id = str(uuid.uuid4())
+    document = tomlkit.parse(settings.config_path.read_text())
+    table = document.setdefault("server", tomlkit.table())
+    table["node_id"] = node_id
+    write_private_file(settings.config_path, tomlkit.dumps(document))
+    return replace(settings, node_id=node_id)
+
+
 def write_private_file(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically with mode 0600 (fsync, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)

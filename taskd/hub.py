@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TASK_TOKEN_LENGTH = 10
+SESSION_DEADLINE_MS = 24 * 3600 * 1000
+"""A web_shell task lasts as long as its terminal session, up to a day."""
 
 
 class Peer(Protocol):
@@ -257,6 +259,8 @@ class Hub:
         """
         now = now_ms()
         wire = task.to_wire()
+        if task.kind == "web_shell" and deadline_ms is None:
+            deadline_ms = SESSION_DEADLINE_MS
         rows: list[NewTask] = []
         outcomes: dict[str, Created] = {}
         for agent_uuid in targets:

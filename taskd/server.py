@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 import taskd.methods  # noqa: F401 - registers every method
 from taskd import __version__, rpc
 from taskd.app import App
+from taskd.auth import origin_allowed
 from taskd.config import ServerSettings
 from taskd.terminal import TerminalRelay
 
@@ -143,12 +144,6 @@ def _headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
 
 
-def origin_allowed(headers: Mapping[str, str], allowed: tuple[str, ...]) -> bool:
-    """A browser's Origin must be allowed; clients that send none (not browsers) pass."""
-    origin = headers.get("origin")
-    return origin is None or origin.rstrip("/") in allowed
-
-
 class RpcEndpoint:
     """JSON-RPC on ``/``, ``/rpc`` and ``/nodeget/rpc`` straight from ASGI.
 
@@ -200,7 +195,7 @@ class RpcEndpoint:
         if (await receive())["type"] != "websocket.connect":
             return
         headers = _headers(scope)
-        if not origin_allowed(headers, self.settings.allowed_origins):
+        if not origin_allowed(headers.get("origin"), self.settings.allowed_origins):
             logger.warning("refused a WebSocket from origin %s", headers.get("origin"))
             await send({"type": "websocket.close", "code": 1008})
             return
@@ -318,6 +313,9 @@ def uvicorn_config(app: Starlette, settings: ServerSettings, **options: Any) -> 
         "log_config": None,
         "access_log": False,
         "timeout_graceful_shutdown": 10,
+        # compression costs CPU on every frame, and one read of compressed frames can
+        # expand into far more memory than the bytes on the wire
+        "ws_per_message_deflate": False,
         "backlog": 4096,
     }
     return uvicorn.Config(app, **(defaults | options))

@@ -29,7 +29,7 @@ from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from taskd.app import App
-from taskd.auth import Need, authorize
+from taskd.auth import Need, authorize, origin_allowed
 from taskd.errors import (
     InternalError,
     InvalidInput,
@@ -80,22 +80,6 @@ def hide_tokens_in_server_logs() -> None:
     uvicorn_logger = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, HideTokens) for f in uvicorn_logger.filters):
         uvicorn_logger.addFilter(HideTokens())
-
-
-def normal_origin(origin: str) -> str:
-    """An origin in comparable form: lower case, no trailing slash, no default port."""
-    value = origin.strip().rstrip("/").lower()
-    for scheme, port in (("https://", ":443"), ("http://", ":80")):
-        if value.startswith(scheme) and value.endswith(port):
-            value = value[: -len(port)]
-    return value
-
-
-def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
-    """Whether a WebSocket with this ``Origin`` header may connect (no header: not a browser)."""
-    if origin is None:
-        return True
-    return normal_origin(origin) in {normal_origin(a) for a in allowed}
 
 
 @dataclass(eq=False)

@@ -1,0 +1,359 @@
+"""Several `taskd serve` processes on one PostgreSQL database behave as one service."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from tests.helpers import (
+    RpcError,
+    ScriptedAgent,
+    WsClient,
+    free_port,
+    postgres_database,
+    scaled,
+    unwrap,
+)
+
+GRACE_MS = 2000
+
+
+@dataclass
+class Node:
+    """One `taskd serve` process of the cluster."""
+
+    name: str
+    port: int
+    config: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/"
+
+    def start(self) -> None:
+        log = (self.config.parent / "serve.log").open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "taskd", "serve", "--config", str(self.config)],
+            env={**os.environ, "TASKD_NODE_GRACE_MS": str(GRACE_MS), "TASKD_LOG_LEVEL": "info"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+    async def wait_ready(self) -> None:
+        deadline = time.monotonic() + scaled(30)
+        async with httpx.AsyncClient() as client:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(self.url + "healthz", timeout=1)).status_code == 200:
+                        return
+                assert self.process is not None and self.process.poll() is None, self.log()
+                await asyncio.sleep(0.1)
+        raise TimeoutError(f"node {self.name} did not start: {self.log()}")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=scaled(15))
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log(self) -> str:
+        return (self.config.parent / "serve.log").read_text(errors="replace")[-3000:]
+
+    async def call(self, method: str, *params: Any) -> Any:
+        body = {"jsonrpc": "2.0", "method": method, "params": list(params), "id": 1}
+        async with httpx.AsyncClient(timeout=scaled(30)) as client:
+            reply = (await client.post(self.url, content=orjson.dumps(body))).json()
+        return unwrap(reply)
+
+
+@dataclass
+class Cluster:
+    """Three nodes and the super token."""
+
+    nodes: list[Node]
+    token: str
+    database_url: str
+
+    async def su(self, index: int, method: str, *params: Any) -> Any:
+        return await self.nodes[index].call(method, self.token, *params)
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    """Three `taskd serve` processes on different ports sharing one fresh PostgreSQL database."""
+    async with postgres_database() as url:
+        plain_url = url.replace("postgresql+asyncpg://", "postgresql://")
+        first = tmp_path / "n0"
+        init = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "taskd",
+                "init",
+                "--config",
+                str(first / "taskd.toml"),
+                "--database",
+                plain_url,
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=scaled(60),
+        )
+        assert init.returncode == 0, init.stderr
+        data = json.loads(init.stdout)
+        nodes = []
+        for index in range(3):
+            directory = tmp_path / f"n{index}"
+            directory.mkdir(exist_ok=True)
+            config = directory / "taskd.toml"
+            port = free_port()
+            config.write_text(
+                "[server]\n"
+                f'server_uuid = "{data["server_uuid"]}"\n'
+                f'listen = "127.0.0.1:{port}"\n'
+                f'database_url = "{plain_url}"\n'
+                "reaper_interval_ms = 200\n"
+            )
+            nodes.append(Node(f"n{index}", port, config))
+        for node in nodes:
+            node.start()
+        try:
+            for node in nodes:
+                await node.wait_ready()
+            yield Cluster(nodes, data["super_token"], url)
+        finally:
+            for node in nodes:
+                node.stop()
+
+
+async def wait_until(check: Any, what: str, timeout: float = 20) -> None:
+    """Poll an async check until it is true."""
+    deadline = time.monotonic() + scaled(timeout)
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def online_at(cluster: Cluster, agent_uuid: str, node: Node) -> bool:
+    agents = await cluster.su(2, "agent_list")
+    entry = next((a for a in agents if a["uuid"] == agent_uuid), None)
+    return bool(entry and entry["online"] and entry["remote_addr"] and entry["node_id"]) and (
+        entry["node_id"] == await node_id_of(node)
+    )
+
+
+async def node_id_of(node: Node) -> str:
+    async with httpx.AsyncClient() as client:
+        return str((await client.get(node.url + "healthz")).json()["node_id"])
+
+
+async def test_every_node_serves_every_method(cluster: Cluster) -> None:
+    """Tasks created on any node reach an agent held by another; all nodes see the same data."""
+    uuids = {await n.call("server_uuid") for n in cluster.nodes}
+    assert len(uuids) == 1
+    node_ids = {await node_id_of(n) for n in cluster.nodes}
+    assert len(node_ids) == 3, "each node has its own id"
+    async with ScriptedAgent(cluster.nodes[0].ws_url, cluster.token) as agent:
+        await wait_until(lambda: online_at(cluster, agent.uuid, cluster.nodes[0]), "agent online")
+        for index in (1, 2, 0):
+            created = await cluster.su(index, "task_create_task", agent.uuid, "version")
+            task = await agent.next_task()
+            assert task["task_id"] == created["id"]
+            unwrap(await agent.upload(task, {"version": {"from": index}}))
+        for index in range(3):
+            rows = await cluster.su(index, "task_query_task", {"condition": [{"uuid": agent.uuid}]})
+            assert len(rows) == 3 and all(r["success"] for r in rows)
+        deleted = await cluster.su(2, "task_delete_task", [{"uuid": agent.uuid}, "last"])
+        assert deleted["deleted"] == 1
+        assert len(await cluster.su(1, "task_query_task", {"condition": []})) == 2
+
+
+async def test_blocking_call_on_one_node_gets_a_result_uploaded_through_another(
+    cluster: Cluster,
+) -> None:
+    """A blocking call on node 2 is woken when the result, uploaded through node 0, commits."""
+    async with ScriptedAgent(cluster.nodes[0].ws_url, cluster.token) as agent:
+        await wait_until(lambda: online_at(cluster, agent.uuid, cluster.nodes[0]), "agent online")
+        call = asyncio.create_task(
+            cluster.su(2, "task_create_task_blocking", agent.uuid, "ip", 10_000)
+        )
+        task = await agent.next_task()
+        started = time.monotonic()
+        unwrap(await agent.upload(task, {"ip": ["192.0.2.1", None]}))
+        result = await call
+        assert time.monotonic() - started < scaled(2)
+    assert result["task_id"] == task["task_id"]
+    assert result["task_event_result"] == {"ip": ["192.0.2.1", None]}
+
+
+async def test_agent_that_moves_is_routed_to_its_new_node(cluster: Cluster) -> None:
+    """An agent reconnecting to another node gets its tasks there; the old node drops it."""
+    agent_uuid = str(uuid.uuid4())
+    old = ScriptedAgent(cluster.nodes[0].ws_url, cluster.token, agent_uuid)
+    new = ScriptedAgent(cluster.nodes[1].ws_url, cluster.token, agent_uuid)
+    async with old:
+        await wait_until(lambda: online_at(cluster, agent_uuid, cluster.nodes[0]), "on node 0")
+        async with new:
+            await wait_until(lambda: online_at(cluster, agent_uuid, cluster.nodes[1]), "on node 1")
+            for index in (0, 2):
+                await cluster.su(index, "task_create_task", agent_uuid, "version")
+                task = await new.next_task()
+                assert task["task_event_type"] == "version"
+            with pytest.raises(asyncio.TimeoutError):
+                await old.next_task(timeout=0.5)
+
+
+async def test_agent_list_is_cluster_wide(cluster: Cluster) -> None:
+    """agent_list on any node shows agents held by every node, with their node id."""
+    agents = [ScriptedAgent(n.ws_url, cluster.token) for n in cluster.nodes]
+    async with agents[0], agents[1], agents[2]:
+        for agent, node in zip(agents, cluster.nodes, strict=True):
+            await wait_until(lambda a=agent, n=node: online_at(cluster, a.uuid, n), "online")
+        for index in range(3):
+            listed = {a["uuid"]: a for a in await cluster.su(index, "agent_list")}
+            assert all(listed[a.uuid]["online"] for a in agents)
+    await wait_until(
+        lambda: _all_offline(cluster, [a.uuid for a in agents]), "agents offline after closing"
+    )
+
+
+async def _all_offline(cluster: Cluster, uuids: list[str]) -> bool:
+    listed = {a["uuid"]: a for a in await cluster.su(1, "agent_list")}
+    return not any(listed[u]["online"] for u in uuids)
+
+
+@contextlib.asynccontextmanager
+async def balancer(nodes: list[Node]) -> AsyncIterator[int]:
+    """A TCP load balancer: each connection goes to the first node that accepts it."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def handle(
+        client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
+    ) -> None:
+        for node in nodes:
+            if node.process is None or node.process.poll() is not None:
+                continue
+            try:
+                upstream_reader, upstream_writer = await asyncio.open_connection(
+                    "127.0.0.1", node.port
+                )
+            except OSError:
+                continue
+            await asyncio.gather(
+                pipe(client_reader, upstream_writer), pipe(upstream_reader, client_writer)
+            )
+            return
+        client_writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def test_killed_node_agents_reconnect_elsewhere_and_queued_tasks_arrive(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """SIGKILL the node holding a real agent: it reconnects through the balancer to another
+    node, and tasks queued for it meanwhile are delivered."""
+    async with balancer(cluster.nodes) as port:
+        agent_uuid = str(uuid.uuid4())
+        agent = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "taskd",
+                "agent",
+                "--server",
+                f"ws://127.0.0.1:{port}/",
+                "--token",
+                cluster.token,
+                "--uuid",
+                agent_uuid,
+                "--state-dir",
+                str(tmp_path / "agent"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            await wait_until(
+                lambda: online_at(cluster, agent_uuid, cluster.nodes[0]), "on node 0", 20
+            )
+            probe = {"tcp_ping": f"127.0.0.1:{cluster.nodes[2].port}"}
+            first = await cluster.su(2, "task_create_task_blocking", agent_uuid, probe, 10_000)
+            assert first["success"] is True, first
+            cluster.nodes[0].kill()
+            queued = await cluster.su(2, "task_create_task", agent_uuid, probe, 60_000)
+            await wait_until(
+                lambda: online_at(cluster, agent_uuid, cluster.nodes[1]), "moved to node 1", 30
+            )
+
+            async def delivered() -> bool:
+                [row] = await cluster.su(
+                    2, "task_query_task", {"condition": [{"task_id": queued["id"]}]}
+                )
+                return row["success"] is True
+
+            await wait_until(delivered, "the queued task answered", 20)
+            again = await cluster.su(2, "task_create_task_blocking", agent_uuid, probe, 10_000)
+            assert again["success"] is True, again
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(timeout=scaled(15))
+
+
+async def test_dead_nodes_agents_count_as_offline_after_the_grace(cluster: Cluster) -> None:
+    """When a node dies its agents are offline for everyone once the grace has passed."""
+    agent = ScriptedAgent(cluster.nodes[0].ws_url, cluster.token)
+    async with agent:
+        await wait_until(lambda: online_at(cluster, agent.uuid, cluster.nodes[0]), "online")
+        cluster.nodes[0].kill()
+
+        async def offline() -> bool:
+            listed = {a["uuid"]: a for a in await cluster.su(1, "agent_list")}
+            return listed[agent.uuid]["online"] is False
+
+        await wait_until(offline, "offline after the grace", GRACE_MS / 1000 + 8)
+        with pytest.raises(RpcError) as error:
+            await cluster.su(1, "task_create_task", agent.uuid, "version")
+        assert error.value.code == 104
