@@ -23,7 +23,6 @@ import pytest
 from tests.helpers import (
     RpcError,
     ScriptedAgent,
-    WsClient,
     free_port,
     postgres_database,
     scaled,
