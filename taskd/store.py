@@ -40,7 +40,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from taskd.clock import now_ms
-from taskd.errors import AlreadyUploaded, DatabaseError, InvalidInput, NotFound, TaskdError
+from taskd.errors import (
+    AlreadyUploaded,
+    DatabaseError,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    TaskdError,
+)
 from taskd.models import Agent, Cron, CronFire, CronResult, Node, Task, TaskState, Token
 from taskd.protocol import (
     DEFAULT_QUERY_LIMIT,
@@ -1124,6 +1131,107 @@ class Store:
             return list((await conn.execute(statement)).all())
 
         return await self.read(fetch)
+
+    # ------------------------------------------------------------------ token management
+
+    async def list_tokens(self) -> list[Row[Any]]:
+        """Every token row, oldest first."""
+
+        async def fetch(conn: AsyncConnection) -> list[Row[Any]]:
+            return list((await conn.execute(select(token_t).order_by(token_t.c.id))).all())
+
+        return await self.read(fetch)
+
+    async def _username_taken(self, conn: AsyncConnection, username: str, key: str) -> bool:
+        statement = select(token_t.c.id).where(token_t.c.username == username, token_t.c.key != key)
+        return (await conn.execute(statement)).first() is not None
+
+    async def update_token(
+        self, key: str, change: Callable[[Row[Any]], dict[str, Any]]
+    ) -> Row[Any]:
+        """Set the values ``change(row)`` returns (it may raise) on token ``key``, atomically.
+
+        105 if there is no such token, 108 if a new username is taken; returns the new row.
+        """
+
+        async def apply(conn: AsyncConnection) -> Row[Any]:
+            row = (await conn.execute(select(token_t).where(token_t.c.key == key))).first()
+            if row is None:
+                raise NotFound(f"No token with key {key}")
+            values = change(row) | {"updated_at": now_ms()}
+            username = values.get("username")
+            if username is not None and await self._username_taken(conn, username, key):
+                raise InvalidInput(f"Username {username!r} is already taken")
+            await conn.execute(update(token_t).where(token_t.c.id == row.id).values(**values))
+            statement = select(token_t).where(token_t.c.id == row.id)
+            return (await conn.execute(statement)).one()
+
+        return await self.write(apply)
+
+    async def delete_token(self, key: str, check: Callable[[Row[Any]], None]) -> None:
+        """Delete token ``key`` unless ``check(row)`` raises; 105 if there is no such token."""
+
+        async def remove(conn: AsyncConnection) -> None:
+            row = (await conn.execute(select(token_t).where(token_t.c.key == key))).first()
+            if row is None:
+                raise NotFound(f"No token with key {key}")
+            check(row)
+            await conn.execute(delete(token_t).where(token_t.c.id == row.id))
+
+        await self.write(remove)
+
+    async def enroll_agent(
+        self, enroll_key: str, agent_uuid: str, token: dict[str, Any], remote_addr: str | None
+    ) -> None:
+        """Use up one use of an enrollment token, claim ``agent_uuid`` and store its token.
+
+        All in one transaction: 102 if the enrollment token has no uses left (or is
+        gone), 108 if an agent row or another token's scope already claims the UUID.
+        """
+
+        async def enroll(conn: AsyncConnection) -> None:
+            used = await conn.execute(
+                update(token_t)
+                .where(
+                    token_t.c.key == enroll_key,
+                    or_(token_t.c.max_uses.is_(None), token_t.c.uses < token_t.c.max_uses),
+                )
+                .values(uses=token_t.c.uses + 1)
+                .returning(token_t.c.uses)
+            )
+            if used.first() is None:
+                raise PermissionDenied(
+                    f"Enrollment token {enroll_key} has no uses left or was revoked"
+                )
+            claimed = {"agent_uuid": agent_uuid}
+            others = await conn.execute(select(token_t.c.limits).where(token_t.c.key != enroll_key))
+            if any(
+                claimed in (limit.get("scopes") or [])
+                for (limits,) in others
+                for limit in limits or []
+                if isinstance(limit, dict)
+            ):
+                raise InvalidInput(f"Agent UUID {agent_uuid} is already taken")
+            now = now_ms()
+            dialect_insert = sqlite_insert if self.is_sqlite else pg_insert
+            inserted = await conn.execute(
+                dialect_insert(agent_t)
+                .values(
+                    uuid=agent_uuid,
+                    first_seen=now,
+                    last_seen=now,
+                    remote_addr=remote_addr,
+                    token_key=token["key"],
+                )
+                .on_conflict_do_nothing(index_elements=["uuid"])
+                .returning(agent_t.c.uuid)
+            )
+            if inserted.first() is None:
+                raise InvalidInput(f"Agent UUID {agent_uuid} is already taken")
+            row = {"created_at": now, "updated_at": now, "uses": 0, "is_super": False} | token
+            await conn.execute(insert(token_t), [row])
+
+        await self.write(enroll)
 
 
 def _describe(exc: BaseException) -> str:
