@@ -27,7 +27,7 @@ import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.engine import make_url
 
 from taskd.clock import now_ms
-from taskd.store import AGENTS_CHANNEL, Store, node_channel
+from taskd.store import AGENTS_CHANNEL, TERMINALS_CHANNEL, Store, node_channel
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class Cluster:
         self.enabled = not store.is_sqlite
         self.is_leader = not self.enabled
         self.agents: dict[str, str] = {}
+        self.terminals: dict[tuple[str, str], str] = {}
         self.nodes: dict[str, tuple[str, int]] = {}
         self.on_queued: Callable[[list[str]], None] = lambda uuids: None
         self.on_results: Callable[[list[int]], None] = lambda ids: None
@@ -125,6 +126,21 @@ class Cluster:
             return None
         return node
 
+    def terminal_node(self, agent_uuid: str, terminal_id: str) -> str | None:
+        """The live node (other than this one) holding a terminal slot, if any."""
+        node = self.terminals.get((agent_uuid, terminal_id))
+        if node is None or node == self.node_id or not self.node_alive(node):
+            return None
+        return node
+
+    async def announce_terminal(self, agent_uuid: str, terminal_id: str, opened: bool) -> None:
+        """Tell the other nodes that a terminal slot opened or closed here."""
+        if self.enabled:
+            state = "open" if opened else "close"
+            await self.store.announce(
+                TERMINALS_CHANNEL, f"{state} {agent_uuid} {terminal_id} {self.node_id}"
+            )
+
     def address_of(self, node_id: str) -> str | None:
         """The published internal address of a node."""
         entry = self.nodes.get(node_id)
@@ -146,7 +162,13 @@ class Cluster:
                 logger.warning("cluster heartbeat failed: %s", exc)
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
-        if channel == AGENTS_CHANNEL:
+        if channel == TERMINALS_CHANNEL:
+            state, agent_uuid, terminal_id, node = [*payload.split(" "), "", "", "", ""][:4]
+            if state == "open":
+                self.terminals[(agent_uuid, terminal_id)] = node
+            else:
+                self.terminals.pop((agent_uuid, terminal_id), None)
+        elif channel == AGENTS_CHANNEL:
             for item in payload.split(","):
                 agent_uuid, _, node = item.partition(" ")
                 if node == "-":
@@ -172,6 +194,7 @@ class Cluster:
                 conn = await asyncpg.connect(self._dsn, timeout=5)
                 self._listener = conn
                 await conn.add_listener(AGENTS_CHANNEL, self._notified)
+                await conn.add_listener(TERMINALS_CHANNEL, self._notified)
                 await conn.add_listener(node_channel(self.node_id), self._notified)
                 rows = await self.store.connected_agents()
                 self.agents = {row.uuid: row.node_id for row in rows if row.node_id}

@@ -316,6 +316,7 @@ async def _allocate_task_ids(conn: AsyncConnection, count: int) -> list[int]:
 
 
 AGENTS_CHANNEL = "taskd_agents"
+TERMINALS_CHANNEL = "taskd_terminals"
 
 
 def node_channel(node_id: str) -> str:
@@ -1104,6 +1105,14 @@ class Store:
             await conn.execute(self._upsert(node_t, values, ["id"], columns))
 
         await self.write(beat)
+
+    async def announce(self, channel: str, payload: str) -> None:
+        """NOTIFY one payload on a channel (PostgreSQL only)."""
+
+        async def send(conn: AsyncConnection) -> None:
+            await notify(conn, channel, [payload])
+
+        await self.write(send)
 
     async def node_left(self, node_id: str) -> None:
         """A node shut down: its heartbeat stops counting at once."""

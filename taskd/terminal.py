@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
+import websockets
 from starlette.datastructures import QueryParams
 from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -166,11 +167,15 @@ class TerminalRelay:
         async with self._opened:
             self._opened.notify_all()
         logger.info("terminal %s of agent %s opened (task %d)", terminal_id, agent_uuid, task_id)
+        cluster = self.service.cluster
+        await cluster.announce_terminal(agent_uuid, terminal_id, True)
         try:
             await self._session(slot, "agent", self._to_user(slot))
         finally:
             if self._slots.get(slot.key) is slot:
                 del self._slots[slot.key]
+            with contextlib.suppress(Exception):
+                await cluster.announce_terminal(agent_uuid, terminal_id, False)
         logger.info(
             "terminal %s of agent %s closed by the %s", terminal_id, agent_uuid, slot.ended_by
         )
@@ -221,6 +226,10 @@ class TerminalRelay:
         principal = await self.service.authenticate(params["token"], remote)
         authorize(principal, Need("terminal", "connect"), agent_uuid)
         slot = await self._wait_for_slot(agent_uuid, terminal_id)
+        elsewhere = self.service.cluster.terminal_node(agent_uuid, terminal_id)
+        if slot is None and elsewhere is not None:
+            await self._proxy(websocket, elsewhere, agent_uuid, terminal_id)
+            return
         if slot is None or slot.ended.is_set():
             raise NotFound(f"Terminal {terminal_id} of agent {agent_uuid} is not open")
         if slot.claimed:
@@ -246,13 +255,68 @@ class TerminalRelay:
         await self._session(slot, "user", self._to_agent(slot))
 
     async def _wait_for_slot(self, agent_uuid: str, terminal_id: str) -> Slot | None:
+        """The local slot once it opens; None when the wait ends or the slot is on another node."""
+        cluster = self.service.cluster
+
+        def ready() -> bool:
+            found = self.slot(agent_uuid, terminal_id) is not None
+            return found or cluster.terminal_node(agent_uuid, terminal_id) is not None
+
+        deadline = asyncio.get_running_loop().time() + self.user_wait_s
         async with self._opened:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._opened.wait_for(lambda: self.slot(agent_uuid, terminal_id) is not None),
-                    self.user_wait_s,
-                )
+            while not ready():
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                # other nodes announce their slots by notification, not through this condition
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._opened.wait_for(ready),
+                        min(remaining, 0.1 if cluster.enabled else remaining),
+                    )
         return self.slot(agent_uuid, terminal_id)
+
+    async def _proxy(
+        self, websocket: WebSocket, node: str, agent_uuid: str, terminal_id: str
+    ) -> None:
+        """Relay a user to the node holding the slot (nodes publish their internal address)."""
+        address = self.service.cluster.address_of(node)
+        if not address:
+            raise NotFound(
+                f"Terminal {terminal_id} of agent {agent_uuid} is on an unreachable node"
+            )
+        target = address.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+        query = websocket.scope.get("query_string", b"").decode("latin-1")
+        url = f"{target.rstrip('/')}/terminal?{query}"
+        logger.info(
+            "terminal %s of agent %s is on node %s; relaying", terminal_id, agent_uuid, node
+        )
+        async with websockets.connect(
+            url, max_size=self.max_frame_bytes, proxy=None, compression=None, ping_interval=None
+        ) as upstream:
+
+            async def down() -> None:
+                async for data in upstream:
+                    key = "text" if isinstance(data, str) else "bytes"
+                    await websocket.send({"type": "websocket.send", key: data})
+
+            async def up() -> None:
+                while True:
+                    message = await websocket.receive()
+                    if message["type"] == "websocket.disconnect":
+                        return
+                    outgoing, _ = self._outgoing(message)
+                    await upstream.send(outgoing.get("text") or outgoing.get("bytes") or b"")
+
+            pumps = [asyncio.create_task(down()), asyncio.create_task(up())]
+            try:
+                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for pump in pumps:
+                    pump.cancel()
+                await asyncio.gather(*pumps, return_exceptions=True)
+            code = upstream.close_code or 1000
+        await _close(websocket, code if code != 1006 else 1011, "terminal closed")
 
     @staticmethod
     def _to_agent(slot: Slot) -> Callable[[Message, int], Awaitable[None]]:

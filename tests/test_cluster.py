@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,11 +16,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import orjson
 import pytest
+import websockets
 
+from taskd.agent.tasks import TaskContext
+from taskd.agent.tasks.web_shell import run as run_web_shell
+from taskd.config import parse_agent_config
+from taskd.protocol import WebShell, parse_task_event_type
 from tests.helpers import (
     RpcError,
     ScriptedAgent,
@@ -356,3 +363,36 @@ async def test_dead_nodes_agents_count_as_offline_after_the_grace(cluster: Clust
         with pytest.raises(RpcError) as error:
             await cluster.su(1, "task_create_task", agent.uuid, "version")
         assert error.value.code == 104
+
+
+async def test_web_shell_when_user_and_agent_land_on_different_nodes(cluster: Cluster) -> None:
+    """The user's /terminal on node 1 is relayed to node 0, where the agent opened the slot."""
+    async with ScriptedAgent(cluster.nodes[0].ws_url, cluster.token) as agent:
+        await wait_until(lambda: online_at(cluster, agent.uuid, cluster.nodes[0]), "online")
+        terminal_id = str(uuid.uuid4())
+        shell = {"url": f"{cluster.nodes[0].ws_url}auto_gen", "terminal_id": terminal_id}
+        await cluster.su(2, "task_create_task", agent.uuid, {"web_shell": shell})
+        pushed = await agent.next_task()
+        settings = parse_agent_config(
+            f'agent_uuid = "{agent.uuid}"\nterminal_shell = "/bin/sh"\n'
+            f'[[server]]\nws_url = "{cluster.nodes[0].ws_url}"\ntoken = "{cluster.token}"\n'
+        )
+        task = parse_task_event_type(pushed["task_event_type"])
+        assert isinstance(task, WebShell)
+        context = TaskContext(
+            settings, settings.servers[0], pushed["task_id"], pushed["task_token"]
+        )
+        runner = asyncio.create_task(run_web_shell(task, context))
+        query = urlencode(
+            {"agent_uuid": agent.uuid, "terminal_id": terminal_id, "token": cluster.token}
+        )
+        async with websockets.connect(f"{cluster.nodes[1].ws_url}terminal?{query}") as user:
+            await user.send("echo hi\n")
+            seen = b""
+            async with asyncio.timeout(scaled(15)):
+                while not re.search(rb"(?<!echo )hi\r\n", seen):
+                    frame = await user.recv()
+                    assert isinstance(frame, bytes)
+                    seen += frame
+        result = await asyncio.wait_for(runner, scaled(15))
+        assert result.to_wire() == {"web_shell": True}
