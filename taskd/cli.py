@@ -662,6 +662,241 @@ def _add_cron_commands(sub: Any) -> None:
     preview.set_defaults(func=_cron_command(cmd_cron_preview))
 
 
+# --------------------------------------------------------------------------- token
+
+
+def _client_command(prefix: str, handler: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            code: int = handler(args)
+        except _CallFailed as exc:
+            print(f"{prefix}: {exc.message}", file=sys.stderr)
+            return exc.code
+        return code
+
+    return run
+
+
+def _token_limits(args: argparse.Namespace) -> Any:
+    """The limits asked for: a role preset (taskd.roles) or --limits JSON."""
+    from taskd.roles import role_limits
+
+    if (args.role is None) == (args.limits is None):
+        raise _CallFailed("give either --role or --limits", 2)
+    if args.limits is not None:
+        return _json_arg(args.limits, "--limits")
+    agents = ([args.agent] if args.agent else []) + (
+        _agents_arg(args.agents) if args.agents else []
+    )
+    types = [part.strip() for part in (args.types or "*").split(",") if part.strip()]
+    try:
+        return role_limits(args.role, agents=agents, types=types)
+    except TaskdError as exc:
+        raise _CallFailed(exc.message, 2) from None
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    """Create a token from a role preset or explicit limits; its secret is shown once."""
+    params: dict[str, Any] = {"limits": _token_limits(args)}
+    for name, value in (
+        ("description", args.description),
+        ("timestamp_from", args.valid_from),
+        ("timestamp_to", args.valid_to),
+        ("max_uses", args.max_uses),
+    ):
+        if value is not None:
+            params[name] = value
+    if args.username is not None:
+        if not args.password_stdin:
+            raise _CallFailed("--username needs --password-stdin", 2)
+        params["username"] = args.username
+        params["password"] = sys.stdin.readline().rstrip("\n")
+    result = _rpc(args, "token_create", params)
+    return _emit(
+        args,
+        result,
+        f"created token {result['key']} (shown once, keep it safe):\n{result['token']}",
+    )
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    """Show every token: key, role, validity window, uses, description (never a secret)."""
+    from taskd.roles import describe_limits
+
+    tokens = _rpc(args, "token_list_all_tokens", {})
+    if args.json:
+        return _emit(args, tokens, "")
+    rows = [
+        [
+            t["key"],
+            describe_limits(t["limits"], t["is_super"]),
+            t["username"] or "-",
+            _ms_time(t["timestamp_from"]),
+            _ms_time(t["timestamp_to"]),
+            str(t["uses"]) + (f"/{t['max_uses']}" if t["max_uses"] is not None else ""),
+            t["description"] or "",
+        ]
+        for t in tokens
+    ]
+    _print_table(["KEY", "ROLE", "USER", "VALID FROM", "VALID TO", "USES", "DESCRIPTION"], rows)
+    return 0
+
+
+def cmd_token_delete(args: argparse.Namespace) -> int:
+    """Revoke a token at once."""
+    result = _rpc(args, "token_delete", {"key": args.key})
+    return _emit(args, result, f"deleted token {args.key}")
+
+
+def cmd_token_roll(args: argparse.Namespace) -> int:
+    """Give a token a new secret; the old one stops working at once."""
+    result = _rpc(args, "token_roll_token_secret", {"key": args.key})
+    return _emit(args, result, f"new secret for token {args.key} (shown once):\n{result['token']}")
+
+
+def _add_token_commands(sub: Any) -> None:
+    """The ``taskd token`` command family."""
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--url", help=f"server URL (default $TASKD_URL or {DEFAULT_URL})")
+    client.add_argument("--token", help="token (default $TASKD_TOKEN)")
+    client.add_argument("--timeout", type=float, default=30.0)
+    client.add_argument("--json", action="store_true", help="print JSON for scripts")
+    token = sub.add_parser("token", help="create, list, roll and revoke tokens")
+    commands = token.add_subparsers(dest="token_command", required=True)
+
+    create = commands.add_parser(
+        "create",
+        parents=[client],
+        help="create a token",
+        description="Create a token from a role preset (agent, caller, readonly, enroll; "
+        "see docs/security.md for the limits each produces) or from --limits JSON.",
+    )
+    create.add_argument("--role", help="agent | caller | readonly | enroll")
+    create.add_argument("--agent", help="agent role: the agent's UUID")
+    create.add_argument("--agents", help="caller role: agent UUIDs, comma-separated")
+    create.add_argument(
+        "--types", help="caller role: task type patterns (default *), e.g. ping,tcp*"
+    )
+    create.add_argument("--limits", help="explicit limits as JSON instead of a role")
+    create.add_argument("--description")
+    create.add_argument("--valid-from", type=int, help="valid from (ms since the epoch)")
+    create.add_argument("--valid-to", type=int, help="valid until (ms since the epoch)")
+    create.add_argument("--max-uses", type=int, help="enrollments it may make (enroll tokens)")
+    create.add_argument("--username", help="also log in as USERNAME|PASSWORD")
+    create.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin"
+    )
+    create.set_defaults(func=_client_command("taskd token", cmd_token_create))
+
+    listing = commands.add_parser("list", parents=[client], help="list tokens")
+    listing.set_defaults(func=_client_command("taskd token", cmd_token_list))
+
+    for verb, handler, what in (
+        ("delete", cmd_token_delete, "revoke a token"),
+        ("roll", cmd_token_roll, "give a token a new secret"),
+    ):
+        command = commands.add_parser(verb, parents=[client], help=what)
+        command.add_argument("key")
+        command.set_defaults(func=_client_command("taskd token", handler))
+
+
+# --------------------------------------------------------------------------- agent enroll
+
+
+def _server_urls(server: str) -> tuple[str, str]:
+    """The HTTP form (for calls) and the WebSocket form (for the agent) of a server URL."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(server if "://" in server else f"http://{server}")
+    if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
+        raise _CallFailed(f"--server {server!r} is not an http(s):// or ws(s):// URL", 2)
+    secure = parts.scheme in ("https", "wss")
+    rest = (parts.netloc, parts.path or "/", parts.query, "")
+    return urlunsplit(("https" if secure else "http", *rest)), urlunsplit(
+        ("wss" if secure else "ws", *rest)
+    )
+
+
+def _post_rpc(url: str, method: str, params: Any) -> Any:
+    """One JSON-RPC call over HTTP; the result, or _CallFailed."""
+    import httpx
+
+    request = {"jsonrpc": "2.0", "method": method, "params": params, "id": 1}
+    try:
+        body = httpx.post(url, json=request, timeout=30.0).json()
+    except httpx.HTTPError as exc:
+        raise _CallFailed(f"cannot reach {url}: {exc}", 3) from None
+    except ValueError:
+        raise _CallFailed(f"{url} did not answer with JSON", 3) from None
+    if not isinstance(body, dict):
+        raise _CallFailed(f"unexpected reply from {url}", 3)
+    if "error" in body:
+        error = body["error"]
+        raise _CallFailed(f"error {error.get('code')}: {error.get('message')}", 1)
+    return body.get("result")
+
+
+def cmd_agent_enroll(args: argparse.Namespace) -> int:
+    """Enroll this machine with a server and write a ready agent config (mode 0600)."""
+    from urllib.parse import urlsplit
+
+    import tomlkit
+
+    from taskd.config import parse_agent_config, write_private_file
+
+    token = args.enroll_token or os.environ.get("TASKD_ENROLL_TOKEN")
+    if not args.server or not token:
+        raise _CallFailed("needs --server URL and --enroll-token KEY:SECRET", 2)
+    path = Path(args.config or os.environ.get("TASKD_AGENT_CONFIG") or "agent.toml")
+    if path.exists() and not args.force:
+        raise _CallFailed(f"{path} already exists; pass --force to replace it", 2)
+    http_url, ws_url = _server_urls(args.server)
+    server_uuid = _post_rpc(http_url, "server_uuid", [])
+    enrolled = _post_rpc(
+        http_url, "agent_enroll", {"token": token} | ({"uuid": args.uuid} if args.uuid else {})
+    )
+    name = urlsplit(ws_url).hostname or "server"
+    document = tomlkit.document()
+    document.add(
+        tomlkit.comment(f"taskd agent enrolled with {name}; agent.example.toml has every key")
+    )
+    document["agent_uuid"] = enrolled["uuid"]
+    link = tomlkit.table()
+    link["name"] = name
+    link["ws_url"] = ws_url
+    link["token"] = enrolled["token"]
+    link["server_uuid"] = server_uuid
+    allow = [kind.strip() for kind in (args.allow or "").split(",") if kind.strip()]
+    if allow:
+        link["allow_task_type"] = allow
+    servers = tomlkit.aot()
+    servers.append(link)
+    document["server"] = servers
+    text = tomlkit.dumps(document)
+    parse_agent_config(text, path)
+    write_private_file(path, text)
+    print(f"enrolled agent {enrolled['uuid']} with {ws_url}; wrote {path}")
+    print(f"start it with: taskd agent --config {path}")
+    return 0
+
+
+def _run_agent(args: argparse.Namespace) -> int:
+    if args.action == "enroll":
+        code: int = _client_command("taskd agent enroll", cmd_agent_enroll)(args)
+        return code
+    return cmd_agent(args)
+
+
+def _add_agent_enroll(agent: argparse.ArgumentParser) -> None:
+    """``taskd agent enroll --server URL --enroll-token T [--config F] [--uuid U] [--force]``."""
+    agent.add_argument(
+        "action", nargs="?", choices=["enroll"], help="enroll: register with a server, write config"
+    )
+    agent.add_argument("--enroll-token", help="enroll: a token with the enroll role")
+    agent.add_argument("--force", action="store_true", help="enroll: replace an existing config")
+    agent.set_defaults(func=_run_agent)
+
+
 # --------------------------------------------------------------------------- schemas
 
 
@@ -725,6 +960,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--state-dir", help="where the result spool lives")
     agent.add_argument("--log-level")
     agent.set_defaults(func=cmd_agent)
+    _add_agent_enroll(agent)
 
     demo = sub.add_parser("demo", help="start a server and a local agent; show a round trip")
     demo.add_argument("--dir", default="var", help="where config, database and logs go")
@@ -741,6 +977,7 @@ def build_parser() -> argparse.ArgumentParser:
     call.set_defaults(func=cmd_call)
 
     _add_cron_commands(sub)
+    _add_token_commands(sub)
 
     schemas = sub.add_parser("schemas", help="write the JSON Schemas and openrpc.json")
     schemas.add_argument("--dir", default="schemas")

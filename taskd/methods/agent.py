@@ -19,10 +19,15 @@ async def agent_list(ctx: CallContext, token: Any) -> list[dict[str, Any]]:
     """Every agent the token may list: online or not, since when, last seen, address."""
     principal = await ctx.app.authenticate(token, ctx.remote)
     need = Need("agent", "list")
+    # refused up front, so a token without the permission learns nothing, not even "no agents"
+    if not any(
+        allows(principal, need, getattr(scope, "agent_uuid", None))
+        for limit in principal.limits
+        for scope in limit.scopes
+    ):
+        authorize(principal, need)
     rows = await ctx.app.store.list_agents()
     visible = [row for row in rows if allows(principal, need, row.uuid)]
-    if not visible and rows:
-        authorize(principal, need)
     hub = ctx.app.hub
     cluster = ctx.app.cluster
     return [

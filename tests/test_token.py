@@ -1,0 +1,519 @@
+"""Token management end to end: the token_* methods, the escalation guard, presets and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from taskd.auth import Need, Principal, allows
+from taskd.methods.token import uncovered
+from taskd.protocol import TASK_TYPES, parse_limits
+from taskd.roles import describe_limits, role_limits
+from tests.helpers import RpcError, Server, add_token, agent_token_limits, scaled
+
+ROOT = Path(__file__).resolve().parent.parent
+A, B = "0b0b0b0b-aaaa-4aaa-8aaa-000000000001", "0b0b0b0b-bbbb-4bbb-8bbb-000000000002"
+EVERYTHING = [
+    {"task": "listen"},
+    *({"task": {action: "*"}} for action in ("create", "read", "write", "delete")),
+    *({"crontab": action} for action in ("read", "write", "delete")),
+    *({"crontab_result": {action: "*"}} for action in ("read", "delete")),
+    {"terminal": "connect"},
+    {"agent": "list"},
+    {"agent": "enroll"},
+    *({"token": action} for action in ("read", "write", "delete")),
+]
+
+
+def now_ms() -> int:
+    """The wall clock in milliseconds."""
+    return int(time.time() * 1000)
+
+
+async def denied(server: Server, method: str, *params: Any) -> RpcError:
+    """Call ``method`` and require a 102 error; return it."""
+    with pytest.raises(RpcError) as error:
+        await server.call(method, *params)
+    assert error.value.code == 102, (method, error.value.message)
+    return error.value
+
+
+async def stored_token(server: Server, key: str) -> Any:
+    """The token row with ``key``, straight from the store."""
+    return await server.service.store.token_by_key(key)
+
+
+# --------------------------------------------------------------------------- methods
+
+
+async def test_create_returns_the_secret_once_and_stores_only_hashes(server: Server) -> None:
+    """token_create answers key, secret and KEY:SECRET; the store and token_list hold no secret."""
+    created = await server.su("token_create", role_limits("readonly"))
+    key, secret = created["key"], created["secret"]
+    assert created["token"] == f"{key}:{secret}"
+    assert len(key) == 16 and len(secret) == 32 and (key + secret).isalnum()
+    assert await server.call("agent_list", created["token"]) == []
+    row = await stored_token(server, key)
+    assert secret not in json.dumps([str(value) for value in row])
+    listing = await server.su("token_list_all_tokens")
+    [mine] = [t for t in listing if t["key"] == key]
+    assert mine["limits"] == role_limits("readonly") and mine["is_super"] is False
+    assert secret not in json.dumps(listing)
+    assert not {"secret", "secret_hash", "password_hash"} & set(mine)
+    assert [t["is_super"] for t in listing].count(True) == 1
+
+
+async def test_username_and_password_log_in_and_the_password_changes_at_once(
+    server: Server,
+) -> None:
+    """USERNAME|PASSWORD works; after token_change_password the old password fails at once."""
+    created = await server.call(
+        "token_create",
+        token=server.super_token,
+        limits=role_limits("readonly"),
+        username="ops",
+        password="correct horse",
+        description="people",
+    )
+    assert await server.call("agent_list", "ops|correct horse") == []
+    row = await stored_token(server, created["key"])
+    assert row.password_hash.startswith("scrypt$") and "correct horse" not in row.password_hash
+    assert await server.su("token_change_password", "battery staple", created["key"]) == {
+        "success": True
+    }
+    await denied(server, "agent_list", "ops|correct horse")
+    assert await server.call("agent_list", "ops|battery staple") == []
+    with pytest.raises(RpcError) as taken:
+        await server.su("token_create", [], "ops", "another pass")
+    assert taken.value.code == 108 and "already taken" in taken.value.message
+
+
+async def test_token_get_answers_the_callers_own_info(server: Server) -> None:
+    """token_get returns the calling token's key, limits and window, never a secret."""
+    limits = [{"scopes": ["global"], "permissions": [{"token": "read"}]}]
+    token = await add_token(server, limits, timestamp_to=now_ms() + 60_000, description="me")
+    info = await server.call("token_get", token)
+    assert info["key"] == token.split(":")[0]
+    assert info["limits"] == limits and info["description"] == "me"
+    assert info["timestamp_to"] > now_ms() and info["is_super"] is False
+    assert token.split(":")[1] not in json.dumps(info)
+    assert (await server.su("token_get"))["is_super"] is True
+
+
+async def test_edit_applies_at_once_and_omitted_fields_stay(server: Server) -> None:
+    """token_edit changes limits and window immediately; omitted fields stay, null clears."""
+    created = await server.call(
+        "token_create",
+        token=server.super_token,
+        limits=role_limits("readonly"),
+        description="before",
+    )
+    key, token = created["key"], created["token"]
+    assert await server.call("agent_list", token) == []  # now in the auth cache
+    edited = await server.su("token_edit", key, role_limits("enroll"))
+    assert edited["limits"] == role_limits("enroll") and edited["description"] == "before"
+    await denied(server, "agent_list", token)
+    await server.call(
+        "token_edit",
+        token=server.super_token,
+        key=key,
+        limits=role_limits("readonly"),
+        timestamp_to=now_ms() - 1000,
+    )
+    error = await denied(server, "agent_list", token)
+    assert "expired" in error.message
+    cleared = await server.call(
+        "token_edit", token=server.super_token, key=key, timestamp_to=None, description=None
+    )
+    assert cleared["timestamp_to"] is None and cleared["description"] is None
+    assert cleared["limits"] == role_limits("readonly")
+    assert await server.call("agent_list", token) == []
+    with pytest.raises(RpcError) as error_105:
+        await server.su("token_edit", "NoSuchKey", [])
+    assert error_105.value.code == 105
+    super_key = server.super_token.split(":")[0]
+    with pytest.raises(RpcError) as error_108:
+        await server.su("token_edit", super_key, [])
+    assert error_108.value.code == 108
+    relabelled = await server.call(
+        "token_edit", token=server.super_token, key=super_key, description="root"
+    )
+    assert relabelled["description"] == "root" and relabelled["is_super"] is True
+
+
+async def test_delete_revokes_at_once_and_the_super_token_stays(server: Server) -> None:
+    """A deleted token fails on its next call; the super token cannot be deleted; unknown is 105."""
+    created = await server.su("token_create", role_limits("readonly"))
+    assert await server.call("agent_list", created["token"]) == []
+    assert await server.su("token_delete", created["key"]) == {"success": True}
+    await denied(server, "agent_list", created["token"])
+    assert await stored_token(server, created["key"]) is None
+    for key, code in ((server.super_token.split(":")[0], 108), (created["key"], 105)):
+        with pytest.raises(RpcError) as error:
+            await server.su("token_delete", key)
+        assert error.value.code == code
+    assert await server.su("agent_list") == []
+
+
+async def test_rolled_secret_replaces_the_old_one_at_once(server: Server) -> None:
+    """token_roll_token_secret: the old secret fails on the very next call, the new one works."""
+    limits = [{"scopes": ["global"], "permissions": [{"agent": "list"}, {"token": "write"}]}]
+    old = await add_token(server, limits)
+    key = old.split(":")[0]
+    assert await server.call("agent_list", old) == []
+    rolled = await server.su("token_roll_token_secret", key)
+    assert rolled["key"] == key and rolled["token"] == f"{key}:{rolled['secret']}"
+    await denied(server, "agent_list", old)
+    assert await server.call("agent_list", rolled["token"]) == []
+    own = await server.call("token_roll_token_secret", rolled["token"])
+    assert own["key"] == key
+    await denied(server, "agent_list", rolled["token"])
+    assert await server.call("agent_list", own["token"]) == []
+
+
+async def test_token_permissions_grant_exactly_their_methods(server: Server) -> None:
+    """{"token": read|write|delete} each open only their methods, and only on a global scope."""
+
+    async def holder(action: str, scope: Any = "global") -> str:
+        return await add_token(
+            server, [{"scopes": [scope], "permissions": [{"token": action}, {"agent": "list"}]}]
+        )
+
+    reader, writer, deleter = await holder("read"), await holder("write"), await holder("delete")
+    scoped = await holder("write", {"agent_uuid": A})
+    victim = (await server.su("token_create", []))["key"]
+    assert (await server.call("token_get", reader))["key"] == reader.split(":")[0]
+    assert len(await server.call("token_list_all_tokens", reader)) == 6
+    await denied(server, "token_create", reader, [])
+    await denied(server, "token_delete", writer, victim)
+    await denied(server, "token_list_all_tokens", writer)
+    await denied(server, "token_create", scoped, [])
+    await denied(server, "token_create", deleter, [])
+    created = await server.call("token_create", token=writer, limits=[], description="empty")
+    assert (await server.call("token_roll_token_secret", writer, created["key"]))["key"]
+    assert await server.call("token_delete", deleter, victim) == {"success": True}
+
+
+# --------------------------------------------------------------------------- escalation
+
+
+async def test_a_delegate_cannot_grant_or_take_over_more_than_it_holds(server: Server) -> None:
+    """A non-super token creates, edits, rolls and deletes only tokens within its own power."""
+    own = [
+        {
+            "scopes": [{"agent_uuid": A}],
+            "permissions": [{"task": {"create": "tcp*"}}, {"agent": "list"}],
+        },
+        {"scopes": [{"agent_uuid": B}], "permissions": [{"task": {"read": "*"}}]},
+        {"scopes": ["global"], "permissions": [{"token": a} for a in ("read", "write", "delete")]},
+    ]
+    delegate = await add_token(server, own)
+
+    def limit(scopes: list[Any], *permissions: Any) -> list[dict[str, Any]]:
+        return [{"scopes": scopes, "permissions": list(permissions)}]
+
+    granted = [
+        limit([{"agent_uuid": A}], {"task": {"create": "tcp_ping"}}),
+        limit([{"agent_uuid": A}], {"task": {"create": "tcp*"}}, {"agent": "list"}),
+        limit([{"agent_uuid": B}], {"task": {"read": "ping"}}),
+        limit(["global"], {"token": "read"}),
+        limit([{"agent_uuid": A}], {"token": "write"}),
+    ]
+    refused = [
+        limit([{"agent_uuid": A}], {"task": {"create": "*"}}),
+        limit([{"agent_uuid": A}], {"task": {"create": "t*"}}),
+        limit(["global"], {"task": {"create": "tcp_ping"}}),
+        limit([{"agent_uuid": B}], {"task": {"create": "tcp_ping"}}),
+        limit([{"agent_uuid": A}], {"terminal": "connect"}),
+        limit(["global"], {"agent": "enroll"}),
+        # each scope and each permission appear in the delegate's limits, but not together
+        limit([{"agent_uuid": A}, {"agent_uuid": B}], {"task": {"create": "tcp*"}}),
+        limit([{"agent_uuid": A}], {"task": {"read": "*"}}),
+    ]
+    for limits in granted:
+        created = await server.call("token_create", delegate, limits)
+        assert (await stored_token(server, created["key"])).limits == parse_limits_wire(limits)
+    for limits in refused:
+        error = await denied(server, "token_create", delegate, limits)
+        assert "cannot grant" in error.message, limits
+    mighty = (await server.su("token_create", limit(["global"], {"task": {"create": "*"}})))["key"]
+    small = (await server.call("token_create", delegate, granted[0]))["key"]
+    delegate_key = delegate.split(":")[0]
+    super_key = server.super_token.split(":")[0]
+    for method, params in (
+        ("token_edit", [mighty, []]),
+        ("token_roll_token_secret", [mighty]),
+        ("token_delete", [mighty]),
+        ("token_change_password", ["long enough", mighty, "user1"]),
+        ("token_roll_token_secret", [super_key]),
+        ("token_edit", [small, refused[0]]),
+        ("token_edit", [delegate_key, [*own, *refused[0]]]),
+    ):
+        await denied(server, method, delegate, *params)
+    assert (await stored_token(server, mighty)) is not None
+    assert (await server.call("token_edit", delegate, small, granted[1]))["limits"] == granted[1]
+    assert await server.call("token_delete", delegate, small) == {"success": True}
+
+
+def parse_limits_wire(limits: Any) -> Any:
+    """Limits as the server stores them (canonical wire form)."""
+    from taskd.protocol import limits_to_wire
+
+    return limits_to_wire(parse_limits(limits))
+
+
+async def test_a_delegate_cannot_outlive_its_own_window(server: Server) -> None:
+    """Tokens made or changed by an expiring token expire no later than it does."""
+    end = now_ms() + 3_600_000
+    delegate = await add_token(
+        server,
+        [{"scopes": ["global"], "permissions": [{"token": "write"}, {"agent": "list"}]}],
+        timestamp_to=end,
+    )
+    inherited = await server.call("token_create", delegate, [])
+    assert (await stored_token(server, inherited["key"])).timestamp_to == end
+    shorter = await server.call("token_create", delegate, [], None, None, None, end - 1)
+    assert (await stored_token(server, shorter["key"])).timestamp_to == end - 1
+    await denied(server, "token_create", delegate, [], None, None, None, end + 1)
+    await denied(server, "token_edit", delegate, shorter["key"], [], None, None)
+    forever = (await server.su("token_create", []))["key"]
+    await denied(server, "token_roll_token_secret", delegate, forever)
+
+
+async def test_invalid_params_name_the_field(server: Server) -> None:
+    """Malformed limits, usernames, passwords, windows and keys are -32602 or 108 with the field."""
+    cases: list[tuple[dict[str, Any], int, str]] = [
+        ({"limits": [{"scopes": ["nowhere"], "permissions": []}]}, -32602, "limits"),
+        ({"limits": "all"}, -32602, "limits"),
+        ({"limits": [], "username": "a:b", "password": "long enough"}, -32602, "username"),
+        ({"limits": [], "username": "ab"}, -32602, "password"),
+        ({"limits": [], "username": "ab", "password": "short"}, -32602, "password"),
+        ({"limits": [], "username": "ab", "password": "has:colon"}, -32602, "password"),
+        ({"limits": [], "timestamp_from": 5, "timestamp_to": 4}, 108, "timestamp_from"),
+        ({"limits": [], "timestamp_to": "soon"}, -32602, "timestamp_to"),
+        ({"limits": [], "max_uses": 0}, -32602, "max_uses"),
+        ({"limits": [], "description": "x" * 257}, -32602, "description"),
+    ]
+    for params, code, field in cases:
+        with pytest.raises(RpcError) as error:
+            await server.call("token_create", token=server.super_token, **params)
+        assert error.value.code == code, (params, error.value.message)
+        assert field in error.value.message, (params, error.value.message)
+    assert len(await server.su("token_list_all_tokens")) == 1
+
+
+@st.composite
+def _limits(draw: st.DrawFn) -> list[dict[str, Any]]:
+    scope = st.sampled_from(["global", {"global": None}, {"agent_uuid": A}, {"agent_uuid": B}])
+    pattern = st.sampled_from(["*", "tcp*", "tcp_ping", "ping", "p*", "http*", "http_ping"])
+    permission = st.one_of(
+        st.just({"task": "listen"}),
+        st.builds(
+            lambda a, p: {"task": {a: p}},
+            st.sampled_from(["create", "read", "write", "delete"]),
+            pattern,
+        ),
+        st.builds(lambda a: {"crontab": a}, st.sampled_from(["read", "write", "delete"])),
+        st.builds(
+            lambda a, p: {"crontab_result": {a: p}}, st.sampled_from(["read", "delete"]), pattern
+        ),
+        st.just({"terminal": "connect"}),
+        st.builds(lambda a: {"agent": a}, st.sampled_from(["list", "enroll"])),
+        st.builds(lambda a: {"token": a}, st.sampled_from(["read", "write", "delete"])),
+    )
+    limit = st.fixed_dictionaries(
+        {
+            "scopes": st.lists(scope, max_size=3),
+            "permissions": st.lists(permission, max_size=4),
+        }
+    )
+    drawn: list[dict[str, Any]] = draw(st.lists(limit, max_size=3))
+    return drawn
+
+
+_NEEDS = [
+    Need("task", "listen"),
+    *(
+        Need("task", action, kind)
+        for action in ("create", "read", "write", "delete")
+        for kind in (*TASK_TYPES, "pingx", "tcp_future")
+    ),
+    *(Need("crontab", action) for action in ("read", "write", "delete")),
+    *(
+        Need("crontab_result", a, n)
+        for a in ("read", "delete")
+        for n in ("ping", "tcpx", "nightly")
+    ),
+    Need("terminal", "connect"),
+    Need("agent", "list"),
+    Need("agent", "enroll"),
+    *(Need("token", action) for action in ("read", "write", "delete")),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(holder=_limits(), granted=_limits())
+def test_covered_limits_never_allow_more_than_their_holder(
+    holder: list[dict[str, Any]], granted: list[dict[str, Any]]
+) -> None:
+    """Whenever the guard lets limits through, every check they pass the holder passes too."""
+    mine = Principal("holder", False, tuple(parse_limits(holder)))
+    theirs = Principal("new", False, tuple(parse_limits(granted)))
+    if uncovered(mine, theirs.limits) is not None:
+        return
+    for need in _NEEDS:
+        for agent in (A, B, "0b0b0b0b-cccc-4ccc-8ccc-000000000003", None):
+            if allows(theirs, need, agent):
+                assert allows(mine, need, agent), (need, agent)
+
+
+def test_the_guard_accepts_what_the_holder_already_has() -> None:
+    """A token's own limits, and any one of its (scope, permission) pairs, pass the guard."""
+    own = parse_limits(
+        [
+            {"scopes": [{"agent_uuid": A}, "global"], "permissions": [{"task": {"read": "tcp*"}}]},
+            {"scopes": [{"agent_uuid": B}], "permissions": [{"task": "listen"}, {"agent": "list"}]},
+        ]
+    )
+    holder = Principal("holder", False, tuple(own))
+    assert uncovered(holder, own) is None
+    single = parse_limits([{"scopes": [{"agent_uuid": B}], "permissions": [{"agent": "list"}]}])
+    assert uncovered(holder, single) is None
+    more = parse_limits([{"scopes": [{"agent_uuid": A}], "permissions": [{"agent": "list"}]}])
+    assert uncovered(holder, more) == f"agent.list on agent {A}"
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def test_role_presets_produce_the_documented_limits() -> None:
+    """Every preset in docs/security.md equals what role_limits produces for it."""
+    text = (ROOT / "docs" / "security.md").read_text()
+    blocks = re.findall(r"<!-- role: (\w+)(?: ([^>]*))? -->\s*```json\n(.*?)```", text, re.S)
+    assert {name for name, _, _ in blocks} == {"agent", "caller", "readonly", "enroll"}
+    for name, arguments, block in blocks:
+        options = dict(part.split("=", 1) for part in arguments.split())
+        limits = role_limits(
+            name,
+            agents=[u for u in options.get("agents", "").split(",") if u],
+            types=options.get("types", "*").split(","),
+        )
+        assert json.loads(block) == limits, name
+
+
+def test_role_presets_refuse_what_does_not_fit() -> None:
+    """Presets check their arguments: agent takes one UUID, caller some, types must match."""
+    from taskd.errors import InvalidInput
+
+    for role, agents, types in (
+        ("agent", [], ["*"]),
+        ("agent", [A, B], ["*"]),
+        ("agent", ["not-a-uuid"], ["*"]),
+        ("caller", [], ["*"]),
+        ("caller", [A], ["pnig"]),
+        ("caller", [A], []),
+        ("readonly", [A], ["*"]),
+        ("root", [], ["*"]),
+    ):
+        with pytest.raises(InvalidInput):
+            role_limits(role, agents=agents, types=types)
+    assert describe_limits(role_limits("agent", agents=[A])) == f"agent {A}"
+    assert describe_limits(role_limits("caller", agents=[A, B], types=["ping", "tcp*"])) == (
+        "caller 2 agents (ping,tcp*)"
+    )
+    assert describe_limits(agent_token_limits(A) * 2) == "custom"
+    assert describe_limits([], is_super=True) == "super"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+async def taskd(server: Server, *args: str, stdin: str | None = None) -> tuple[int, str, str]:
+    """Run the taskd command against ``server`` (URL and super token from the environment)."""
+    env = {**os.environ, "TASKD_URL": server.url, "TASKD_TOKEN": server.super_token}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "taskd",
+        *args,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(
+        process.communicate(stdin.encode() if stdin else None), scaled(60)
+    )
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_token_cli_creates_lists_rolls_and_deletes(server: Server) -> None:
+    """`taskd token create/list/roll/delete` drive the token methods, as tables and as JSON."""
+    code, out, err = await taskd(
+        server, "token", "create", "--role", "caller", "--agents", f"{A},{B}", "--types",
+        "ping,tcp*", "--description", "ci", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    caller = json.loads(out)
+    stored = await stored_token(server, caller["key"])
+    assert stored.limits == role_limits("caller", agents=[A, B], types=["ping", "tcp*"])
+    assert stored.description == "ci"
+    code, out, err = await taskd(server, "token", "create", "--role", "agent", "--agent", A)
+    assert code == 0, err
+    assert caller["secret"] not in out
+    agent_token = re.search(r"\b(\w{16}:\w{32})\b", out)
+    assert agent_token is not None, out
+    agent_key = agent_token.group(1).split(":")[0]
+    code, out, err = await taskd(
+        server, "token", "create", "--limits", json.dumps(role_limits("readonly")),
+        "--valid-from", "1000", "--valid-to", str(now_ms() + 60_000), "--max-uses", "3", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    readonly = await stored_token(server, json.loads(out)["key"])
+    assert readonly.timestamp_from == 1000 and readonly.max_uses == 3
+    code, out, err = await taskd(
+        server, "token", "create", "--role", "readonly", "--username", "ops",
+        "--password-stdin", stdin="correct horse\n",
+    )  # fmt: skip
+    assert code == 0, err
+    assert await server.call("agent_list", "ops|correct horse") == []
+
+    code, out, err = await taskd(server, "token", "list")
+    assert code == 0, err
+    assert "KEY" in out and "super" in out and f"agent {A}" in out and "readonly" in out
+    assert "caller 2 agents (ping,tcp*)" in out and caller["secret"] not in out
+    code, out, _ = await taskd(server, "token", "list", "--json")
+    assert {t["key"] for t in json.loads(out)} >= {caller["key"], agent_key}
+
+    code, out, err = await taskd(server, "token", "roll", caller["key"], "--json")
+    assert code == 0, err
+    rolled = json.loads(out)
+    await denied(server, "agent_list", caller["token"])
+    assert await server.call("agent_list", rolled["token"]) == []
+    code, out, err = await taskd(server, "token", "delete", caller["key"])
+    assert code == 0 and caller["key"] in out, err
+    await denied(server, "agent_list", rolled["token"])
+
+    for args, message in (
+        (["--role", "agent"], "exactly one agent"),
+        (["--role", "caller", "--agents", A, "--types", "pnig"], "match no task type"),
+        (["--role", "readonly", "--limits", "[]"], "either --role or --limits"),
+        (["--limits", "{nope"], "not valid JSON"),
+        ([], "either --role or --limits"),
+    ):
+        code, _, err = await taskd(server, "token", "create", *args)
+        assert code == 2 and message in err, (args, err)
+    code, _, err = await taskd(server, "token", "delete", "NoSuchKey")
+    assert code == 1 and "105" in err
