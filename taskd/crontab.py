@@ -41,6 +41,7 @@ _FIELDS = (
 )
 _RANDOM_OR_HASHED = re.compile(r"^[hr](?:\(|/|$)", re.IGNORECASE)
 _PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
+_SEPARATORS = re.compile(r"[ \t\r\n]+")
 
 
 class CronSchedule:
@@ -132,7 +133,8 @@ def parse_expression(text: object, zone: tzinfo | str = "UTC") -> CronSchedule:
         zone = zone_of(zone)
     if len(text) > MAX_EXPRESSION_LENGTH:
         raise _invalid(text[:40] + "...", f"longer than {MAX_EXPRESSION_LENGTH} characters")
-    fields = text.split()
+    # ASCII whitespace only, like croniter: a no-break space is no field separator
+    fields = [field for field in _SEPARATORS.split(text) if field]
     if not fields:
         raise _invalid(text, "it is empty")
     if any(not _PRINTABLE.match(field) for field in fields):

@@ -118,6 +118,8 @@ class Scheduler:
 
     async def __aenter__(self) -> Scheduler:
         self._scheduler.start()
+        # the database is the truth: drop jobs queued while stopped (or from an earlier run)
+        self._scheduler.remove_all_jobs()
         crons = await self.store.list_crons(enabled_only=True)
         for cron in crons:
             # slots after the last fire (or the last edit) that passed while we were down
