@@ -316,6 +316,10 @@ def uvicorn_config(app: Starlette, settings: ServerSettings, **options: Any) -> 
         # compression costs CPU on every frame, and one read of compressed frames can
         # expand into far more memory than the bytes on the wire
         "ws_per_message_deflate": False,
+        # uvicorn would believe X-Forwarded-For from any local process and so let it pose
+        # as any address (dodging the failed-auth limit); client_address() believes it
+        # only from the proxies in trust_forwarded_for
+        "proxy_headers": False,
         "backlog": 4096,
     }
     return uvicorn.Config(app, **(defaults | options))
