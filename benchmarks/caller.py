@@ -3,6 +3,7 @@
     python -m benchmarks.caller p2 --url ws://... --token K:S --agents agents.txt --tasks 20000
     python -m benchmarks.caller p3 --url ws://... --token K:S --agent UUID --calls 2000
     python -m benchmarks.caller p5 --url http://... --token K:S --agent UUID --calls 500
+    python -m benchmarks.caller ws --url ws://... --seconds 5    # pipelined server_hello (or echo)
 
 Each prints one JSON object with its measurements on stdout.
 """
@@ -14,6 +15,7 @@ import asyncio
 import itertools
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -28,6 +30,11 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
+
+
+def read_words(path: str) -> list[str]:
+    """The whitespace-separated words of a file (agent UUIDs, one a line)."""
+    return Path(path).read_text().split()
 
 
 class Conn:
@@ -71,7 +78,7 @@ async def connect(url: str) -> Conn:
 
 async def p2(args: argparse.Namespace) -> dict[str, Any]:
     """Pipelined task_create_task over WebSockets until every result is stored."""
-    agents = open(args.agents).read().split()
+    agents = read_words(args.agents)
     conns = [await connect(args.url) for _ in range(args.connections)]
     task_type = orjson.loads(args.task)
     per_conn = args.tasks // len(conns)
@@ -121,11 +128,12 @@ async def p2(args: argparse.Namespace) -> dict[str, Any]:
 async def p3(args: argparse.Namespace) -> dict[str, Any]:
     """Sequential task_create_task_blocking round trips."""
     conn = await connect(args.url)
+    task_type = orjson.loads(args.task)
     latencies = []
     for i in range(args.calls + args.warmup):
         started = time.perf_counter()
         result = await conn.call(
-            "task_create_task_blocking", [args.token, args.agent, "version", 5000]
+            "task_create_task_blocking", [args.token, args.agent, task_type, 5000]
         )
         elapsed = time.perf_counter() - started
         assert result["success"], result
@@ -166,6 +174,65 @@ async def p5(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def ws_rate(args: argparse.Namespace) -> dict[str, Any]:
+    """Pipelined requests over WebSockets for a fixed time; any reply carrying the id counts.
+
+    The same frames go to taskd (``server_hello``) and to the echo floor, which
+    sends each one back: both answers carry the request's id. At the end each
+    connection stops sending and waits for its outstanding replies before it
+    closes, as a well-behaved client does.
+    """
+    frame = orjson.loads(args.body)
+    done = [0]
+    recording = asyncio.Event()
+    stopping = asyncio.Event()
+
+    async def one_connection() -> None:
+        ws = await websockets.connect(
+            args.url, max_size=None, ping_interval=None, compression=None, proxy=None
+        )
+        ids = itertools.count(1)
+        window = asyncio.Semaphore(args.window)
+
+        async def reader() -> None:
+            async for message in ws:
+                data = orjson.loads(message)
+                for item in data if isinstance(data, list) else [data]:
+                    if "id" in item:
+                        window.release()
+                        if recording.is_set():
+                            done[0] += 1
+
+        reading = asyncio.create_task(reader())
+        try:
+            while not stopping.is_set():
+                await window.acquire()
+                frame["id"] = next(ids)
+                await ws.send(orjson.dumps(frame).decode())
+            for _ in range(args.window):  # every reply is in once the whole window is free
+                await window.acquire()
+        finally:
+            reading.cancel()
+            await ws.close()
+
+    senders = [asyncio.create_task(one_connection()) for _ in range(args.connections)]
+    await asyncio.sleep(args.warmup)
+    recording.set()
+    started = time.perf_counter()
+    await asyncio.sleep(args.seconds)
+    recording.clear()
+    elapsed = time.perf_counter() - started
+    stopping.set()
+    await asyncio.wait_for(asyncio.gather(*senders), 30)
+    return {
+        "messages": done[0],
+        "seconds": elapsed,
+        "messages_per_s": done[0] / elapsed,
+        "connections": args.connections,
+        "window": args.window,
+    }
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="scenario", required=True)
@@ -183,6 +250,7 @@ async def main() -> None:
     b.add_argument("--agent", required=True)
     b.add_argument("--calls", type=int, default=2000)
     b.add_argument("--warmup", type=int, default=100)
+    b.add_argument("--task", default='"version"', help="the task type as JSON")
     c = sub.add_parser("p5")
     c.add_argument("--url", required=True)
     c.add_argument("--token", required=True)
@@ -190,8 +258,15 @@ async def main() -> None:
     c.add_argument("--type", default="ping")
     c.add_argument("--calls", type=int, default=500)
     c.add_argument("--warmup", type=int, default=20)
+    d = sub.add_parser("ws")
+    d.add_argument("--url", required=True)
+    d.add_argument("--body", default='{"jsonrpc": "2.0", "method": "server_hello", "id": 1}')
+    d.add_argument("--connections", type=int, default=4)
+    d.add_argument("--window", type=int, default=64)
+    d.add_argument("--seconds", type=float, default=5.0)
+    d.add_argument("--warmup", type=float, default=0.5)
     args = parser.parse_args()
-    result = await {"p2": p2, "p3": p3, "p5": p5}[args.scenario](args)
+    result = await {"p2": p2, "p3": p3, "p5": p5, "ws": ws_rate}[args.scenario](args)
     print(orjson.dumps(result).decode(), flush=True)
 
 

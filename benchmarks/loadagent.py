@@ -20,6 +20,7 @@ import resource
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -69,9 +70,11 @@ async def agent(
         counter[0] += 1
         ready.set()
         pending: list[bytes] = []
+        in_flight: set[asyncio.Future[None]] = set()
         async for message in ws:
             data = orjson.loads(message)
-            if data.get("method") != "task_register_task":
+            # replies to our uploads (a list when they went as a batch) need no answer
+            if isinstance(data, list) or data.get("method") != "task_register_task":
                 continue
             task = data["params"]["result"]
             upload = {
@@ -102,10 +105,13 @@ async def agent(
                     pending.clear()
                     await ws.send(body.decode())
 
-                asyncio.ensure_future(flush())
+                flushing = asyncio.ensure_future(flush())
+                in_flight.add(flushing)
+                flushing.add_done_callback(in_flight.discard)
 
 
-async def main() -> None:
+def options() -> tuple[argparse.Namespace, list[str]]:
+    """The command line, and the agent UUIDs (read, or generated and written)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", required=True)
     parser.add_argument("--token", required=True)
@@ -115,15 +121,19 @@ async def main() -> None:
     parser.add_argument("--batch", action="store_true")
     parser.add_argument("--connect-concurrency", type=int, default=200)
     args = parser.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if args.uuids:
-        uuids = open(args.uuids).read().split()[: args.count]
+        uuids = Path(args.uuids).read_text().split()[: args.count]
     else:
         uuids = [str(uuid.uuid4()) for _ in range(args.count)]
     if args.uuid_file:
-        with open(args.uuid_file, "w") as handle:
-            handle.write("\n".join(uuids) + "\n")
+        Path(args.uuid_file).write_text("\n".join(uuids) + "\n")
+    return args, uuids
+
+
+async def main(args: argparse.Namespace, uuids: list[str]) -> None:
+    """Hold every subscription; say "ready N" once all are registered."""
     counter = [0]
     gate = asyncio.Semaphore(args.connect_concurrency)
     tasks = []
@@ -147,11 +157,12 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    arguments, agent_uuids = options()
     with contextlib.suppress(KeyboardInterrupt):
         try:
             import uvloop
 
-            uvloop.run(main())
+            uvloop.run(main(arguments, agent_uuids))
         except ImportError:
-            asyncio.run(main())
+            asyncio.run(main(arguments, agent_uuids))
     sys.exit(0)

@@ -1,0 +1,164 @@
+"""The benchmark driver: every scenario of the performance table, side by side in one run.
+
+    python -m benchmarks.run            # full run, a few minutes; rewrites the README table
+    python -m benchmarks.run --quick    # every scenario at small scale, under a minute
+    python -m benchmarks.run --only P1,P3 --results-dir /tmp/x --no-readme
+
+It starts everything itself as separate processes on free loopback ports:
+taskd servers over fresh SQLite files or fresh PostgreSQL databases, load
+agents, callers, the Starlette echo floor, a Celery worker on Redis, the real
+``taskd agent``. It writes ``benchmarks/results/latest.json`` and ``latest.md``
+(``quick.json`` / ``quick.md`` for a quick run) with every figure, target,
+pass/fail and the machine facts, and prints the markdown table. Every child is
+stopped on exit, whatever happened (Ctrl-C included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import functools
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks import scenarios
+from benchmarks.harness import FULL, QUICK, Run, pg_admin
+from benchmarks.procs import BenchError, Children, raise_open_files_limit
+from benchmarks.report import ROOT, Row, finite, machine_facts, markdown, update_readme
+
+SCENARIOS = ("P1", "P2", "P3", "P4", "P5", "P6")
+
+
+def measure(run: Run, scenario_id: str, body: Callable[[], None]) -> None:
+    """Run one scenario; if it cannot be measured, its rows become one error row."""
+    before = len(run.rows)
+    started = time.monotonic()
+    print(f"[bench] {scenario_id} ...", file=sys.stderr, flush=True)
+    try:
+        body()
+    except (BenchError, OSError, httpx.HTTPError, KeyError, ValueError) as exc:
+        message = str(exc).strip() or type(exc).__name__
+        print(f"[bench] {scenario_id} failed: {message}", file=sys.stderr, flush=True)
+        if not isinstance(exc, BenchError):
+            traceback.print_exc()
+        del run.rows[before:]
+        error = message.splitlines()[0]
+        run.rows.append(Row(scenario_id, "could not be measured", "", "", "", False, {}, error))
+        run.data.setdefault("errors", {})[scenario_id] = message
+    run.data.setdefault("seconds", {})[scenario_id] = round(time.monotonic() - started, 1)
+
+
+def measure_all(run: Run, only: list[str]) -> None:
+    """Celery first (P2 and P3 compare with it), then the selected scenarios in order."""
+    if "P1" in only:
+        measure(run, "P1", lambda: scenarios.p1(run))
+    peer: dict[str, Any] | None = None
+    peer_error: str | None = None
+    if "P2" in only or "P3" in only:
+        print("[bench] Celery ...", file=sys.stderr, flush=True)
+        try:
+            peer = scenarios.celery_peer(run)
+        except BenchError as exc:
+            peer_error = str(exc).strip().splitlines()[0]
+            print(f"[bench] Celery not measured: {exc}", file=sys.stderr, flush=True)
+        run.data["celery"] = peer if peer is not None else {"error": peer_error}
+    if "P2" in only:
+        measure(run, "P2", lambda: scenarios.p2(run, peer, peer_error))
+    if "P3" in only:
+        measure(run, "P3", lambda: scenarios.p3(run, peer, peer_error))
+    for scenario_id, body in (("P4", scenarios.p4), ("P5", scenarios.p5), ("P6", scenarios.p6)):
+        if scenario_id in only:
+            measure(run, scenario_id, functools.partial(body, run))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the scenarios, write the results, print the table; 1 if a scenario failed to run."""
+    parser = argparse.ArgumentParser(description="taskd benchmarks: every scenario in one run")
+    parser.add_argument("--quick", action="store_true", help="every scenario at small scale")
+    parser.add_argument("--only", help="comma-separated scenario ids (P1..P6)")
+    parser.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--no-readme", action="store_true", help="leave benchmarks/README.md")
+    parser.add_argument("--http-load", choices=("auto", "wrk", "httpload"), default="auto")
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy the server during P2, P3 and P4's fire"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
+    args = parser.parse_args(argv)
+    only = [s.strip().upper() for s in args.only.split(",")] if args.only else list(SCENARIOS)
+    unknown = set(only) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    http_load = args.http_load
+    if http_load == "auto":
+        http_load = "wrk" if shutil.which("wrk") else "httpload"
+
+    # SIGTERM / SIGHUP unwind like Ctrl-C does, through the cleanup below
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
+    open_files = raise_open_files_limit()
+    workdir = Path(tempfile.mkdtemp(prefix="taskd-bench-"))
+    children = Children(workdir)
+    scale = QUICK if args.quick else FULL
+    run = Run(scale, workdir, children, http_load)
+    results_dir: Path = args.results_dir
+    results_dir.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        run.profile_dir = results_dir / "profiles"
+        run.profile_dir.mkdir(exist_ok=True)
+    started_at = datetime.datetime.now(datetime.UTC)
+    load_start = os.getloadavg()
+    started = time.monotonic()
+    try:
+        measure_all(run, only)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the cleanup
+        children.stop_all()
+        for name in list(run.pg_databases):
+            with contextlib.suppress(Exception):
+                asyncio.run(pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    meta = {
+        "mode": "quick" if args.quick else "full",
+        "scenarios_run": only,
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "duration_s": round(time.monotonic() - started, 1),
+        "machine": machine_facts(),
+        "load_average": {"start": list(load_start), "end": list(os.getloadavg())},
+        "open_files_limit": open_files,
+        "http_load_generator": http_load,
+        "celery": {"pool": scenarios.CELERY_POOL, "broker": scenarios.REDIS_URL},
+        "scale": asdict(scale),
+        "work_dir": str(workdir) if args.keep else None,
+    }
+    table = markdown(run.rows, meta)
+    stem = "quick" if args.quick else "latest"
+    document = meta | {"rows": [row.as_dict() for row in run.rows], "data": run.data}
+    (results_dir / f"{stem}.json").write_text(
+        json.dumps(finite(document), indent=2, default=str, allow_nan=False) + "\n"
+    )
+    (results_dir / f"{stem}.md").write_text(table)
+    if not args.quick and not args.no_readme:
+        update_readme(table)
+    print(table)
+    return 1 if any(row.error for row in run.rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
