@@ -66,8 +66,41 @@ PARAMS: dict[str, dict[str, Any]] = {
         "required": ["condition"],
     },
     "limits": {"type": "array", "items": {"$ref": "#/components/schemas/Limit"}},
+    "key": {"type": "string", "minLength": 1, "maxLength": 64},
+    "username": {"type": ["string", "null"], "maxLength": 128, "pattern": "^[^:|]+$"},
+    "password": {"type": "string", "minLength": 8, "maxLength": 256, "pattern": "^[^:]*$"},
+    "timestamp_from": {"type": ["integer", "null"], "minimum": 0},
+    "timestamp_to": {"type": ["integer", "null"], "minimum": 0},
+    "description": {"type": ["string", "null"], "maxLength": 256},
+    "max_uses": {"type": ["integer", "null"], "minimum": 1},
 }
 _ID = {"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"]}
+_SUCCESS = {"type": "object", "properties": {"success": {"type": "boolean"}}}
+_ISSUED = {
+    "type": "object",
+    "properties": {
+        "key": {"type": "string"},
+        "secret": {"type": "string"},
+        "token": {"type": "string", "description": "KEY:SECRET, shown once"},
+    },
+    "required": ["key", "secret", "token"],
+}
+_TOKEN_INFO = {
+    "type": "object",
+    "properties": {
+        "key": {"type": "string"},
+        "username": {"type": ["string", "null"]},
+        "is_super": {"type": "boolean"},
+        "limits": {"type": "array", "items": {"$ref": "#/components/schemas/Limit"}},
+        "timestamp_from": {"type": ["integer", "null"]},
+        "timestamp_to": {"type": ["integer", "null"]},
+        "max_uses": {"type": ["integer", "null"]},
+        "uses": {"type": "integer"},
+        "description": {"type": ["string", "null"]},
+        "created_at": {"type": "integer"},
+        "updated_at": {"type": "integer"},
+    },
+}
 RESULTS: dict[str, dict[str, Any]] = {
     "task_create_task": _ID,
     "task_create_task_blocking": {"$ref": "#/components/schemas/TaskEventResponse"},
@@ -85,6 +118,18 @@ RESULTS: dict[str, dict[str, Any]] = {
     "task_upload_task_result": _ID,
     "server_uuid": _UUID,
     "server_hello": {"type": "string"},
+    "token_create": _ISSUED,
+    "token_get": _TOKEN_INFO,
+    "token_list_all_tokens": {"type": "array", "items": _TOKEN_INFO},
+    "token_edit": _TOKEN_INFO,
+    "token_delete": _SUCCESS,
+    "token_roll_token_secret": _ISSUED,
+    "token_change_password": _SUCCESS,
+    "agent_enroll": {
+        "type": "object",
+        "properties": {"uuid": _UUID, "token": {"type": "string"}},
+        "required": ["uuid", "token"],
+    },
 }
 
 
