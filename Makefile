@@ -18,6 +18,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@ $(VENV)/.installed
 
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	touch $@ $(VENV)/.installed
+
 install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
@@ -34,6 +38,12 @@ typecheck: install-test
 
 test: lint typecheck
 	$(BIN)/pytest
+
+bench: $(VENV)/.installed-bench
+	$(BIN)/python -m benchmarks.run
+
+bench-quick: $(VENV)/.installed-bench
+	$(BIN)/python -m benchmarks.run --quick
 
 schemas: install
 	$(BIN)/taskd schemas

@@ -19,8 +19,10 @@ import functools
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from array import array
+from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -140,35 +142,20 @@ def run(
 ) -> dict[str, Any]:
     """Spread the connections over ``processes`` workers and add up what they measured."""
     shares = [connections // processes + (i < connections % processes) for i in range(processes)]
-    workers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "benchmarks.httpload",
-                "--worker",
-                "--url",
-                url,
-                "--body",
-                body.decode(),
-                "--connections",
-                str(share),
-                "--duration",
-                str(duration),
-                "--warmup",
-                str(warmup),
-            ],
-            stdout=subprocess.PIPE,
-        )
-        for share in shares
-        if share
-    ]
-    reports = []
-    for process in workers:
-        out, _ = process.communicate(timeout=duration + warmup + 60)
-        if process.returncode != 0:
-            raise RuntimeError(f"httpload worker exited with {process.returncode}")
-        reports.append(orjson.loads(out))
+    shares = [share for share in shares if share]
+    with tempfile.TemporaryDirectory(prefix="httpload-") as directory:
+        files = [Path(directory) / f"worker-{i}.json" for i in range(len(shares))]
+        argv = [sys.executable, "-m", "benchmarks.httpload", "--worker", "--url", url]
+        argv += ["--body", body.decode(), "--duration", str(duration), "--warmup", str(warmup)]
+        workers = [
+            subprocess.Popen([*argv, "--connections", str(share), "--report", str(path)])
+            for share, path in zip(shares, files, strict=True)
+        ]
+        for process in workers:
+            process.wait(timeout=duration + warmup + 60)
+            if process.returncode != 0:
+                raise SystemExit(f"an httpload worker exited with {process.returncode}")
+        reports = [orjson.loads(path.read_bytes()) for path in files]
     latencies = [x for report in reports for x in report["latencies_ms"]]
     return {
         "generator": "httpload",
@@ -193,23 +180,21 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--processes", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     body = args.body.encode()
     if args.worker:
+        job = worker(args.url, body, args.connections, args.duration, args.warmup)
         try:
             import uvloop
 
-            report = uvloop.run(
-                worker(args.url, body, args.connections, args.duration, args.warmup)
-            )
+            report = uvloop.run(job)
         except ImportError:
-            report = asyncio.run(
-                worker(args.url, body, args.connections, args.duration, args.warmup)
-            )
-    else:
-        report = run(args.url, body, args.connections, args.duration, args.processes, args.warmup)
-    os.set_blocking(sys.stdout.fileno(), True)  # the event loop may have left it non-blocking
-    sys.stdout.write(orjson.dumps(report).decode() + "\n")
+            report = asyncio.run(job)
+        args.report.write_bytes(orjson.dumps(report))
+        return
+    report = run(args.url, body, args.connections, args.duration, args.processes, args.warmup)
+    print(orjson.dumps(report).decode(), flush=True)
 
 
 if __name__ == "__main__":

@@ -122,8 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     started_at = datetime.datetime.now(datetime.UTC)
     load_start = os.getloadavg()
     started = time.monotonic()
+    interrupted = False
     try:
         measure_all(run, only)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the cleanup
         children.stop_all()
@@ -133,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if interrupted:
+        print("[bench] interrupted: every child stopped, no results written", file=sys.stderr)
+        return 130
     meta = {
         "mode": "quick" if args.quick else "full",
         "scenarios_run": only,

@@ -39,7 +39,11 @@ TASKS: dict[str, Any] = {
     },
     "execute": {"execute": {"cmd": "uptime", "args": []}},
     "read_config": "read_config",
-    "edit_config": {"edit_config": 'agent_uuid = "auto_gen"\n'},
+    "edit_config": {
+        "edit_config": 'agent_uuid = "auto_gen"\n\n[[server]]\nname = "main"\n'
+        'ws_url = "wss://taskd.example.com/"\ntoken = "KEY:SECRET"\n'
+        'server_uuid = "0760cd7b-406f-4654-a028-437517072876"\n'
+    },
     "ip": "ip",
     "version": "version",
     "self_update": {"self_update": "v1.2.3"},
