@@ -76,7 +76,10 @@ class Rpc:
         try:
             body = {"jsonrpc": "2.0", "method": method, "params": params, "id": request_id}
             await self.ws.send(orjson.dumps(body).decode())
-            reply = await asyncio.wait_for(future, CALL_TIMEOUT_S)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancellation
+            # that arrives together with the reply, and the link would never stop
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                reply = await future
         finally:
             self._pending.pop(request_id, None)
         if "error" in reply:
@@ -254,7 +257,8 @@ class ServerLink:
             async with bound:
                 if limit is None:
                     return await runner(task, ctx)
-                return await asyncio.wait_for(runner(task, ctx), limit)
+                async with asyncio.timeout(limit):
+                    return await runner(task, ctx)
         except TaskFailed as exc:
             return str(exc) or "failed"
         except TimeoutError:

@@ -89,7 +89,8 @@ async def task_create_task_blocking(
     assert created.task_id is not None
     future = waiters[created.task_id]
     try:
-        result: StoredResult = await asyncio.wait_for(future, timeout / 1000)
+        async with asyncio.timeout(timeout / 1000):
+            result: StoredResult = await future
     except TimeoutError:
         raise TaskTimeout(f"Task {created.task_id} timed out after {timeout}ms") from None
     finally:
