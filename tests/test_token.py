@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from taskd.auth import Need, Principal, allows
 from taskd.methods.token import uncovered
 from taskd.protocol import TASK_TYPES, parse_limits
 from taskd.roles import describe_limits, role_limits
-from tests.helpers import RpcError, Server, add_token, agent_token_limits, scaled
+from tests.helpers import RpcError, ScriptedAgent, Server, add_token, agent_token_limits, scaled
 
 ROOT = Path(__file__).resolve().parent.parent
 A, B = "0b0b0b0b-aaaa-4aaa-8aaa-000000000001", "0b0b0b0b-bbbb-4bbb-8bbb-000000000002"
@@ -180,6 +181,49 @@ async def test_rolled_secret_replaces_the_old_one_at_once(server: Server) -> Non
     assert own["key"] == key
     await denied(server, "agent_list", rolled["token"])
     assert await server.call("agent_list", own["token"]) == []
+
+
+async def test_changing_a_token_ends_the_subscriptions_it_opened(server: Server) -> None:
+    """Rolling, deleting or re-scoping a token closes its agents' WebSockets; a relabel does not."""
+    rolled_uuid, deleted_uuid, kept_uuid, moved_uuid = (str(uuid.uuid4()) for _ in range(4))
+    rolled = await add_token(server, agent_token_limits(rolled_uuid))
+    moved = await add_token(server, agent_token_limits(moved_uuid))
+    deleted = await add_token(server, agent_token_limits(deleted_uuid))
+    self_rolling = await add_token(
+        server,
+        [
+            *agent_token_limits(kept_uuid),
+            {"scopes": ["global"], "permissions": [{"token": "write"}]},
+        ],
+    )
+    async with (
+        ScriptedAgent(server.ws_url, rolled, rolled_uuid) as first,
+        ScriptedAgent(server.ws_url, deleted, deleted_uuid) as second,
+        ScriptedAgent(server.ws_url, self_rolling, kept_uuid) as third,
+        ScriptedAgent(server.ws_url, moved, moved_uuid) as fourth,
+    ):
+        await server.call(
+            "token_edit",
+            token=server.super_token,
+            key=self_rolling.split(":")[0],
+            description="label",
+        )
+        await server.su("task_create_task", kept_uuid, "ip")
+        assert (await third.next_task())["task_event_type"] == "ip"
+        await server.su("token_roll_token_secret", rolled.split(":")[0])
+        await server.su("token_delete", deleted.split(":")[0])
+        await server.su("token_edit", moved.split(":")[0], agent_token_limits(kept_uuid))
+        assert await first.closed() == 1008 and await second.closed() == 1008
+        assert await fourth.closed() == 1008
+        for gone in (rolled_uuid, deleted_uuid, moved_uuid):
+            with pytest.raises(RpcError) as error:
+                await server.su("task_create_task", gone, "ip")
+            assert error.value.code == 104
+        own = await third.call("token_roll_token_secret", self_rolling)
+        assert own["key"] == self_rolling.split(":")[0]
+        assert await third.closed() == 1008
+    async with ScriptedAgent(server.ws_url, own["token"], kept_uuid):
+        await server.su("task_create_task", kept_uuid, "ip")
 
 
 async def test_token_permissions_grant_exactly_their_methods(server: Server) -> None:

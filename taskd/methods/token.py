@@ -209,6 +209,30 @@ def _issued(token: NewToken) -> dict[str, str]:
     return {"key": token.key, "secret": token.secret, "token": str(token)}
 
 
+def _reauthenticate(ctx: CallContext, key: str) -> None:
+    """Forget token ``key``'s cached row and end the subscriptions it opened on this node.
+
+    A subscription is authorised once, when it is made: without this a revoked or
+    rolled agent token would go on receiving tasks over its open WebSocket.
+    """
+    ctx.app.auth.invalidate(key)
+    hub = ctx.app.hub
+    ended = [sub for sub in hub.connected_agents().values() if sub.token_key == key]
+    for sub in ended:
+        hub.unsubscribe(sub.id, sub.peer)
+        logger.info("agent %s unsubscribed: its token %s changed", sub.agent_uuid, key)
+
+    async def close() -> None:
+        # after the reply: a caller rolling its own token over this connection gets it
+        for sub in ended:
+            close_soon = getattr(sub.peer, "close_soon", None)
+            if close_soon is not None:
+                close_soon(1008)
+
+    if ended:
+        ctx.after_reply.append(close)
+
+
 # --------------------------------------------------------------------------- methods
 
 
@@ -236,6 +260,7 @@ async def token_create(
         end = principal.timestamp_to  # a token cannot outlive the one that made it
     _window(start, end)
     _may_grant(principal, parsed, end)
+    uses, text = _max_uses(max_uses), _text(description, "description", 256)
     new = NewToken.generate()
     values: dict[str, Any] = {
         "key": new.key,
@@ -245,8 +270,8 @@ async def token_create(
         "password_hash": None if password is None else await _hash_password(_password(password)),
         "timestamp_from": start,
         "timestamp_to": end,
-        "max_uses": _max_uses(max_uses),
-        "description": _text(description, "description", 256),
+        "max_uses": uses,
+        "description": text,
     }
     await ctx.app.store.insert_token(values)
     logger.info("token %s created by token %s", new.key, principal.key)
@@ -314,7 +339,10 @@ async def token_edit(
         return values
 
     row = await ctx.app.store.update_token(target, change)
-    ctx.app.auth.invalidate(target)
+    if changes.keys() - {"description", "max_uses"}:
+        _reauthenticate(ctx, target)
+    else:
+        ctx.app.auth.invalidate(target)
     logger.info("token %s edited by token %s", target, principal.key)
     return _info(row)
 
@@ -333,7 +361,7 @@ async def token_delete(ctx: CallContext, token: Any, key: Any) -> dict[str, bool
         _may_take_over(principal, row, window=False)
 
     await ctx.app.store.delete_token(target, check)
-    ctx.app.auth.invalidate(target)
+    _reauthenticate(ctx, target)
     logger.info("token %s deleted by token %s", target, principal.key)
     return {"success": True}
 
@@ -351,7 +379,7 @@ async def token_roll_token_secret(ctx: CallContext, token: Any, key: Any = None)
         return {"secret_hash": hash_secret(new.secret)}
 
     await ctx.app.store.update_token(target, change)
-    ctx.app.auth.invalidate(target)
+    _reauthenticate(ctx, target)
     logger.info("token %s got a new secret from token %s", target, principal.key)
     return _issued(new)
 
@@ -377,6 +405,6 @@ async def token_change_password(
         return values
 
     await ctx.app.store.update_token(target, change)
-    ctx.app.auth.invalidate(target)
+    _reauthenticate(ctx, target)
     logger.info("token %s got a new password from token %s", target, principal.key)
     return {"success": True}
