@@ -17,11 +17,12 @@ from taskd.auth import Authenticator, Principal, RateLimiter
 from taskd.clock import now_ms
 from taskd.cluster import Cluster
 from taskd.config import ServerSettings, parse_agent_config
-from taskd.errors import InvalidInput, NotFound
+from taskd.errors import InvalidInput, NotFound, PermissionDenied
 from taskd.hub import Hub
+from taskd.metrics import Metrics
 from taskd.protocol import EditConfig, TaskVariant
 from taskd.scheduler import Scheduler
-from taskd.store import Store
+from taskd.store import CRONS_CHANNEL, Store
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,22 @@ class App:
         self.scheduler = Scheduler(
             self.store, self.hub, timezone=settings.timezone, node_id=self.node_id
         )
+        self.metrics = Metrics()
+        self.store.batch_observer = self.metrics.write_batch.observe
+        self.hub.metrics = self.metrics
+        self.metrics.gauge(
+            "taskd_agents_connected",
+            "Agents subscribed to this node",
+            lambda: len(self.hub.connected_agents()),
+        )
+        self.metrics.gauge(
+            "taskd_tasks_in_flight",
+            "Tasks pushed from this node awaiting a result",
+            lambda: len(self.hub.in_flight),
+        )
+        self.metrics.gauge(
+            "taskd_cron_leader", "1 if this node fires crons", lambda: float(self.cluster.is_leader)
+        )
         self.limiter = RateLimiter(settings.auth_burst, settings.auth_rate_per_s)
         self.auth = Authenticator(self.store, self.limiter)
         self.started_at = now_ms()
@@ -64,6 +81,7 @@ class App:
             if self.cluster.enabled:
                 # several nodes: only the leader fires crons (see cluster.py)
                 self.cluster.on_leadership = self._leadership
+                self.cluster.on_crons = self._crons_changed_elsewhere
                 self._stack.push_async_callback(self._leadership, False)
                 self.cluster.start_leader_election()
             else:
@@ -95,6 +113,30 @@ class App:
             await self.store.agents_disconnected(seen, self.node_id)
         await self._stack.aclose()
 
+    async def cron_changed(self, cron_id: int) -> None:
+        """A cron change was committed: the scheduler that fires it (here or the leader) follows."""
+        if self.fires_crons:
+            await self._reschedule(cron_id)
+        if self.cluster.enabled:
+            await self.store.announce(CRONS_CHANNEL, str(cron_id))
+
+    @property
+    def fires_crons(self) -> bool:
+        """Whether this node's scheduler runs (the only node, or the cluster's leader)."""
+        return not self.cluster.enabled or self._leading
+
+    async def _reschedule(self, cron_id: int) -> None:
+        row = await self.store.cron_by_id(cron_id)
+        if row is None:
+            self.scheduler.unschedule(cron_id)
+        else:
+            self.scheduler.schedule(row)
+
+    def _crons_changed_elsewhere(self, cron_ids: list[int]) -> None:
+        if self.fires_crons:
+            for cron_id in cron_ids:
+                self.hub.spawn(self._reschedule(cron_id))
+
     async def _leadership(self, leader: bool) -> None:
         if leader and not self._leading:
             self._leading = True
@@ -118,12 +160,17 @@ class App:
         reaped = await self.store.reap(now_ms())
         for result in reaped:
             self.hub.in_flight.pop(result.task_id, None)
+        self.metrics.tasks_reaped.inc(len(reaped))
         if reaped:
             logger.info("reaped %d task(s) without a result", len(reaped))
 
     async def authenticate(self, token: Any, remote: str) -> Principal:
         """Check a token param (see auth.Authenticator)."""
-        return await self.auth.authenticate(token, remote)
+        try:
+            return await self.auth.authenticate(token, remote)
+        except PermissionDenied:
+            self.metrics.auth_failures.inc()
+            raise
 
     def validate_task(self, task: TaskVariant) -> None:
         """Checks that need more than the wire type: an edited agent config must parse."""

@@ -27,7 +27,7 @@ import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.engine import make_url
 
 from taskd.clock import now_ms
-from taskd.store import AGENTS_CHANNEL, TERMINALS_CHANNEL, Store, node_channel
+from taskd.store import AGENTS_CHANNEL, CRONS_CHANNEL, TERMINALS_CHANNEL, Store, node_channel
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class Cluster:
         self.on_queued: Callable[[list[str]], None] = lambda uuids: None
         self.on_results: Callable[[list[int]], None] = lambda ids: None
         self.on_moved: Callable[[str], None] = lambda agent_uuid: None
+        self.on_crons: Callable[[list[int]], None] = lambda cron_ids: None
         self.on_leadership: Callable[[bool], Awaitable[None]] | None = None
         self._dsn = ""
         self._listener: asyncpg.Connection | None = None
@@ -162,7 +163,9 @@ class Cluster:
                 logger.warning("cluster heartbeat failed: %s", exc)
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
-        if channel == TERMINALS_CHANNEL:
+        if channel == CRONS_CHANNEL:
+            self.on_crons([int(i) for i in payload.split(",") if i.isdigit()])
+        elif channel == TERMINALS_CHANNEL:
             state, agent_uuid, terminal_id, node = [*payload.split(" "), "", "", "", ""][:4]
             if state == "open":
                 self.terminals[(agent_uuid, terminal_id)] = node
@@ -195,6 +198,7 @@ class Cluster:
                 self._listener = conn
                 await conn.add_listener(AGENTS_CHANNEL, self._notified)
                 await conn.add_listener(TERMINALS_CHANNEL, self._notified)
+                await conn.add_listener(CRONS_CHANNEL, self._notified)
                 await conn.add_listener(node_channel(self.node_id), self._notified)
                 rows = await self.store.connected_agents()
                 self.agents = {row.uuid: row.node_id for row in rows if row.node_id}

@@ -26,6 +26,7 @@ from taskd.store import NewTask, Store, StoredResult
 
 if TYPE_CHECKING:
     from taskd.cluster import Cluster
+    from taskd.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class Hub:
         self.store = store
         self.node_id = node_id
         self.cluster = cluster
+        self.metrics: Metrics | None = None
         if cluster is not None:
             cluster.on_queued = self._queued_here
             cluster.on_results = self._results_elsewhere
@@ -172,12 +174,12 @@ class Hub:
             if s.agent_uuid not in self._by_agent
         }
         if seen:
-            self._spawn(self.store.agents_disconnected(seen, self.node_id))
+            self.spawn(self.store.agents_disconnected(seen, self.node_id))
 
     def _queued_here(self, agent_uuids: list[str]) -> None:
         for agent_uuid in agent_uuids:
             if self.is_connected(agent_uuid):
-                self._spawn(self.deliver_queued(agent_uuid))
+                self.spawn(self.deliver_queued(agent_uuid))
 
     def _results_elsewhere(self, task_ids: list[int]) -> None:
         async def fetch(task_id: int) -> None:
@@ -187,7 +189,7 @@ class Hub:
 
         for task_id in task_ids:
             if task_id in self._waiters:
-                self._spawn(fetch(task_id))
+                self.spawn(fetch(task_id))
 
     def _moved_away(self, agent_uuid: str) -> None:
         sub = self._by_agent.get(agent_uuid)
@@ -208,7 +210,8 @@ class Hub:
         seen = {u: t for u, t in self._seen.items() if u in self._by_agent}
         await self.store.touch_agents(seen)
 
-    def _spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> None:
+        """Run a coroutine in the background, logging its failure."""
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._finished)
@@ -336,7 +339,12 @@ class Hub:
             await self.store.requeue([r.id for r in requeue])
             late.update(r.uuid for r in requeue if self.is_connected(r.uuid))
         for agent_uuid in late:
-            self._spawn(self.deliver_queued(agent_uuid))
+            self.spawn(self.deliver_queued(agent_uuid))
+        if self.metrics is not None:
+            for created in outcomes.values():
+                if created.task_id is not None:
+                    route = "queued" if created.queued else "pushed"
+                    self.metrics.tasks_created.labels(route).inc()
         return [outcomes[u] for u in targets if u in outcomes], waiters
 
     async def deliver_queued(self, agent_uuid: str) -> int:

@@ -21,7 +21,7 @@ import orjson
 from jsonrpcserver.async_dispatcher import dispatch_request
 from jsonrpcserver.request import Request
 from jsonrpcserver.result import Error, Success
-from jsonrpcserver.sentinels import NOID
+from jsonrpcserver.sentinels import NODATA, NOID
 from oslash.either import Left
 
 from taskd.errors import InternalError, InvalidParams, TaskdError
@@ -190,7 +190,12 @@ async def _dispatch_one(request: Request, context: CallContext) -> dict[str, Any
             if err.code == InvalidParams.code and isinstance(err.data, str):
                 message = f"Invalid params: {err.data}"  # jsonrpcserver's binding error
             reply = _error(err.code, message)
-            if err.data is not None and not isinstance(err.data, str) and err.code != -32602:
+            context.app.metrics.rpc_errors.labels(str(err.code)).inc()
+            if (
+                err.data not in (None, NODATA)
+                and not isinstance(err.data, str)
+                and err.code != -32602
+            ):
                 reply["error"]["data"] = err.data
         else:
             reply = {"jsonrpc": "2.0", "result": result._value.result}
@@ -200,12 +205,12 @@ async def _dispatch_one(request: Request, context: CallContext) -> dict[str, Any
     return reply
 
 
-def _dumps(reply: Any) -> bytes:
+def _dumps(reply: dict[str, Any]) -> bytes:
     try:
         return orjson.dumps(reply)
     except (TypeError, orjson.JSONEncodeError):
         logger.exception("reply could not be serialised")
-        return orjson.dumps(_error(-32603, "Internal error", None))
+        return orjson.dumps(_error(-32603, "Internal error", reply.get("id")))
 
 
 async def handle(body: bytes | str, context: CallContext) -> bytes | None:
@@ -232,7 +237,8 @@ async def handle(body: bytes | str, context: CallContext) -> bytes | None:
             )
         replies = await asyncio.gather(*(_handle_item(item, context) for item in parsed))
         answered = [r for r in replies if r is not None]
-        return _dumps(answered) if answered else None
+        # each reply on its own, so one that cannot be serialised spoils only itself
+        return b"[" + b",".join(map(_dumps, answered)) + b"]" if answered else None
     reply = await _handle_item(parsed, context)
     return None if reply is None else _dumps(reply)
 

@@ -32,6 +32,7 @@ from taskd import __version__, rpc
 from taskd.app import App
 from taskd.auth import origin_allowed
 from taskd.config import ServerSettings
+from taskd.metrics import CONTENT_TYPE
 from taskd.terminal import TerminalRelay
 
 logger = logging.getLogger(__name__)
@@ -285,7 +286,16 @@ def create_app(settings: ServerSettings) -> Starlette:
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", "version": __version__, "node_id": service.node_id})
 
-    routes: list[Any] = [Route("/healthz", healthz, methods=["GET"])]
+    async def metrics(request: Request) -> Response:
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+
+    service.metrics.gauge(
+        "taskd_websockets_open", "Open JSON-RPC WebSockets", lambda: len(connections.peers)
+    )
+    routes: list[Any] = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
     terminals = TerminalRelay(service, client_address)
     routes.append(WebSocketRoute("/terminal", terminals.serve))
     app = Starlette(

@@ -317,6 +317,7 @@ async def _allocate_task_ids(conn: AsyncConnection, count: int) -> list[int]:
 
 AGENTS_CHANNEL = "taskd_agents"
 TERMINALS_CHANNEL = "taskd_terminals"
+CRONS_CHANNEL = "taskd_crons"
 
 
 def node_channel(node_id: str) -> str:
@@ -361,6 +362,7 @@ class Store:
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
+        self.batch_observer: Callable[[int], None] | None = None
         self.engine: AsyncEngine
 
     async def __aenter__(self) -> Store:
@@ -455,6 +457,8 @@ class Store:
             self._wake.clear()
             while self._queue:
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                if self.batch_observer is not None:
+                    self.batch_observer(len(batch))
                 await self._run_batch(batch)
             if self._closing and not self._queue:
                 return
@@ -961,6 +965,14 @@ class Store:
             return current
 
         return await self.write(remove)
+
+    async def cron_by_id(self, cron_id: int) -> Row[Any] | None:
+        """The cron with that id, or None (deleted)."""
+
+        async def fetch(conn: AsyncConnection) -> Row[Any] | None:
+            return (await conn.execute(select(cron_t).where(cron_t.c.id == cron_id))).first()
+
+        return await self.read(fetch)
 
     async def cron_by_name(self, name: str) -> Row[Any] | None:
         """The cron with that name."""

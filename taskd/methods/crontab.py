@@ -115,7 +115,7 @@ async def crontab_create(
     row = await ctx.app.store.insert_cron(
         {"name": cron_name, "created_by": principal.key, **values}
     )
-    ctx.app.scheduler.schedule(row)
+    await ctx.app.cron_changed(row.id)
     return {"id": row.id}
 
 
@@ -137,7 +137,7 @@ async def crontab_edit(
         _authorize_targets(principal, Need("crontab", "write"), _targets(current.cron_type))
 
     row = await ctx.app.store.update_cron(cron_name, values, may_change)
-    ctx.app.scheduler.schedule(row)
+    await ctx.app.cron_changed(row.id)
     return {"id": row.id, "success": True}
 
 
@@ -166,7 +166,7 @@ async def crontab_delete(ctx: CallContext, token: Any, name: Any) -> dict[str, b
         _authorize_targets(principal, Need("crontab", "delete"), _targets(current.cron_type))
 
     row = await ctx.app.store.delete_cron(cron_name, may_delete)
-    ctx.app.scheduler.unschedule(row.id)
+    await ctx.app.cron_changed(row.id)
     return {"success": True}
 
 
@@ -184,7 +184,7 @@ async def crontab_set_enable(
         _authorize_targets(principal, Need("crontab", "write"), _targets(current.cron_type))
 
     row = await ctx.app.store.update_cron(cron_name, {"enable": enable}, may_change)
-    ctx.app.scheduler.schedule(row)
+    await ctx.app.cron_changed(row.id)
     return {"success": True, "enabled": enable}
 
 

@@ -1,0 +1,79 @@
+"""The JSON-RPC adapter: what reaches the wire when a method fails, params binding, metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from taskd import rpc
+from tests.helpers import Server
+
+
+@pytest.fixture
+def failing_method() -> Iterator[str]:
+    """A method registered through the public decorator that fails with a private message."""
+    name = "test_fails_unexpectedly"
+
+    @rpc.method(name)
+    async def fails(ctx: rpc.CallContext, value: Any = None) -> Any:
+        """Always fails with an exception whose text must not leave the server."""
+        raise RuntimeError("secret detail: /etc/shadow at 10.0.0.1")
+
+    try:
+        yield name
+    finally:
+        del rpc.REGISTRY[name]
+
+
+async def test_unexpected_exception_is_internal_error_without_its_text(
+    server: Server, failing_method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A method crashing is answered -32603 "Internal error"; the text is only logged."""
+    response = await server.post(
+        [
+            {"jsonrpc": "2.0", "method": failing_method, "id": 1},
+            {"jsonrpc": "2.0", "method": "server_hello", "id": 2},
+        ]
+    )
+    failed, hello = response.json()
+    assert failed == {
+        "jsonrpc": "2.0",
+        "error": {"code": -32603, "message": "Internal error"},
+        "id": 1,
+    }
+    assert "secret detail" not in response.text
+    assert hello["result"].startswith("hello")
+    assert any("secret detail" in r.getMessage() or r.exc_info for r in caplog.records)
+
+
+async def test_params_binding_errors_name_the_param(server: Server) -> None:
+    """Missing, unknown and surplus params are -32602 with a message naming the problem."""
+    cases = [
+        ([], "missing a required argument: 'token'"),
+        ({"token": "x"}, "missing a required argument: 'target_uuid'"),
+        (
+            {"token": "x", "target_uuid": "y", "task_type": "ip", "colour": 1},
+            "unexpected keyword argument 'colour'",
+        ),
+        (["a", "b", "c", 1, 2], "expected at most 4 params, got 5"),
+    ]
+    for params, fragment in cases:
+        reply = await server.request("task_create_task", params)
+        assert reply["error"]["code"] == -32602, params
+        assert fragment in reply["error"]["message"], reply
+
+
+async def test_metrics_count_what_happened(server: Server) -> None:
+    """/metrics exposes counters that move with the traffic (text format, no auth)."""
+    await server.request("task_query_task", ["bad:token", {"condition": []}])
+    await server.request("task_create_task", [])
+    response = await server.http.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert 'taskd_rpc_errors_total{code="102"} 1.0' in text
+    assert 'taskd_rpc_errors_total{code="-32602"} 1.0' in text
+    assert "taskd_auth_failures_total 1.0" in text
+    assert "taskd_agents_connected 0.0" in text
