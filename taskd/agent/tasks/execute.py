@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 KILL_GRACE_S = 2.0
 """How long a timed-out process group has to exit after SIGTERM before SIGKILL."""
 
-POLL_S = 0.05
+POLL_S = 0.1
 READ_CHUNK = 64 * 1024
 STDERR_SEPARATOR = "\n--- STDERR ---\n"
 NO_OUTPUT = "(No Output)"
@@ -192,10 +192,11 @@ async def _stop_group(process: asyncio.subprocess.Process) -> None:
     _signal_group(process.pid, signal.SIGTERM)
     # no event announces the end of a whole group: poll it
     for _ in range(int(KILL_GRACE_S / POLL_S)):
-        if not _group_alive(process.pid):
+        # scanning /proc on a busy host takes a while: keep it off the event loop
+        if not await asyncio.to_thread(_group_alive, process.pid):
             break
         await asyncio.sleep(POLL_S)
-    if _group_alive(process.pid):
+    if await asyncio.to_thread(_group_alive, process.pid):
         _signal_group(process.pid, signal.SIGKILL)
     await _reap(process)
 
