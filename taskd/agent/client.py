@@ -352,7 +352,7 @@ class Agent:
                 self._restart.clear()
                 await self._stop_links()
                 if self._reexec:
-                    from taskd.agent.tasks.self_update import reexec  # type: ignore[import-not-found,unused-ignore]
+                    from taskd.agent.tasks.self_update import reexec
 
                     logger.info("restarting into the updated version")
                     reexec()
