@@ -191,3 +191,18 @@ def test_checked_in_schemas_are_current() -> None:
     assert result.returncode == 0, result.stderr
     document = json.loads((ROOT / "schemas" / "openrpc.json").read_text())
     assert "task_create_task" in {m["name"] for m in document["methods"]}
+
+
+def test_demo_starts_server_and_agent_and_shows_a_round_trip(tmp_path: Path) -> None:
+    """`taskd demo` (what `make run` starts) runs a real agent and prints real results."""
+    port = free_port()
+    result = run("demo", "--dir", "var", "--port", str(port), "--once", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "agent" in result.stdout and "online" in result.stdout
+    uname = subprocess.run(["uname", "-a"], capture_output=True, text=True).stdout.strip()
+    assert json.dumps(uname)[1:-1] in result.stdout
+    assert '"tcp_ping"' in result.stdout and '{"ping": ' in result.stdout
+    again = run("demo", "--dir", "var", "--port", str(port), "--once", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "super token" not in again.stdout, "a second run reuses the first run's setup"
+    assert "online" in again.stdout
