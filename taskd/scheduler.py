@@ -9,13 +9,17 @@ target through ``Hub.create`` and stores one result row per target. It never
 waits for the agents' answers, and each fire runs as its own asyncio task.
 
 Missed slots (downtime, a stalled event loop) collapse into one fire for the
-latest missed slot.
+latest missed slot. Changes made through this node apply at once; every few
+seconds the jobs are also reconciled with the database, which picks up crons
+created, edited or removed through other nodes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Coroutine, Sequence
 from datetime import datetime
 from typing import Any
@@ -35,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 # fires of one cron allowed to overlap (a slow database); beyond that slots are skipped
 MAX_OVERLAPPING_FIRES = 4
+RESYNC_INTERVAL_S = 2.0
 
 
 def slot_ms(slot: datetime) -> int:
@@ -115,22 +120,63 @@ class Scheduler:
                 "max_instances": MAX_OVERLAPPING_FIRES,
             },
         )
+        # cron id -> updated_at of the row the job was built from (enabled crons only)
+        self._versions: dict[int, int] = {}
+        # cron id -> when this node last changed its job (monotonic seconds)
+        self._changed: dict[int, float] = {}
+        self._resync: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Scheduler:
         self._scheduler.start()
         # the database is the truth: drop jobs queued while stopped (or from an earlier run)
         self._scheduler.remove_all_jobs()
+        self._versions.clear()
+        self._changed.clear()
         crons = await self.store.list_crons(enabled_only=True)
         for cron in crons:
-            # slots after the last fire (or the last edit) that passed while we were down
-            self.schedule(cron, missed_since=max(cron.last_run_time or 0, cron.updated_at))
+            self._load(cron)
+        self._resync = asyncio.create_task(self._resync_forever(), name="taskd-cron-resync")
         logger.info("scheduler started with %d enabled cron(s) in %s", len(crons), self.zone)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        if self._resync is not None:
+            self._resync.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._resync
         self._scheduler.shutdown(wait=False)
         await asyncio.sleep(0)  # AsyncIOScheduler stops on the next loop iteration
         await self._executor.drain()
+
+    def _load(self, cron: Any) -> None:
+        # slots after the last fire (or the last edit) that passed while no one fired them
+        self.schedule(cron, missed_since=max(cron.last_run_time or 0, cron.updated_at))
+
+    async def _resync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RESYNC_INTERVAL_S)
+            try:
+                await self.resync()
+            except TaskdError as exc:
+                logger.warning("cron resync failed: %s", exc.message)
+
+    async def resync(self) -> None:
+        """Reconcile the jobs with the crons in the database (changed through other nodes)."""
+        began = time.monotonic()
+        crons = {cron.id: cron for cron in await self.store.list_crons(enabled_only=True)}
+        # a job this node changed while the rows were being read is newer than the rows
+        stale = [
+            cron_id
+            for cron_id in self._versions
+            if cron_id not in crons and self._changed.get(cron_id, 0.0) < began
+        ]
+        for cron_id in stale:
+            self.unschedule(cron_id)
+        for cron in crons.values():
+            if self._versions.get(cron.id) != cron.updated_at and (
+                self._changed.get(cron.id, 0.0) < began
+            ):
+                self._load(cron)
 
     def schedule(self, cron: Any, *, missed_since: int | None = None) -> None:
         """(Re)schedule a cron row from its next slot; disabled crons are unscheduled.
@@ -140,11 +186,13 @@ class Scheduler:
         if not cron.enable:
             self.unschedule(cron.id)
             return
+        self._versions[cron.id] = cron.updated_at
+        self._changed[cron.id] = time.monotonic()
         try:
             schedule = parse_expression(cron.cron_expression, self.zone)
         except TaskdError as exc:
             logger.error("cron %s is not scheduled: %s", cron.name, exc.message)
-            self.unschedule(cron.id)
+            self._remove_job(cron.id)
             return
         now = datetime.now(self.zone)
         first = schedule.next_after(now)
@@ -153,7 +201,7 @@ class Scheduler:
             if missed is not None and slot_ms(missed) > missed_since:
                 first = missed
         if first is None:
-            self.unschedule(cron.id)
+            self._remove_job(cron.id)
             return
         self._scheduler.add_job(
             self._fire,
@@ -167,6 +215,11 @@ class Scheduler:
 
     def unschedule(self, cron_id: int) -> None:
         """Stop firing a cron."""
+        self._versions.pop(cron_id, None)
+        self._changed[cron_id] = time.monotonic()
+        self._remove_job(cron_id)
+
+    def _remove_job(self, cron_id: int) -> None:
         if self._scheduler.get_job(str(cron_id)) is not None:
             self._scheduler.remove_job(str(cron_id))
 

@@ -7,14 +7,18 @@ import itertools
 import statistics
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 
 from taskd.crontab import parse_expression
-from taskd.scheduler import CronTrigger, Scheduler, slot_ms
-from tests.helpers import Server, scaled
+from taskd.hub import Hub
+from taskd.scheduler import RESYNC_INTERVAL_S, CronTrigger, Scheduler, slot_ms
+from taskd.store import Store
+from tests.helpers import scaled
 
 EVERY_SECOND = "* * * * * *"
 
@@ -24,9 +28,17 @@ def agent_cron(uuids: list[str]) -> dict[str, Any]:
     return {"agent": [uuids, {"task": {"tcp_ping": "127.0.0.1:9"}}]}
 
 
-async def add_cron(server: Server, name: str, expression: str, **values: Any) -> Any:
-    """Insert a cron row straight into the store (the server's own scheduler never sees it)."""
-    return await server.service.store.insert_cron(
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[Store]:
+    """A migrated store over a fresh database (no server, so no other scheduler)."""
+    async with Store(database_url, pool_size=4) as opened:
+        await opened.migrate()
+        yield opened
+
+
+async def add_cron(store: Store, name: str, expression: str, **values: Any) -> Any:
+    """Insert a cron row straight into the store, as another node would."""
+    return await store.insert_cron(
         {
             "name": name,
             "cron_expression": expression,
@@ -37,13 +49,14 @@ async def add_cron(server: Server, name: str, expression: str, **values: Any) ->
     )
 
 
-def own_scheduler(server: Server) -> Scheduler:
-    """A second scheduler over the server's store and hub, started by the test."""
-    service = server.service
-    return Scheduler(service.store, service.hub, timezone="UTC", node_id=f"test-{uuid.uuid4()}")
+def new_scheduler(store: Store) -> Scheduler:
+    """A scheduler with a real hub (no agent is connected) over ``store``."""
+    node_id = f"test-{uuid.uuid4()}"
+    hub = Hub(store, node_id=node_id, task_deadline_ms=60_000)
+    return Scheduler(store, hub, timezone="UTC", node_id=node_id)
 
 
-async def fires_of(server: Server, cron_id: int) -> list[tuple[int, int]]:
+async def fires_of(store: Store, cron_id: int) -> list[tuple[int, int]]:
     """(slot, fired_at) of every recorded fire of a cron, by slot."""
 
     async def fetch(conn: Any) -> list[tuple[int, int]]:
@@ -53,11 +66,11 @@ async def fires_of(server: Server, cron_id: int) -> list[tuple[int, int]]:
         )
         return [(int(r.slot), int(r.fired_at)) for r in result]
 
-    rows: list[tuple[int, int]] = await server.service.store.read(fetch)
+    rows: list[tuple[int, int]] = await store.read(fetch)
     return rows
 
 
-async def result_slots(server: Server, cron_id: int) -> list[int]:
+async def result_slots(store: Store, cron_id: int) -> list[int]:
     """The run_time of every result row of a cron."""
 
     async def fetch(conn: Any) -> list[int]:
@@ -67,7 +80,7 @@ async def result_slots(server: Server, cron_id: int) -> list[int]:
         )
         return [int(r.run_time) for r in result]
 
-    rows: list[int] = await server.service.store.read(fetch)
+    rows: list[int] = await store.read(fetch)
     return rows
 
 
@@ -94,74 +107,72 @@ def test_trigger_ends_when_the_expression_never_fires_again() -> None:
     assert trigger.get_next_fire_time(last, last) is None
 
 
-async def test_start_fires_the_latest_missed_slot_once(server: Server) -> None:
+async def test_start_fires_the_latest_missed_slot_once(store: Store) -> None:
     """A cron that missed slots while no scheduler ran fires once, for the latest missed slot."""
     long_ago = (int(time.time()) - 30) * 1000
     cron = await add_cron(
-        server, "missed", EVERY_SECOND, updated_at=long_ago, last_run_time=long_ago
+        store, "missed", EVERY_SECOND, updated_at=long_ago, last_run_time=long_ago
     )
     before = int(time.time() * 1000)
-    async with own_scheduler(server):
+    async with new_scheduler(store):
         started = int(time.time() * 1000)
         await asyncio.sleep(scaled(1.6))
-    fires = [slot for slot, _ in await fires_of(server, cron.id)]
+    fires = [slot for slot, _ in await fires_of(store, cron.id)]
     assert len(fires) >= 2
     # one catch-up slot (at or just before the start), then every slot after it
     assert before - 1000 <= fires[0] <= started
     assert all(b - a == 1000 for a, b in itertools.pairwise(fires))
-    assert await result_slots(server, cron.id) == fires
+    assert await result_slots(store, cron.id) == fires
 
 
-async def test_catch_up_only_for_slots_after_the_last_edit(server: Server) -> None:
+async def test_catch_up_only_for_slots_after_the_last_edit(store: Store) -> None:
     """A daily cron fires its missed midnight only if it existed (unchanged) at that midnight."""
     two_days_ago = int(time.time() * 1000) - 2 * 86_400_000
-    stale = await add_cron(server, "stale", "0 0 0 * * *", updated_at=two_days_ago)
-    fresh = await add_cron(server, "fresh", "0 0 0 * * *")
-    async with own_scheduler(server):
+    stale = await add_cron(store, "stale", "0 0 0 * * *", updated_at=two_days_ago)
+    fresh = await add_cron(store, "fresh", "0 0 0 * * *")
+    async with new_scheduler(store):
         await asyncio.sleep(scaled(0.5))
     midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    assert [slot for slot, _ in await fires_of(server, stale.id)] == [slot_ms(midnight)]
-    assert await fires_of(server, fresh.id) == []
+    assert [slot for slot, _ in await fires_of(store, stale.id)] == [slot_ms(midnight)]
+    assert await fires_of(store, fresh.id) == []
 
 
-async def test_a_claimed_slot_is_never_fired_again(server: Server) -> None:
+async def test_a_claimed_slot_is_never_fired_again(store: Store) -> None:
     """Slots already recorded (by a previous run or another node) get no second fire."""
-    cron = await add_cron(server, "guarded", EVERY_SECOND)
-    store = server.service.store
+    cron = await add_cron(store, "guarded", EVERY_SECOND)
     first = (int(time.time()) + 1) * 1000
     taken = [first + i * 1000 for i in range(2)]
     for slot in taken:
         assert await store.claim_cron_slot(cron.id, slot, slot, "other-node") is not None
     assert await store.claim_cron_slot(cron.id, taken[0], taken[0], "again") is None
-    async with own_scheduler(server):
+    async with new_scheduler(store):
         await asyncio.sleep((taken[-1] - time.time() * 1000) / 1000 + scaled(1.5))
-    results = await result_slots(server, cron.id)
+    results = await result_slots(store, cron.id)
     assert results and not set(results) & set(taken)
-    fires = await fires_of(server, cron.id)
+    fires = await fires_of(store, cron.id)
     assert [slot for slot, _ in fires] == sorted({slot for slot, _ in fires})
 
 
-async def test_disabled_and_deleted_crons_do_not_fire(server: Server) -> None:
+async def test_disabled_and_deleted_crons_do_not_fire(store: Store) -> None:
     """A disabled cron is not scheduled; one disabled behind the scheduler's back is not fired."""
-    store = server.service.store
-    off = await add_cron(server, "off", EVERY_SECOND, enable=False)
-    sneaky = await add_cron(server, "sneaky", EVERY_SECOND)
-    gone = await add_cron(server, "gone", EVERY_SECOND)
-    async with own_scheduler(server):
+    off = await add_cron(store, "off", EVERY_SECOND, enable=False)
+    sneaky = await add_cron(store, "sneaky", EVERY_SECOND)
+    gone = await add_cron(store, "gone", EVERY_SECOND)
+    async with new_scheduler(store):
         await store.update_cron("sneaky", {"enable": False})
         await store.delete_cron("gone")
         await asyncio.sleep(scaled(1.5))
-    assert await fires_of(server, off.id) == []
-    assert await fires_of(server, sneaky.id) == []
-    assert await fires_of(server, gone.id) == []
+    assert await fires_of(store, off.id) == []
+    assert await fires_of(store, sneaky.id) == []
+    assert await fires_of(store, gone.id) == []
 
 
-async def test_fires_land_within_milliseconds_of_their_slot(server: Server) -> None:
+async def test_fires_land_within_milliseconds_of_their_slot(store: Store) -> None:
     """On an idle server a per-second cron starts each fire within a few ms of its slot."""
-    cron = await add_cron(server, "precise", EVERY_SECOND)
-    async with own_scheduler(server):
+    cron = await add_cron(store, "precise", EVERY_SECOND)
+    async with new_scheduler(store):
         await asyncio.sleep(scaled(5.2))
-    fires = await fires_of(server, cron.id)
+    fires = await fires_of(store, cron.id)
     assert len(fires) >= 4
     lateness = sorted(fired_at - slot for slot, fired_at in fires)
     assert all(slot % 1000 == 0 for slot, _ in fires)
@@ -175,3 +186,24 @@ def test_slot_ms_is_exact() -> None:
     """A slot converts to whole epoch milliseconds without float drift."""
     slot = datetime(2099, 12, 31, 23, 59, 59, tzinfo=UTC)
     assert slot_ms(slot) == 4102444799000
+
+
+async def test_crons_changed_elsewhere_are_picked_up(store: Store) -> None:
+    """Crons created, edited and deleted behind the scheduler's back (another node) apply soon."""
+    async with new_scheduler(store):
+        created = await add_cron(store, "elsewhere", "0 0 0 1 1 * 2099")
+        moved = await add_cron(store, "moved", "0 0 0 1 1 * 2099")
+        doomed = await add_cron(store, "doomed", "0 0 0 1 1 * 2099")
+        await store.update_cron("elsewhere", {"cron_expression": EVERY_SECOND})
+        await store.update_cron("moved", {"cron_expression": EVERY_SECOND})
+        await asyncio.sleep(RESYNC_INTERVAL_S + scaled(1.5))
+        assert len(await fires_of(store, created.id)) >= 1
+        assert len(await fires_of(store, moved.id)) >= 1
+        await store.update_cron("moved", {"cron_expression": "0 0 0 1 1 * 2099"})
+        await store.delete_cron("elsewhere")
+        await asyncio.sleep(RESYNC_INTERVAL_S + scaled(0.5))
+        settled = {cron.id: len(await fires_of(store, cron.id)) for cron in (created, moved)}
+        await asyncio.sleep(scaled(2))
+        for cron in (created, moved):
+            assert len(await fires_of(store, cron.id)) == settled[cron.id]
+    assert await fires_of(store, doomed.id) == []
