@@ -14,6 +14,7 @@ import ipaddress
 import re
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar, Union
 from urllib.parse import urlsplit
 
@@ -838,49 +839,75 @@ def _parse_conditions(
     return parsed
 
 
+@dataclass
+class _Gathered:
+    """What a condition list says, gathered in one pass (all conditions ANDed)."""
+
+    values: dict[str, list[Any]] = field(default_factory=dict)
+    flags: dict[str, bool] = field(default_factory=dict)
+    lows: list[int] = field(default_factory=list)
+    highs: list[int] = field(default_factory=list)
+    limit: int | None = None
+    last: bool = False
+
+    @classmethod
+    def of(cls, conditions: Sequence[str | WireModel]) -> _Gathered:
+        """Sort each parsed condition into values, flags, time bounds and limit."""
+        gathered = cls()
+        for cond in conditions:
+            if cond == "last":
+                gathered.last = True
+            elif isinstance(cond, str):
+                gathered.flags[cond] = True
+            else:
+                [name] = type(cond).model_fields  # every condition model has one field
+                value = getattr(cond, name)
+                if name.endswith("_from_to"):
+                    gathered.lows.append(value[0])
+                    gathered.highs.append(value[1])
+                elif name.endswith("_from"):
+                    gathered.lows.append(value)
+                elif name.endswith("_to"):
+                    gathered.highs.append(value)
+                elif name == "limit":
+                    gathered.limit = value if gathered.limit is None else min(gathered.limit, value)
+                else:
+                    gathered.values.setdefault(name, []).append(value)
+        return gathered
+
+    def take(self, name: str) -> tuple[Any, ...]:
+        """Every value given for one condition."""
+        return tuple(self.values.get(name, ()))
+
+    @property
+    def low(self) -> int | None:
+        """The latest lower time bound."""
+        return max(self.lows) if self.lows else None
+
+    @property
+    def high(self) -> int | None:
+        """The earliest upper time bound."""
+        return min(self.highs) if self.highs else None
+
+    @property
+    def final_limit(self) -> int | None:
+        """``last`` wins over any ``limit``."""
+        return 1 if self.last else self.limit
+
+
 def parse_task_conditions(value: Any, field: str = "condition") -> TaskQuery:
     """Parse a TaskQueryCondition list into one TaskQuery."""
-    fields: dict[str, Any] = {"condition_count": len(value) if isinstance(value, list) else 0}
-    task_ids: list[int] = []
-    uuids: list[str] = []
-    types: list[str] = []
-    sources: list[str] = []
-    lows: list[int] = []
-    highs: list[int] = []
-    limit: int | None = None
-    last = False
-    for cond in _parse_conditions(value, field, _TASK_CONDITIONS, _FLAGS):
-        match cond:
-            case "last":
-                last = True
-            case str():
-                fields[cond] = True
-            case TaskIdCondition():
-                task_ids.append(cond.task_id)
-            case UuidCondition():
-                uuids.append(cond.uuid)
-            case TypeCondition():
-                types.append(cond.type)
-            case CronSourceCondition():
-                sources.append(cond.cron_source)
-            case TimestampFromToCondition():
-                lows.append(cond.timestamp_from_to[0])
-                highs.append(cond.timestamp_from_to[1])
-            case TimestampFromCondition():
-                lows.append(cond.timestamp_from)
-            case TimestampToCondition():
-                highs.append(cond.timestamp_to)
-            case LimitCondition():
-                limit = cond.limit if limit is None else min(limit, cond.limit)
+    gathered = _Gathered.of(_parse_conditions(value, field, _TASK_CONDITIONS, _FLAGS))
     return TaskQuery(
-        task_ids=tuple(task_ids),
-        uuids=tuple(uuids),
-        types=tuple(types),
-        cron_sources=tuple(sources),
-        timestamp_from=max(lows) if lows else None,
-        timestamp_to=min(highs) if highs else None,
-        limit=1 if last else limit,
-        **fields,
+        task_ids=gathered.take("task_id"),
+        uuids=gathered.take("uuid"),
+        types=gathered.take("type"),
+        cron_sources=gathered.take("cron_source"),
+        timestamp_from=gathered.low,
+        timestamp_to=gathered.high,
+        limit=gathered.final_limit,
+        condition_count=len(value),
+        **gathered.flags,
     )
 
 
@@ -1023,49 +1050,21 @@ def parse_cron_result_query(value: Any, field: str = "query") -> CronResultQuery
     """Parse ``{"condition": [...]}`` for crontab-result methods."""
     if not isinstance(value, dict) or set(value) != {"condition"}:
         raise InvalidParams(f'{field}: must be an object {{"condition": [...]}}')
-    ids: list[int] = []
-    cron_ids: list[int] = []
-    names: list[str] = []
-    lows: list[int] = []
-    highs: list[int] = []
-    flags: dict[str, bool] = {}
-    limit: int | None = None
-    last = False
     conditions = _parse_conditions(
         value["condition"],
         f"{field}.condition",
         _CRON_RESULT_CONDITIONS,
         ("is_success", "is_failure", "last"),
     )
-    for cond in conditions:
-        match cond:
-            case "last":
-                last = True
-            case str():
-                flags[cond] = True
-            case CronIdCondition():
-                ids.append(cond.id)
-            case CronRefCondition():
-                cron_ids.append(cond.cron_id)
-            case CronNameCondition():
-                names.append(cond.cron_name)
-            case RunTimeFromToCondition():
-                lows.append(cond.run_time_from_to[0])
-                highs.append(cond.run_time_from_to[1])
-            case RunTimeFromCondition():
-                lows.append(cond.run_time_from)
-            case RunTimeToCondition():
-                highs.append(cond.run_time_to)
-            case LimitCondition():
-                limit = cond.limit if limit is None else min(limit, cond.limit)
+    gathered = _Gathered.of(conditions)
     return CronResultQuery(
-        ids=tuple(ids),
-        cron_ids=tuple(cron_ids),
-        cron_names=tuple(names),
-        run_time_from=max(lows) if lows else None,
-        run_time_to=min(highs) if highs else None,
-        limit=1 if last else limit,
-        **flags,
+        ids=gathered.take("id"),
+        cron_ids=gathered.take("cron_id"),
+        cron_names=gathered.take("cron_name"),
+        run_time_from=gathered.low,
+        run_time_to=gathered.high,
+        limit=gathered.final_limit,
+        **gathered.flags,
     )
 
 
