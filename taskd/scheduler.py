@@ -188,6 +188,8 @@ class Scheduler:
             return
         self._versions[cron.id] = cron.updated_at
         self._changed[cron.id] = time.monotonic()
+        if not self._scheduler.running:
+            return  # another node fires the crons; start() reloads them all from the database
         try:
             schedule = parse_expression(cron.cron_expression, self.zone)
         except TaskdError as exc:
@@ -220,7 +222,7 @@ class Scheduler:
         self._remove_job(cron_id)
 
     def _remove_job(self, cron_id: int) -> None:
-        if self._scheduler.get_job(str(cron_id)) is not None:
+        if self._scheduler.running and self._scheduler.get_job(str(cron_id)) is not None:
             self._scheduler.remove_job(str(cron_id))
 
     async def _fire(self, cron_id: int, *run_times: datetime) -> None:

@@ -207,3 +207,22 @@ async def test_crons_changed_elsewhere_are_picked_up(store: Store) -> None:
         for cron in (created, moved):
             assert len(await fires_of(store, cron.id)) == settled[cron.id]
     assert await fires_of(store, doomed.id) == []
+
+
+async def test_stop_and_start_again_reloads_from_the_database(store: Store) -> None:
+    """A scheduler that stops and starts again (leadership moving) fires from the database rows."""
+    scheduler = new_scheduler(store)
+    kept = await add_cron(store, "kept", EVERY_SECOND)
+    async with scheduler:
+        await asyncio.sleep(scaled(1.2))
+    while_stopped = await add_cron(store, "while-stopped", EVERY_SECOND)
+    scheduler.schedule(while_stopped)  # stopped: only noted, nothing is fired
+    await asyncio.sleep(scaled(1.2))
+    assert await fires_of(store, while_stopped.id) == []
+    count_stopped = len(await fires_of(store, kept.id))
+    async with scheduler:
+        await asyncio.sleep(scaled(1.6))
+    fires = [slot for slot, _ in await fires_of(store, kept.id)]
+    assert len(fires) > count_stopped
+    assert fires == sorted(set(fires))
+    assert len(await fires_of(store, while_stopped.id)) >= 1
