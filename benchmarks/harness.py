@@ -420,10 +420,18 @@ def parse_wrk(text: str, connections: int) -> dict[str, Any]:
     }
 
 
+def _module_of(frame: str) -> str:
+    """The file of a py-spy frame; outside taskd only its top-level package."""
+    found = re.search(r"\(([^:()]+):\d+\)$", frame)
+    path = found.group(1) if found else frame
+    return path if path.startswith("taskd/") else path.split("/")[0]
+
+
 def summarize_profile(raw: Path, seconds: float, rate: int) -> dict[str, Any]:
     """Top frames of a py-spy raw (collapsed) profile: where the GIL-holding time went."""
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
+    modules: Counter[str] = Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -433,6 +441,7 @@ def summarize_profile(raw: Path, seconds: float, rate: int) -> dict[str, Any]:
         total += count
         frames = stack.split(";")
         own[frames[-1]] += count
+        modules[_module_of(frames[-1])] += count
         for frame in set(frames):
             inclusive[frame] += count
 
@@ -444,6 +453,7 @@ def summarize_profile(raw: Path, seconds: float, rate: int) -> dict[str, Any]:
         "samples": total,
         "seconds": round(seconds, 1),
         "gil_held_percent": round(100 * total / (seconds * rate), 1) if seconds else None,
+        "self_by_module": [[module, share(n)] for module, n in modules.most_common(20)],
         "top_self": [[frame, share(n)] for frame, n in own.most_common(25)],
         "top_inclusive": [[frame, share(n)] for frame, n in inclusive.most_common(40)],
     }

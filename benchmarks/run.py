@@ -8,7 +8,7 @@ It starts everything itself as separate processes on free loopback ports:
 taskd servers over fresh SQLite files or fresh PostgreSQL databases, load
 agents, callers, the Starlette echo floor, a Celery worker on Redis, the real
 ``taskd agent``. It writes ``benchmarks/results/latest.json`` and ``latest.md``
-(``quick.json`` / ``quick.md`` for a quick run) with every figure, target,
+(``quick.*`` for a quick run, ``*-partial.*`` with ``--only``) with every figure, target,
 pass/fail and the machine facts, and prints the markdown table. Every child is
 stopped on exit, whatever happened (Ctrl-C included).
 """
@@ -154,13 +154,14 @@ def main(argv: list[str] | None = None) -> int:
         "work_dir": str(workdir) if args.keep else None,
     }
     table = markdown(run.rows, meta)
-    stem = "quick" if args.quick else "latest"
+    # a run of some scenarios only never replaces the results of a whole run
+    stem = ("quick" if args.quick else "latest") + ("" if only == list(SCENARIOS) else "-partial")
     document = meta | {"rows": [row.as_dict() for row in run.rows], "data": run.data}
     (results_dir / f"{stem}.json").write_text(
         json.dumps(finite(document), indent=2, default=str, allow_nan=False) + "\n"
     )
     (results_dir / f"{stem}.md").write_text(table)
-    if not args.quick and not args.no_readme:
+    if stem == "latest" and not args.no_readme:
         update_readme(table)
     print(table)
     return 1 if any(row.error for row in run.rows) else 0

@@ -298,6 +298,7 @@ def p3(run: Run, peer: dict[str, Any] | None, peer_error: str | None) -> None:
 
     with run.taskd("p3", prepare=prepare) as server:
         agents, uuids, _ = run.load_agents(server, 1)
+        cpu_before = server.child.cpu_seconds()
         with run.profiled(server, "p3"):
             report = run.caller(
                 "p3-caller",
@@ -307,6 +308,9 @@ def p3(run: Run, peer: dict[str, Any] | None, peer_error: str | None) -> None:
                 agent=uuids[0],
                 calls=scale.p3_calls,
             )
+        # CPU per round trip far below the latency: the time goes to waiting, not computing
+        server_cpu = server.child.cpu_seconds() - cpu_before
+        report["server_cpu_us_per_call"] = 1e6 * server_cpu / (report["calls"] + 100)
         for agent in agents:
             run.children.stop(agent)
         real_argv = [
@@ -366,7 +370,8 @@ def p3(run: Run, peer: dict[str, Any] | None, peer_error: str | None) -> None:
             "P3",
             "`task_create_task_blocking` round trip, 1 caller, 1 load agent, sequential "
             f"({report['calls']:,} calls)",
-            f"p50 {ms(report['p50_ms'])}, p99 {ms(report['p99_ms'])}",
+            f"p50 {ms(report['p50_ms'])}, p99 {ms(report['p99_ms'])} (server "
+            f"{report['server_cpu_us_per_call']:.0f} µs CPU per round trip)",
             comparison,
             "p50 ≤ 1 ms, p99 ≤ 5 ms, ≤ 0.5x Celery p50",
             passed,
@@ -423,6 +428,7 @@ def p4(run: Run) -> None:
         )
         if now_ms() >= slot:
             raise BenchError(f"crontab_create returned {now_ms() - slot} ms after the slot")
+        cpu_before = server.child.cpu_seconds()
         with run.profiled(server, "p4-fire"):
             fire = wait_until(
                 lambda: server.sql(
@@ -432,27 +438,23 @@ def p4(run: Run) -> None:
                 (slot - now_ms()) / 1000 + 30,
                 interval=0.01,
             )[0]
-            # a fire writes its result rows once every task is created and pushed
-            wait_until(
-                lambda: server.rpc(
-                    "crontab-result_query", {"condition": [{"cron_name": name}, "last"]}
-                ),
-                "the fire's result rows",
-                120,
-                interval=0.01,
-            )
+            # watched in the database file, so the watching costs the server nothing
             wait_until(
                 lambda: (
-                    not server.rpc(
-                        "task_query_task",
-                        {"condition": [{"cron_source": name}, "is_running", "last"]},
-                    )
+                    server.sql("SELECT count(timestamp) FROM task WHERE cron_source = ?", name)
+                    == [(count,)]
                 ),
                 "every result stored",
                 300,
                 interval=0.01,
             )
             done = now_ms()
+        fire_cpu = server.child.cpu_seconds() - cpu_before
+        running = server.rpc(
+            "task_query_task", {"condition": [{"cron_source": name}, "is_running", "last"]}
+        )
+        if running:
+            raise BenchError(f"the database shows every result, task_query_task not: {running}")
         total, succeeded, last_answer = server.sql(
             "SELECT count(*), sum(success), max(timestamp) FROM task WHERE cron_source = ?", name
         )[0]
@@ -473,6 +475,7 @@ def p4(run: Run) -> None:
         "fire_delay_ms": fired_at - slot,
         "all_stored_at_ms": done,
         "stored_s_after_fire": stored_s,
+        "server_cpu_s_until_stored": fire_cpu,
         "last_agent_answer_s_after_fire": (last_answer - fired_at) / 1000 if last_answer else None,
         "tasks": total,
         "succeeded": succeeded,
@@ -480,18 +483,19 @@ def p4(run: Run) -> None:
     if total != count or succeeded != count:
         raise BenchError(f"the fire stored {succeeded} successes of {total} tasks, not {count}")
     rss = memory["vmrss_mb"]
+    peak = after["vmhwm_mb"]
     per_agent_kib = (rss - idle_memory["vmrss_mb"]) * 1024 / count
     run.rows.append(
         Row(
             "P4-rss",
             f"{count:,} agent subscriptions on one server process "
-            f"({scale.p4_processes} load-agent processes)",
-            f"server RSS {number(rss)} MB (peak {number(after['vmhwm_mb'])} MB through the "
-            f"fire; {number(idle_memory['vmrss_mb'])} MB idle)",
+            f"({scale.p4_processes} load-agent processes), then the fire",
+            f"server RSS {number(rss)} MB subscribed, peak {number(peak)} MB through the fire "
+            f"({number(idle_memory['vmrss_mb'])} MB idle)",
             f"{per_agent_kib:.1f} KiB per subscription; all connected in {connect_s:.1f} s",
-            "RSS ≤ 500 MB",
-            rss <= 500,
-            {"vmrss_mb": rss, "vmhwm_mb": after["vmhwm_mb"]},
+            "RSS ≤ 500 MB (the peak counts)",
+            peak <= 500,
+            {"vmrss_mb": rss, "vmhwm_mb": peak},
         )
     )
     run.rows.append(
@@ -499,7 +503,7 @@ def p4(run: Run) -> None:
             "P4-fire",
             f"one cron fire targeting all {count:,} agents",
             f"all {count:,} results stored {stored_s:.2f} s after the fire",
-            f"fired {fired_at - slot} ms after its slot",
+            f"fired {fired_at - slot} ms after its slot; server {fire_cpu:.1f} s CPU meanwhile",
             "≤ 3 s",
             stored_s <= 3,
             {"stored_s": stored_s},
