@@ -18,11 +18,11 @@ from taskd.clock import now_ms
 from taskd.cluster import Cluster
 from taskd.config import ServerSettings, parse_agent_config
 from taskd.errors import InvalidInput, NotFound, PermissionDenied
-from taskd.hub import Hub
+from taskd.hub import Hub, Subscription
 from taskd.metrics import Metrics
 from taskd.protocol import EditConfig, TaskVariant
 from taskd.scheduler import Scheduler
-from taskd.store import CRONS_CHANNEL, Store
+from taskd.store import CRONS_CHANNEL, TOKENS_CHANNEL, Store
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class App:
             task_deadline_ms=settings.task_deadline_ms,
             cluster=self.cluster,
         )
+        self.cluster.on_token = self._token_changed_elsewhere
         self.scheduler = Scheduler(
             self.store, self.hub, timezone=settings.timezone, node_id=self.node_id
         )
@@ -112,6 +113,30 @@ class App:
         with contextlib.suppress(Exception):
             await self.store.agents_disconnected(seen, self.node_id)
         await self._stack.aclose()
+
+    def revoke_locally(self, key: str, revoke: bool) -> list[Subscription]:
+        """Drop token ``key`` from the cache here; with ``revoke`` also end its subscriptions."""
+        self.auth.invalidate(key)
+        if not revoke:
+            return []
+        ended = [s for s in self.hub.connected_agents().values() if s.token_key == key]
+        for sub in ended:
+            self.hub.unsubscribe(sub.id, sub.peer)
+            logger.info("agent %s unsubscribed: its token %s changed", sub.agent_uuid, key)
+        return ended
+
+    async def token_changed(self, key: str, *, revoke: bool) -> list[Subscription]:
+        """A token change was committed: every node forgets it, and ends its subscriptions."""
+        ended = self.revoke_locally(key, revoke)
+        if self.cluster.enabled:
+            await self.store.announce(TOKENS_CHANNEL, f"{key} {int(revoke)}")
+        return ended
+
+    def _token_changed_elsewhere(self, key: str, revoke: bool) -> None:
+        for sub in self.revoke_locally(key, revoke):
+            close_soon = getattr(sub.peer, "close_soon", None)
+            if close_soon is not None:
+                close_soon(1008)
 
     async def cron_changed(self, cron_id: int) -> None:
         """A cron change was committed: the scheduler that fires it (here or the leader) follows."""

@@ -27,7 +27,14 @@ import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.engine import make_url
 
 from taskd.clock import now_ms
-from taskd.store import AGENTS_CHANNEL, CRONS_CHANNEL, TERMINALS_CHANNEL, Store, node_channel
+from taskd.store import (
+    AGENTS_CHANNEL,
+    CRONS_CHANNEL,
+    TERMINALS_CHANNEL,
+    TOKENS_CHANNEL,
+    Store,
+    node_channel,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +64,7 @@ class Cluster:
         self.on_results: Callable[[list[int]], None] = lambda ids: None
         self.on_moved: Callable[[str], None] = lambda agent_uuid: None
         self.on_crons: Callable[[list[int]], None] = lambda cron_ids: None
+        self.on_token: Callable[[str, bool], None] = lambda key, revoke: None
         self.on_leadership: Callable[[bool], Awaitable[None]] | None = None
         self._dsn = ""
         self._listener: asyncpg.Connection | None = None
@@ -166,7 +174,10 @@ class Cluster:
                 logger.warning("cluster heartbeat failed: %s", exc)
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
-        if channel == CRONS_CHANNEL:
+        if channel == TOKENS_CHANNEL:
+            key, _, revoke = payload.partition(" ")
+            self.on_token(key, revoke == "1")
+        elif channel == CRONS_CHANNEL:
             self.on_crons([int(i) for i in payload.split(",") if i.isdigit()])
         elif channel == TERMINALS_CHANNEL:
             state, agent_uuid, terminal_id, node = [*payload.split(" "), "", "", "", ""][:4]
@@ -202,6 +213,7 @@ class Cluster:
                 await conn.add_listener(AGENTS_CHANNEL, self._notified)
                 await conn.add_listener(TERMINALS_CHANNEL, self._notified)
                 await conn.add_listener(CRONS_CHANNEL, self._notified)
+                await conn.add_listener(TOKENS_CHANNEL, self._notified)
                 await conn.add_listener(node_channel(self.node_id), self._notified)
                 rows = await self.store.connected_agents()
                 self.agents = {row.uuid: row.node_id for row in rows if row.node_id}

@@ -318,6 +318,7 @@ async def _allocate_task_ids(conn: AsyncConnection, count: int) -> list[int]:
 AGENTS_CHANNEL = "taskd_agents"
 TERMINALS_CHANNEL = "taskd_terminals"
 CRONS_CHANNEL = "taskd_crons"
+TOKENS_CHANNEL = "taskd_tokens"
 
 
 def node_channel(node_id: str) -> str:

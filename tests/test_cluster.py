@@ -447,3 +447,24 @@ async def test_killing_the_cron_leader_hands_over_without_double_fires(cluster: 
     assert all(run % 1000 == 0 for run in runs)
     print(f"cron hand-over: {handover:.2f} s, {missed} slot(s) missed, {len(runs)} fired once each")
     assert missed <= handover + 2, f"{missed} slots missed in a {handover:.1f} s hand-over"
+
+
+async def test_rolling_a_token_on_one_node_revokes_it_on_every_node(cluster: Cluster) -> None:
+    """A token rolled through node 1 stops working at once on node 0, and node 0 closes the
+    agent connection it had opened."""
+    agent_uuid = str(uuid.uuid4())
+    limits = [
+        {
+            "scopes": [{"agent_uuid": agent_uuid}],
+            "permissions": [{"task": "listen"}, {"task": {"write": "*"}}],
+        }
+    ]
+    issued = await cluster.su(1, "token_create", limits)
+    agent = ScriptedAgent(cluster.nodes[0].ws_url, issued["token"], agent_uuid)
+    async with agent:
+        await wait_until(lambda: online_at(cluster, agent_uuid, cluster.nodes[0]), "online")
+        await cluster.su(1, "token_roll_token_secret", issued["key"])
+        assert await agent.closed() == 1008
+    with pytest.raises(RpcError) as error:
+        await cluster.nodes[0].call("task_query_task", issued["token"], {"condition": []})
+    assert error.value.code == 102

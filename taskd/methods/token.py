@@ -209,18 +209,13 @@ def _issued(token: NewToken) -> dict[str, str]:
     return {"key": token.key, "secret": token.secret, "token": str(token)}
 
 
-def _reauthenticate(ctx: CallContext, key: str) -> None:
-    """Forget token ``key``'s cached row and end the subscriptions it opened on this node.
+async def _reauthenticate(ctx: CallContext, key: str) -> None:
+    """Forget token ``key``'s cached row and end the subscriptions it opened (on every node).
 
     A subscription is authorised once, when it is made: without this a revoked or
     rolled agent token would go on receiving tasks over its open WebSocket.
     """
-    ctx.app.auth.invalidate(key)
-    hub = ctx.app.hub
-    ended = [sub for sub in hub.connected_agents().values() if sub.token_key == key]
-    for sub in ended:
-        hub.unsubscribe(sub.id, sub.peer)
-        logger.info("agent %s unsubscribed: its token %s changed", sub.agent_uuid, key)
+    ended = await ctx.app.token_changed(key, revoke=True)
 
     async def close() -> None:
         # after the reply: a caller rolling its own token over this connection gets it
@@ -340,9 +335,9 @@ async def token_edit(
 
     row = await ctx.app.store.update_token(target, change)
     if changes.keys() - {"description", "max_uses"}:
-        _reauthenticate(ctx, target)
+        await _reauthenticate(ctx, target)
     else:
-        ctx.app.auth.invalidate(target)
+        await ctx.app.token_changed(target, revoke=False)
     logger.info("token %s edited by token %s", target, principal.key)
     return _info(row)
 
@@ -361,7 +356,7 @@ async def token_delete(ctx: CallContext, token: Any, key: Any) -> dict[str, bool
         _may_take_over(principal, row, window=False)
 
     await ctx.app.store.delete_token(target, check)
-    _reauthenticate(ctx, target)
+    await _reauthenticate(ctx, target)
     logger.info("token %s deleted by token %s", target, principal.key)
     return {"success": True}
 
@@ -379,7 +374,7 @@ async def token_roll_token_secret(ctx: CallContext, token: Any, key: Any = None)
         return {"secret_hash": hash_secret(new.secret)}
 
     await ctx.app.store.update_token(target, change)
-    _reauthenticate(ctx, target)
+    await _reauthenticate(ctx, target)
     logger.info("token %s got a new secret from token %s", target, principal.key)
     return _issued(new)
 
@@ -405,6 +400,6 @@ async def token_change_password(
         return values
 
     await ctx.app.store.update_token(target, change)
-    _reauthenticate(ctx, target)
+    await _reauthenticate(ctx, target)
     logger.info("token %s got a new password from token %s", target, principal.key)
     return {"success": True}
