@@ -535,6 +535,23 @@ class Store:
             logger.error("database read failed: %s", _describe(exc))
             raise DatabaseError("Database error: the read failed") from None
 
+    async def fetch_one(self, statement: Select[Any]) -> Row[Any] | None:
+        """The first row a read statement returns, or None."""
+
+        async def fetch(conn: AsyncConnection) -> Row[Any] | None:
+            row: Row[Any] | None = (await conn.execute(statement)).first()
+            return row
+
+        return await self.read(fetch)
+
+    async def fetch_all(self, statement: Select[Any]) -> list[Row[Any]]:
+        """Every row a read statement returns."""
+
+        async def fetch(conn: AsyncConnection) -> list[Row[Any]]:
+            return list((await conn.execute(statement)).all())
+
+        return await self.read(fetch)
+
     # ------------------------------------------------------------------ tasks
 
     async def insert_tasks(self, tasks: Sequence[NewTask]) -> list[int]:
@@ -575,13 +592,9 @@ class Store:
     async def task_identity(self, task_id: int) -> Row[Any] | None:
         """The (uuid, task_token, type) of a task, or None."""
 
-        async def fetch(conn: AsyncConnection) -> Row[Any] | None:
-            statement = select(task_t.c.uuid, task_t.c.task_token, task_t.c.type).where(
-                task_t.c.id == task_id
-            )
-            return (await conn.execute(statement)).first()
-
-        return await self.read(fetch)
+        return await self.fetch_one(
+            select(task_t.c.uuid, task_t.c.task_token, task_t.c.type).where(task_t.c.id == task_id)
+        )
 
     async def delete_task_ids(self, ids: Sequence[int]) -> int:
         """Remove task rows by id (a task that could not be delivered)."""
@@ -718,11 +731,7 @@ class Store:
     async def query_tasks(self, query: TaskQuery) -> list[Row[Any]]:
         """Task records matching every condition, newest first."""
 
-        async def fetch(conn: AsyncConnection) -> list[Row[Any]]:
-            statement = self._filtered(select(*TASK_RECORD_COLUMNS), query)
-            return list((await conn.execute(statement)).all())
-
-        return await self.read(fetch)
+        return await self.fetch_all(self._filtered(select(*TASK_RECORD_COLUMNS), query))
 
     async def delete_tasks(self, query: TaskQuery) -> int:
         """Delete the task records a query selects (newest first, its limit applies)."""
@@ -747,19 +756,12 @@ class Store:
     async def token_by_key(self, key: str) -> Row[Any] | None:
         """The token row with that key."""
 
-        async def fetch(conn: AsyncConnection) -> Row[Any] | None:
-            return (await conn.execute(select(token_t).where(token_t.c.key == key))).first()
-
-        return await self.read(fetch)
+        return await self.fetch_one(select(token_t).where(token_t.c.key == key))
 
     async def token_by_username(self, username: str) -> Row[Any] | None:
         """The token row with that username."""
 
-        async def fetch(conn: AsyncConnection) -> Row[Any] | None:
-            statement = select(token_t).where(token_t.c.username == username)
-            return (await conn.execute(statement)).first()
-
-        return await self.read(fetch)
+        return await self.fetch_one(select(token_t).where(token_t.c.username == username))
 
     async def insert_token(self, values: dict[str, Any]) -> int:
         """Insert a token row; 108 if its key or username is taken."""
@@ -781,11 +783,8 @@ class Store:
     async def has_super_token(self) -> bool:
         """Whether a super token exists."""
 
-        async def fetch(conn: AsyncConnection) -> bool:
-            statement = select(token_t.c.id).where(token_t.c.is_super.is_(True)).limit(1)
-            return (await conn.execute(statement)).first() is not None
-
-        return await self.read(fetch)
+        statement = select(token_t.c.id).where(token_t.c.is_super.is_(True)).limit(1)
+        return await self.fetch_one(statement) is not None
 
     # ------------------------------------------------------------------ agents
 
@@ -859,10 +858,7 @@ class Store:
     async def list_agents(self) -> list[Row[Any]]:
         """Every agent ever seen."""
 
-        async def fetch(conn: AsyncConnection) -> list[Row[Any]]:
-            return list((await conn.execute(select(agent_t).order_by(agent_t.c.uuid))).all())
-
-        return await self.read(fetch)
+        return await self.fetch_all(select(agent_t).order_by(agent_t.c.uuid))
 
     async def reset_node_agents(self, node_id: str) -> None:
         """Mark every agent recorded on ``node_id`` as disconnected (the node restarted)."""
@@ -970,29 +966,20 @@ class Store:
     async def cron_by_id(self, cron_id: int) -> Row[Any] | None:
         """The cron with that id, or None (deleted)."""
 
-        async def fetch(conn: AsyncConnection) -> Row[Any] | None:
-            return (await conn.execute(select(cron_t).where(cron_t.c.id == cron_id))).first()
-
-        return await self.read(fetch)
+        return await self.fetch_one(select(cron_t).where(cron_t.c.id == cron_id))
 
     async def cron_by_name(self, name: str) -> Row[Any] | None:
         """The cron with that name."""
 
-        async def fetch(conn: AsyncConnection) -> Row[Any] | None:
-            return (await conn.execute(select(cron_t).where(cron_t.c.name == name))).first()
-
-        return await self.read(fetch)
+        return await self.fetch_one(select(cron_t).where(cron_t.c.name == name))
 
     async def list_crons(self, *, enabled_only: bool = False) -> list[Row[Any]]:
         """Every cron (or every enabled one), by id."""
 
-        async def fetch(conn: AsyncConnection) -> list[Row[Any]]:
-            statement = select(cron_t).order_by(cron_t.c.id)
-            if enabled_only:
-                statement = statement.where(cron_t.c.enable.is_(True))
-            return list((await conn.execute(statement)).all())
-
-        return await self.read(fetch)
+        statement = select(cron_t).order_by(cron_t.c.id)
+        if enabled_only:
+            statement = statement.where(cron_t.c.enable.is_(True))
+        return await self.fetch_all(statement)
 
     async def claim_cron_slot(
         self, cron_id: int, slot: int, fired_at: int, node_id: str
@@ -1084,13 +1071,9 @@ class Store:
     ) -> list[Row[Any]]:
         """Cron results matching every condition (and, if given, one of ``names``), newest first."""
 
-        async def fetch(conn: AsyncConnection) -> list[Row[Any]]:
-            statement = self._cron_results_filtered(
-                select(cron_result_t), query, names, DEFAULT_QUERY_LIMIT
-            )
-            return list((await conn.execute(statement)).all())
-
-        return await self.read(fetch)
+        return await self.fetch_all(
+            self._cron_results_filtered(select(cron_result_t), query, names, DEFAULT_QUERY_LIMIT)
+        )
 
     async def delete_cron_results(
         self, query: CronResultQuery, names: Sequence[str] | None = None
@@ -1138,21 +1121,14 @@ class Store:
     async def list_nodes(self) -> list[Row[Any]]:
         """Every node row."""
 
-        async def fetch(conn: AsyncConnection) -> list[Row[Any]]:
-            return list((await conn.execute(select(node_t))).all())
-
-        return await self.read(fetch)
+        return await self.fetch_all(select(node_t))
 
     async def connected_agents(self) -> list[Row[Any]]:
         """(uuid, node_id) of every agent recorded as connected."""
 
-        async def fetch(conn: AsyncConnection) -> list[Row[Any]]:
-            statement = select(agent_t.c.uuid, agent_t.c.node_id).where(
-                agent_t.c.connected_since.is_not(None)
-            )
-            return list((await conn.execute(statement)).all())
-
-        return await self.read(fetch)
+        return await self.fetch_all(
+            select(agent_t.c.uuid, agent_t.c.node_id).where(agent_t.c.connected_since.is_not(None))
+        )
 
     # ------------------------------------------------------------------ token management
 
