@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-readme", action="store_true", help="leave benchmarks/README.md")
     parser.add_argument("--http-load", choices=("auto", "wrk", "httpload"), default="auto")
     parser.add_argument(
-        "--profile", action="store_true", help="py-spy the server during P2, P3 and P4's fire"
+        "--profile", action="store_true", help="py-spy the server during P2, P3 and P4"
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
     args = parser.parse_args(argv)
