@@ -382,8 +382,6 @@ def _with_token(method: str, params: Any, token: str | None) -> Any:
 
 def cmd_call(args: argparse.Namespace) -> int:
     """One JSON-RPC call; print the result, or the error and exit 1."""
-    import httpx
-
     try:
         params = json.loads(args.params) if args.params else []
     except json.JSONDecodeError as exc:
@@ -393,29 +391,19 @@ def cmd_call(args: argparse.Namespace) -> int:
         print("PARAMS_JSON must be a JSON array or object", file=sys.stderr)
         return 2
     token = args.token or os.environ.get("TASKD_TOKEN")
-    url = args.url or os.environ.get("TASKD_URL") or DEFAULT_URL
-    url = url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
-    request = {
-        "jsonrpc": "2.0",
-        "method": args.method,
-        "params": _with_token(args.method, params, token),
-        "id": 1,
-    }
+    params = _with_token(args.method, params, token)
     try:
-        response = httpx.post(url, json=request, timeout=args.timeout)
-    except httpx.HTTPError as exc:
-        print(f"cannot reach {url}: {exc}", file=sys.stderr)
-        return 3
-    try:
-        body = response.json()
-    except ValueError:
-        print(f"HTTP {response.status_code}: {response.text[:500]}", file=sys.stderr)
-        return 3
-    if isinstance(body, dict) and "error" in body:
-        print(json.dumps(body["error"]), file=sys.stderr)
-        return 1
-    print(json.dumps(body.get("result") if isinstance(body, dict) else body, indent=2))
+        result = _post_rpc(_server_url(args), args.method, params, args.timeout)
+    except _CallFailed as exc:
+        print(json.dumps(exc.error) if exc.error is not None else exc.message, file=sys.stderr)
+        return exc.code
+    print(json.dumps(result, indent=2))
     return 0
+
+
+def _server_url(args: argparse.Namespace) -> str:
+    url = args.url or os.environ.get("TASKD_URL") or DEFAULT_URL
+    return str(url).replace("ws://", "http://", 1).replace("wss://", "https://", 1)
 
 
 # --------------------------------------------------------------------------- cron
@@ -424,34 +412,19 @@ def cmd_call(args: argparse.Namespace) -> int:
 class _CallFailed(Exception):
     """A server call failed; the message is printed and ``code`` is the exit status."""
 
-    def __init__(self, message: str, code: int) -> None:
+    def __init__(self, message: str, code: int, error: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        self.error = error
 
 
 def _rpc(args: argparse.Namespace, method: str, params: dict[str, Any]) -> Any:
     """One JSON-RPC call with the token; the result, or _CallFailed."""
-    import httpx
-
     token = args.token or os.environ.get("TASKD_TOKEN")
     if not token:
         raise _CallFailed("no token: pass --token or set TASKD_TOKEN", 2)
-    url = args.url or os.environ.get("TASKD_URL") or DEFAULT_URL
-    url = url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
-    request = {"jsonrpc": "2.0", "method": method, "params": {"token": token, **params}, "id": 1}
-    try:
-        body = httpx.post(url, json=request, timeout=args.timeout).json()
-    except httpx.HTTPError as exc:
-        raise _CallFailed(f"cannot reach {url}: {exc}", 3) from None
-    except ValueError:
-        raise _CallFailed(f"{url} did not answer with JSON", 3) from None
-    if not isinstance(body, dict):
-        raise _CallFailed(f"unexpected reply from {url}", 3)
-    if "error" in body:
-        error = body["error"]
-        raise _CallFailed(f"error {error.get('code')}: {error.get('message')}", 1)
-    return body.get("result")
+    return _post_rpc(_server_url(args), method, {"token": token, **params}, args.timeout)
 
 
 def _json_arg(text: str, flag: str) -> Any:
@@ -817,13 +790,13 @@ def _server_urls(server: str) -> tuple[str, str]:
     )
 
 
-def _post_rpc(url: str, method: str, params: Any) -> Any:
-    """One JSON-RPC call over HTTP; the result, or _CallFailed."""
+def _post_rpc(url: str, method: str, params: Any, timeout: float = 30.0) -> Any:
+    """One JSON-RPC call over HTTP; the result, or _CallFailed (exit 1 error, 3 unreachable)."""
     import httpx
 
     request = {"jsonrpc": "2.0", "method": method, "params": params, "id": 1}
     try:
-        body = httpx.post(url, json=request, timeout=30.0).json()
+        body = httpx.post(url, json=request, timeout=timeout).json()
     except httpx.HTTPError as exc:
         raise _CallFailed(f"cannot reach {url}: {exc}", 3) from None
     except ValueError:
@@ -832,7 +805,7 @@ def _post_rpc(url: str, method: str, params: Any) -> Any:
         raise _CallFailed(f"unexpected reply from {url}", 3)
     if "error" in body:
         error = body["error"]
-        raise _CallFailed(f"error {error.get('code')}: {error.get('message')}", 1)
+        raise _CallFailed(f"error {error.get('code')}: {error.get('message')}", 1, error)
     return body.get("result")
 
 
