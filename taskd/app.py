@@ -96,6 +96,7 @@ class App:
                 self._every(self.settings.reaper_interval_ms / 1000, self.reap), name="taskd-reaper"
             ),
             asyncio.create_task(self._every(15.0, self.hub.flush_seen), name="taskd-seen"),
+            asyncio.create_task(self._every(1.0, self.store.checkpoint), name="taskd-checkpoint"),
         ]
         logger.info(
             "taskd node %s started on %s", self.node_id, _safe_url(self.settings.database_url)
