@@ -742,7 +742,7 @@ def _add_token_commands(sub: Any) -> None:
         parents=[client],
         help="create a token",
         description="Create a token from a role preset (agent, caller, readonly, enroll; "
-        "see docs/security.md for the limits each produces) or from --limits JSON.",
+        "see the README for the limits each produces) or from --limits JSON.",
     )
     create.add_argument("--role", help="agent | caller | readonly | enroll")
     create.add_argument("--agent", help="agent role: the agent's UUID")

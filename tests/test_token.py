@@ -442,8 +442,8 @@ def test_the_guard_accepts_what_the_holder_already_has() -> None:
 
 
 def test_role_presets_produce_the_documented_limits() -> None:
-    """Every preset in docs/security.md equals what role_limits produces for it."""
-    text = (ROOT / "docs" / "security.md").read_text()
+    """Every preset in the README equals what role_limits produces for it."""
+    text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"<!-- role: (\w+)(?: ([^>]*))? -->\s*```json\n(.*?)```", text, re.S)
     assert {name for name, _, _ in blocks} == {"agent", "caller", "readonly", "enroll"}
     for name, arguments, block in blocks:
