@@ -959,11 +959,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LONG_RUNNING = (cmd_serve, cmd_agent, cmd_demo)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``taskd`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    if args.func not in LONG_RUNNING:
+        # `taskd call ... | head` should end quietly; a server or agent must never
+        # die because a peer closed its socket while being written to
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         code: int = args.func(args)
     except TaskdError as exc:

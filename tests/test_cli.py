@@ -206,3 +206,41 @@ def test_demo_starts_server_and_agent_and_shows_a_round_trip(tmp_path: Path) -> 
     assert again.returncode == 0, again.stderr
     assert "super token" not in again.stdout, "a second run reuses the first run's setup"
     assert "online" in again.stdout
+
+
+def test_server_outlives_the_reader_of_its_log(tmp_path: Path) -> None:
+    """When whatever reads serve's output goes away, logging fails but the server runs on."""
+    run("init", cwd=tmp_path)
+    port = free_port()
+    process = subprocess.Popen(
+        [*TASKD, "serve", "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        assert process.stdout is not None
+        process.stdout.readline()  # it has started writing its log
+        deadline = time.monotonic() + scaled(30)
+        while True:
+            try:
+                httpx.get(url + "healthz", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.1)
+        process.stdout.close()  # the log reader is gone
+        for _ in range(5):  # each failed authentication writes a log line
+            httpx.post(
+                url, json={"jsonrpc": "2.0", "method": "agent_list", "params": ["a:b"], "id": 1}
+            )
+        time.sleep(0.3)
+        assert process.poll() is None, f"serve died with status {process.returncode}"
+        reply = httpx.post(
+            url, json={"jsonrpc": "2.0", "method": "server_hello", "id": 1}, timeout=5
+        )
+        assert reply.json()["result"].startswith("hello")
+    finally:
+        process.kill()
+        process.wait()
