@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from jsonrpcserver.async_dispatcher import dispatch_request
+from jsonrpcserver.async_dispatcher import call as jsonrpc_call
 from jsonrpcserver.request import Request
 from jsonrpcserver.result import Error, Success
 from jsonrpcserver.sentinels import NODATA, NOID
@@ -43,7 +43,6 @@ class MethodInfo:
     aliases: tuple[str, ...] = ()
     websocket_only: bool = False
     summary: str = ""
-    dispatch: Method | None = None
 
 
 REGISTRY: dict[str, MethodInfo] = {}
@@ -73,14 +72,9 @@ def method(name: str, *aliases: str, websocket_only: bool = False) -> Callable[[
                 error = InternalError("Internal error")
                 return Error(error.code, error.message)
 
-        # jsonrpcserver checks params with inspect's Signature.bind on every call,
-        # which costs more than the method itself on the hot path; it is handed a
-        # catch-all signature and ``bind`` (precomputed from the real one) checks instead
-        dispatch = functools.partial(call)
-        dispatch.__signature__ = _ANYTHING  # type: ignore[attr-defined]
         call.__signature__ = signature  # type: ignore[attr-defined]
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        info = MethodInfo(name, call, aliases, websocket_only, summary, dispatch)
+        info = MethodInfo(name, call, aliases, websocket_only, summary)
         for public in (name, *aliases):
             if public in REGISTRY:
                 raise RuntimeError(f"method {public} registered twice")
@@ -88,14 +82,6 @@ def method(name: str, *aliases: str, websocket_only: bool = False) -> Callable[[
         return fn
 
     return register
-
-
-_ANYTHING = inspect.Signature(
-    [
-        inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
-        inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
-    ]
-)
 
 
 def _binder(signature: inspect.Signature) -> Callable[[tuple[Any, ...], dict[str, Any]], list[Any]]:
@@ -182,8 +168,10 @@ async def _dispatch_one(request: Request, context: CallContext) -> dict[str, Any
     elif info.websocket_only and context.transport != "websocket":
         reply = _error(-32601, f"Method {request.method} is only available over WebSocket")
     else:
-        assert info.dispatch is not None
-        _, result = await dispatch_request({request.method: info.dispatch}, context, request)
+        # jsonrpcserver's own lookup and Signature.bind check cost more than most
+        # methods; the registry lookup above and the method's precomputed binder
+        # replace them, and jsonrpcserver calls the method and shapes its Result
+        result = await jsonrpc_call(request, context, info.fn)
         if isinstance(result, Left):
             err = result._error
             message = err.message

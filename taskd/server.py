@@ -56,15 +56,19 @@ def client_address(scope: Mapping[str, Any], headers: Any, trusted: tuple[str, .
 
 
 class WsPeer:
-    """One WebSocket connection: a bounded send queue drained by its own task."""
+    """One WebSocket connection with a bounded send queue.
+
+    A sender task drains the queue while it has frames and then ends, so the
+    thousands of idle agent connections of a big fleet hold no task for it.
+    """
 
     def __init__(self, send: Send, remote: str) -> None:
         self._send = send
         self.remote: str | None = remote
         self._frames: deque[bytes] = deque()
-        self._ready = asyncio.Event()
         self._closed = False
         self._close_code: int | None = None
+        self._sender: asyncio.Task[None] | None = None
 
     @property
     def closed(self) -> bool:
@@ -80,7 +84,7 @@ class WsPeer:
             self.close_soon(1008)
             return False
         self._frames.append(frame)
-        self._ready.set()
+        self._wake()
         return True
 
     def close_soon(self, code: int) -> None:
@@ -88,30 +92,38 @@ class WsPeer:
         if self._close_code is None:
             self._close_code = code
         self._closed = True
-        self._ready.set()
+        self._wake()
 
     def lost(self) -> None:
         """The connection is gone: nothing more can be sent."""
         self._closed = True
+        self._close_code = None
         self._frames.clear()
-        self._ready.set()
 
-    async def run_sender(self) -> None:
-        """Write queued frames until closed."""
+    def _wake(self) -> None:
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
         send = self._send
         try:
-            while True:
-                await self._ready.wait()
-                self._ready.clear()
-                while self._frames:
-                    frame = self._frames.popleft()
-                    await send({"type": "websocket.send", "text": frame.decode()})
-                if self._closed:
-                    if self._close_code is not None:
-                        await send({"type": "websocket.close", "code": self._close_code})
-                    return
+            while self._frames:
+                frame = self._frames.popleft()
+                await send({"type": "websocket.send", "text": frame.decode()})
+            if self._closed and self._close_code is not None:
+                code, self._close_code = self._close_code, None
+                await send({"type": "websocket.close", "code": code})
         except (OSError, RuntimeError):  # the client went away mid-send
             self.lost()
+        finally:
+            self._sender = None
+            if self._frames or self._close_code is not None:
+                self._wake()  # queued while the last send was in flight
+
+    async def finished(self) -> None:
+        """Wait for the frames already queued to be written."""
+        while self._sender is not None:
+            await asyncio.shield(self._sender)
 
 
 class Connections:
@@ -204,7 +216,6 @@ class RpcEndpoint:
         remote = client_address(scope, headers, self.settings.trust_forwarded_for)
         peer = WsPeer(send, remote)
         self.connections.add(peer)
-        sender = asyncio.create_task(peer.run_sender())
         window = _Window(MAX_IN_FLIGHT)
         handlers: set[asyncio.Task[None]] = set()
         service = self.service
@@ -239,7 +250,7 @@ class RpcEndpoint:
             peer.lost()
             self.connections.discard(peer)
             with contextlib.suppress(Exception):
-                await sender
+                await peer.finished()
 
 
 class _Window:

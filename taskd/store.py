@@ -318,6 +318,28 @@ async def _allocate_task_ids(conn: AsyncConnection, count: int) -> list[int]:
     return list(range(start, start + count))
 
 
+@dataclass(eq=False)
+class _AgentConnectedOp(_Op):
+    values: dict[str, Any]
+
+    async def run_batch(self, conn: AsyncConnection, ops: Sequence[_Op]) -> list[Any]:
+        # one statement for a whole reconnect storm, not a savepoint per agent
+        rows = {op.values["uuid"]: op.values for op in ops}  # type: ignore[attr-defined]
+        dialect_insert = sqlite_insert if conn.dialect.name == "sqlite" else pg_insert
+        statement = dialect_insert(agent_t)
+        columns = ["last_seen", "connected_since", "remote_addr", "node_id", "token_key"]
+        statement = statement.on_conflict_do_update(
+            index_elements=["uuid"],
+            set_={column: getattr(statement.excluded, column) for column in columns},
+        )
+        await conn.execute(statement, list(rows.values()))
+        await notify(conn, AGENTS_CHANNEL, [f"{u} {v['node_id']}" for u, v in rows.items()])
+        return [None] * len(ops)
+
+    async def run(self, conn: AsyncConnection) -> Any:
+        return (await self.run_batch(conn, [self]))[0]
+
+
 AGENTS_CHANNEL = "taskd_agents"
 TERMINALS_CHANNEL = "taskd_terminals"
 CRONS_CHANNEL = "taskd_crons"
@@ -895,19 +917,7 @@ class Store:
             "node_id": node_id,
             "token_key": token_key,
         }
-
-        async def upsert(conn: AsyncConnection) -> None:
-            await conn.execute(
-                self._upsert(
-                    agent_t,
-                    values,
-                    ["uuid"],
-                    ["last_seen", "connected_since", "remote_addr", "node_id", "token_key"],
-                )
-            )
-            await notify(conn, AGENTS_CHANNEL, [f"{agent_uuid} {node_id}"])
-
-        await self.write(upsert)
+        await self._submit(_AgentConnectedOp(values))
 
     async def agents_disconnected(self, seen: dict[str, int], node_id: str) -> None:
         """Record that agents' subscriptions on this node ended (``seen``: uuid → last seen ms)."""
