@@ -38,8 +38,11 @@ from taskd.terminal import TerminalRelay
 logger = logging.getLogger(__name__)
 
 RPC_PATHS = ("/", "/rpc", "/nodeget/rpc")
-MAX_IN_FLIGHT = 512
+MAX_IN_FLIGHT = 64
 MAX_QUEUED_FRAMES = 100_000
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
+"""Replies a peer has not read yet; past either bound it is disconnected (1008). One frame
+bigger than this still goes out when nothing else waits."""
 
 
 def client_address(scope: Mapping[str, Any], headers: Any, trusted: tuple[str, ...]) -> str:
@@ -66,6 +69,7 @@ class WsPeer:
         self._send = send
         self.remote: str | None = remote
         self._frames: deque[bytes] = deque()
+        self._queued_bytes = 0
         self._closed = False
         self._close_code: int | None = None
         self._sender: asyncio.Task[None] | None = None
@@ -79,11 +83,18 @@ class WsPeer:
         """Queue a frame; False if closed. A peer that stops reading is disconnected."""
         if self._closed:
             return False
-        if len(self._frames) >= MAX_QUEUED_FRAMES:
+        if self._frames and (
+            len(self._frames) >= MAX_QUEUED_FRAMES
+            or self._queued_bytes + len(frame) > MAX_QUEUED_BYTES
+        ):
             logger.warning("closing WebSocket from %s: it stopped reading", self.remote)
+            # it would never read the backlog: free it now instead of when the socket dies
+            self._frames.clear()
+            self._queued_bytes = 0
             self.close_soon(1008)
             return False
         self._frames.append(frame)
+        self._queued_bytes += len(frame)
         self._wake()
         return True
 
@@ -99,6 +110,7 @@ class WsPeer:
         self._closed = True
         self._close_code = None
         self._frames.clear()
+        self._queued_bytes = 0
 
     def _wake(self) -> None:
         if self._sender is None:
@@ -109,6 +121,7 @@ class WsPeer:
         try:
             while self._frames:
                 frame = self._frames.popleft()
+                self._queued_bytes -= len(frame)
                 await send({"type": "websocket.send", "text": frame.decode()})
             if self._closed and self._close_code is not None:
                 code, self._close_code = self._close_code, None

@@ -37,7 +37,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DBAPIError,
+    IntegrityError,
+    OperationalError,
+    SQLAlchemyError,
+    StatementError,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -70,7 +76,7 @@ cron_t = Cron.__table__  # type: ignore[attr-defined]
 cron_fire_t = CronFire.__table__  # type: ignore[attr-defined]
 cron_result_t = CronResult.__table__  # type: ignore[attr-defined]
 
-MAX_BATCH = 5000
+MAX_BATCH = 1000
 LOCKED_WAIT_S = 30.0
 TASK_RECORD_COLUMNS = (
     task_t.c.id,
@@ -87,6 +93,22 @@ TASK_RECORD_COLUMNS = (
 
 def _json_dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+def _pg_json_dumps(value: Any) -> str:
+    """JSON for PostgreSQL, whose JSONB cannot hold NUL characters: they become U+FFFD."""
+    text = orjson.dumps(value).decode()
+    return orjson.dumps(_without_nul(value)).decode() if "\\u0000" in text else text
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [_without_nul(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    return value
 
 
 @dataclass
@@ -229,6 +251,8 @@ class _CompleteOp(_Op):
         updates: list[dict[str, Any]] = []
         taken: set[int] = set()
         waiting: dict[str, list[str]] = {}
+        # PostgreSQL text cannot hold NUL characters (see _pg_json_dumps)
+        sane_text = conn.dialect.name != "postgresql"
         for op in uploads:
             up = op.upload
             row = found.get(up.task_id)
@@ -259,7 +283,9 @@ class _CompleteOp(_Op):
                         "timestamp": up.timestamp,
                         "order_ts": up.timestamp,
                         "success": up.success,
-                        "error_message": up.error_message,
+                        "error_message": up.error_message
+                        if sane_text
+                        else _without_nul(up.error_message),
                         "task_event_result": result,
                     }
                 )
@@ -431,7 +457,7 @@ class Store:
 
     async def __aenter__(self) -> Store:
         options: dict[str, Any] = {
-            "json_serializer": _json_dumps,
+            "json_serializer": _json_dumps if self.is_sqlite else _pg_json_dumps,
             "json_deserializer": orjson.loads,
             "echo": self._echo,
         }
@@ -560,15 +586,14 @@ class Store:
     async def _run_batch(self, batch: list[_Op]) -> None:
         try:
             outcomes = await self._locked_retry(batch)
-        except (_Retry, IntegrityError) as exc:
-            if len(batch) == 1:
-                self._fail(batch, exc)
+        except Exception as exc:
+            # one op's values broke the transaction: halves are retried until only it fails
+            if len(batch) > 1 and (isinstance(exc, _Retry | IntegrityError) or _bad_value(exc)):
+                half = len(batch) // 2
+                await self._run_batch(batch[:half])
+                await self._run_batch(batch[half:])
                 return
-            for op in batch:
-                await self._run_batch([op])
-            return
-        except Exception as exc:  # the database failed: every op of the batch fails
-            self._fail(batch, exc)
+            self._fail(batch, exc)  # the database failed: every op of the batch fails
             return
         for op, outcome in zip(batch, outcomes, strict=True):
             if op.future.done():
@@ -622,6 +647,9 @@ class Store:
     def _fail(self, batch: Iterable[_Op], exc: BaseException) -> None:
         if isinstance(exc, TaskdError):
             error: TaskdError = exc
+        elif _bad_value(exc):
+            logger.warning("the database refused a value: %s", _describe(exc))
+            error = InvalidInput("The database cannot store a value of this request")
         else:
             logger.error("database write failed: %s", _describe(exc))
             error = DatabaseError("Database error: the write was not committed")
@@ -1323,6 +1351,18 @@ class Store:
             await conn.execute(insert(token_t), [row])
 
         await self.write(enroll)
+
+
+def _bad_value(exc: BaseException) -> bool:
+    """Whether a write failed on a value it carried (not on the database or the connection)."""
+    cause = exc.orig if isinstance(exc, StatementError) else exc
+    for error in (cause, getattr(cause, "__cause__", None)):
+        if isinstance(error, ValueError | TypeError | OverflowError):
+            return True
+        # SQLSTATE class 22: data exception (out of range, bad encoding, NUL in text ...)
+        if str(getattr(error, "sqlstate", "") or "").startswith("22"):
+            return True
+    return False
 
 
 def _describe(exc: BaseException) -> str:
