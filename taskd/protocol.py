@@ -569,6 +569,29 @@ class VersionResult(ResultVariant):
     kind: ClassVar[str] = "version"
     version: dict[str, Any]
 
+    @field_validator("version")
+    @classmethod
+    def _storable(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _check_free_json(value, 1)
+        return value
+
+
+_MAX_FREE_DEPTH = 32
+"""Nesting allowed in free-form result JSON: replies wrap it in a few more levels, and
+the encoders stop at 255 (a deeper stored value would break every query that reads it)."""
+
+
+def _check_free_json(value: Any, depth: int) -> None:
+    """Refuse free-form JSON that could not be stored and answered again."""
+    if depth > _MAX_FREE_DEPTH:
+        raise ValueError(f"nested deeper than {_MAX_FREE_DEPTH} levels")
+    if isinstance(value, dict):
+        for item in value.values():
+            _check_free_json(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_free_json(item, depth + 1)
+
 
 class SelfUpdateResult(ResultVariant):
     """Whether the update was installed."""

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
 import uuid
 from typing import Any
 
+import orjson
 import pytest
+import websockets
 
+from taskd.server import MAX_QUEUED_BYTES
 from tests.helpers import (
     RpcError,
     ScriptedAgent,
@@ -550,3 +555,72 @@ async def test_pipelined_websocket_creates(server: Server) -> None:
         assert len(ids) == 500
         pushed = {(await agent.next_task())["task_id"] for _ in range(500)}
         assert pushed == ids
+
+
+async def test_an_unstorable_result_is_refused_alone(server: Server) -> None:
+    """A result nested too deep to store is -32602; an upload beside it is still stored."""
+
+    def nested(depth: int) -> Any:
+        value: Any = "leaf"
+        for _ in range(depth):
+            value = {"k": value}
+        return value
+
+    async with ScriptedAgent(server.ws_url, server.super_token) as agent:
+        for bad in ({"version": nested(300)}, {"version": nested(32)}, {"version": [nested(31)]}):
+            await server.su("task_create_task", agent.uuid, "version")
+            await server.su("task_create_task", agent.uuid, "version")
+            tasks = [await agent.next_task(), await agent.next_task()]
+            uploads = [
+                {
+                    "task_id": task["task_id"],
+                    "agent_uuid": agent.uuid,
+                    "task_token": task["task_token"],
+                    "timestamp": 1,
+                    "success": True,
+                    "task_event_result": result,
+                }
+                for task, result in zip(tasks, (bad, {"version": {"ok": True}}), strict=True)
+            ]
+            batch = [
+                {"jsonrpc": "2.0", "method": "task_upload_task_result", "params": params, "id": i}
+                for i, params in enumerate([[server.super_token, u] for u in uploads])
+            ]
+            # the standard encoder: orjson refuses to write what this test must send
+            await agent.ws.send(json.dumps(batch))
+            replies = {r["id"]: r for r in await _batch_reply(agent)}
+            assert replies[0].get("error", {}).get("code") == -32602, (bad, replies[0])
+            assert "version" in replies[0]["error"]["message"]
+            assert replies[1]["result"] == {"id": tasks[1]["task_id"]}, replies[1]
+    records = await server.su("task_query_task", {"condition": [{"uuid": agent.uuid}]})
+    assert sorted(r["success"] is None for r in records) == [False] * 3 + [True] * 3
+
+
+async def _batch_reply(client: WsClient) -> list[dict[str, Any]]:
+    """The next batch reply a WsClient's reader queued (replies without a pending id land there)."""
+    while True:
+        item = await asyncio.wait_for(client.notifications.get(), scaled(10))
+        if "method" not in item:
+            replies = [item]
+            while not client.notifications.empty():
+                replies.append(client.notifications.get_nowait())
+            return replies
+
+
+async def test_a_client_that_stops_reading_is_cut_off_by_bytes(server: Server) -> None:
+    """A WebSocket client leaving 64 MiB of replies unread is closed with 1008; others go on."""
+    body = orjson.dumps({"jsonrpc": "2.0", "method": "rpc.discover", "id": 1}).decode()
+    reply_size = len((await server.post(body)).content)
+    count = MAX_QUEUED_BYTES // reply_size * 2
+    async with websockets.connect(server.ws_url, max_size=None, ping_interval=None) as ws:
+        ws.transport.pause_reading()
+        with contextlib.suppress(websockets.ConnectionClosed):
+            for _ in range(count):
+                await ws.send(body)
+        ws.transport.resume_reading()
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            async with asyncio.timeout(scaled(60)):
+                while True:
+                    await ws.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    assert (await server.call("server_hello")).startswith("hello")
