@@ -588,7 +588,8 @@ class Store:
             outcomes = await self._locked_retry(batch)
         except Exception as exc:
             # one op's values broke the transaction: halves are retried until only it fails
-            if len(batch) > 1 and (isinstance(exc, _Retry | IntegrityError) or _bad_value(exc)):
+            isolate = isinstance(exc, _Retry | IntegrityError | ValueError | TypeError)
+            if len(batch) > 1 and (isolate or _bad_value(exc)):
                 half = len(batch) // 2
                 await self._run_batch(batch[:half])
                 await self._run_batch(batch[half:])
@@ -664,7 +665,10 @@ class Store:
                 return await fn(conn)
         except TaskdError:
             raise
-        except (TimeoutError, SQLAlchemyError, OSError) as exc:
+        except (TimeoutError, SQLAlchemyError, OSError, OverflowError) as exc:
+            if _bad_value(exc):
+                logger.warning("the database refused a value: %s", _describe(exc))
+                raise InvalidInput("The database cannot look up a value of this request") from None
             logger.error("database read failed: %s", _describe(exc))
             raise DatabaseError("Database error: the read failed") from None
 
@@ -1354,9 +1358,12 @@ class Store:
 
 
 def _bad_value(exc: BaseException) -> bool:
-    """Whether a write failed on a value it carried (not on the database or the connection)."""
-    cause = exc.orig if isinstance(exc, StatementError) else exc
-    for error in (cause, getattr(cause, "__cause__", None)):
+    """Whether the database or its driver refused a value (not a failure of the database)."""
+    if isinstance(exc, OverflowError):  # sqlite3 binding an integer beyond 64 bits
+        return True
+    if not isinstance(exc, StatementError):
+        return False
+    for error in (exc.orig, getattr(exc.orig, "__cause__", None)):
         if isinstance(error, ValueError | TypeError | OverflowError):
             return True
         # SQLSTATE class 22: data exception (out of range, bad encoding, NUL in text ...)
