@@ -45,6 +45,9 @@ bench: $(VENV)/.installed-bench
 bench-quick: $(VENV)/.installed-bench
 	$(BIN)/python -m benchmarks.run --quick
 
+faults: install-test
+	$(BIN)/python -m benchmarks.faults
+
 schemas: install
 	$(BIN)/taskd schemas
 
