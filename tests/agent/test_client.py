@@ -15,7 +15,7 @@ import websockets
 
 from taskd.agent.client import BACKOFF_CAP_S, Agent, backoff_delays
 from taskd.agent.spool import Spool
-from taskd.config import AgentSettings, parse_agent_config
+from taskd.config import AgentSettings, load_agent_settings, parse_agent_config
 from tests.helpers import (
     Server,
     add_token,
@@ -326,3 +326,34 @@ def test_spool_survives_and_orders(tmp_path: Path, count: int) -> None:
     assert [r["task_id"] for r in Spool(tmp_path).pending()] == [4, 200]
     (tmp_path / "00000000000000000999.json").write_text("{broken")
     assert [r["task_id"] for r in Spool(tmp_path).pending()] == [4, 200]
+
+
+async def test_edit_config_is_applied_by_the_running_agent(server: Server, tmp_path: Path) -> None:
+    """After edit_config the agent reloads its file: a kind it refused before now runs."""
+    agent_uuid = str(uuid.uuid4())
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        f'agent_uuid = "{agent_uuid}"\n[[server]]\nname = "s0"\nws_url = "{server.ws_url}"\n'
+        f'token = "{server.super_token}"\nallow_read_config = true\nallow_edit_config = true\n'
+    )
+    echo = {"execute": {"cmd": "echo", "args": ["reloaded"]}}
+    async with running_agent(load_agent_settings(path), tmp_path / "state"):
+        await wait_online(server, agent_uuid)
+        before = await server.su("task_create_task_blocking", agent_uuid, echo, 5000)
+        assert before["success"] is False and "not allowed" in before["error_message"]
+        shown = await server.su("task_create_task_blocking", agent_uuid, "read_config", 5000)
+        text = shown["task_event_result"]["read_config"]
+        assert server.super_token not in text and "***" in text
+        edited = text.replace(
+            "allow_edit_config = true", "allow_edit_config = true\nallow_execute = true"
+        )
+        done = await server.su(
+            "task_create_task_blocking", agent_uuid, {"edit_config": edited}, 5000
+        )
+        assert done["task_event_result"] == {"edit_config": True}, done
+        await asyncio.sleep(scaled(0.3))  # the agent reconnects with the new settings
+        await wait_online(server, agent_uuid)
+        after = await server.su("task_create_task_blocking", agent_uuid, echo, 5000)
+    assert after["success"] is True, after
+    assert after["task_event_result"] == {"execute": "reloaded\n"}
+    assert server.super_token in path.read_text(), "the secret sent back as *** was kept"
