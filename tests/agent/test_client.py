@@ -347,12 +347,19 @@ async def test_edit_config_is_applied_by_the_running_agent(server: Server, tmp_p
         edited = text.replace(
             "allow_edit_config = true", "allow_edit_config = true\nallow_execute = true"
         )
+        hub = server.service.hub
+        old_subscription = hub.connected_agents()[agent_uuid].id
         done = await server.su(
             "task_create_task_blocking", agent_uuid, {"edit_config": edited}, 5000
         )
         assert done["task_event_result"] == {"edit_config": True}, done
-        await asyncio.sleep(scaled(0.3))  # the agent reconnects with the new settings
-        await wait_online(server, agent_uuid)
+        for _ in range(int(scaled(10) / 0.02)):  # the agent reconnects with its new settings
+            current = hub.connected_agents().get(agent_uuid)
+            if current is not None and current.id != old_subscription:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the agent did not reconnect after the edit")
         after = await server.su("task_create_task_blocking", agent_uuid, echo, 5000)
     assert after["success"] is True, after
     assert after["task_event_result"] == {"execute": "reloaded\n"}
