@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     stem = "faults" if scale is FULL else "faults-quick"
-    (results / f"{stem}.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    options = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
+    (results / f"{stem}.json").write_bytes(orjson.dumps(report, option=options))
     (results / f"{stem}.md").write_text(table)
     print(table)
     return 0 if report["passed"] else 1

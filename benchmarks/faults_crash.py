@@ -35,6 +35,8 @@ from benchmarks.faults_common import (
 from benchmarks.faults_relay import Recorded, TcpProxy, WsRecorder
 
 EXECUTE_TRUE = {"execute": {"cmd": "true", "args": []}}
+EXECUTE_SLEEP = {"execute": {"cmd": "sleep", "args": ["0.5"]}}
+"""Every tenth task sleeps, so a kill always finds tasks running on the agents."""
 CALLERS = 8
 
 
@@ -59,7 +61,7 @@ class Creator:
 
     def _next(self) -> Any:
         self.issued += 1
-        return EXECUTE_TRUE if self.issued % 10 == 0 else "version"
+        return {0: EXECUTE_TRUE, 5: EXECUTE_SLEEP}.get(self.issued % 10, "version")
 
     async def run(self) -> None:
         """Create ``total`` acknowledged tasks, riding out server restarts."""
@@ -145,7 +147,8 @@ async def r1_server_kill(scale: Scale, workdir: Path, database: str = "sqlite") 
         name,
         f"SIGKILL the server mid-load and restart it ({database})",
         scale.enforce_targets,
-        load=f"{scale.r1_tasks:,} tasks (version, every 10th execute true) to "
+        load=f"{scale.r1_tasks:,} tasks (version; every 10th execute true, every 10th "
+        "execute sleep 0.5) to "
         f"{scale.r1_agents} real taskd agents, {CALLERS} HTTP callers, "
         f"≤ {scale.r1_window} running",
         faults=f"{scale.r1_kills} SIGKILLs of taskd serve, restarted at once on the same "

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import tomlkit
 
 from benchmarks.procs import PYTHON, BenchError, Child, Children, free_port, wait_until
 from benchmarks.report import ROOT, Row
@@ -136,6 +137,7 @@ class Taskd:
     token: str
     directory: Path
     db_file: Path | None
+    env: dict[str, str] = field(default_factory=dict)
     http: httpx.Client = field(init=False)
 
     def __post_init__(self) -> None:
@@ -273,7 +275,7 @@ class Run:
                 env=env | {"TASKD_PORT": str(port)},
                 cwd=directory,
             )
-            server = Taskd(name, child, port, token, directory, db_file)
+            server = Taskd(name, child, port, token, directory, db_file, env)
             up = server
             wait_until(
                 lambda: check_alive(up.child) and up.http.get("/healthz").status_code == 200,
@@ -298,6 +300,35 @@ class Run:
                 with contextlib.suppress(Exception):
                     asyncio.run(pg_admin(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)'))
                 self.pg_databases.remove(pg_name)
+
+    @contextlib.contextmanager
+    def node(self, first: Taskd, name: str) -> Iterator[Taskd]:
+        """Another ``taskd serve`` node of ``first``'s cluster (its PostgreSQL database)."""
+        directory = self.workdir / name
+        directory.mkdir()
+        document = tomlkit.parse((first.directory / "taskd.toml").read_text())
+        document["server"].pop("node_id", None)  # type: ignore[union-attr]
+        (directory / "taskd.toml").write_text(tomlkit.dumps(document))
+        port = free_port()
+        child = self.children.start(
+            f"{name}-server",
+            [PYTHON, "-m", "taskd", "serve", "--config", str(directory / "taskd.toml")],
+            env=first.env | {"TASKD_PORT": str(port)},
+            cwd=directory,
+        )
+        server = Taskd(name, child, port, first.token, directory, None, first.env)
+        try:
+            wait_until(
+                lambda: check_alive(child) and server.http.get("/healthz").status_code == 200,
+                f"{name}: server up",
+                60,
+            )
+            yield server
+            if not child.alive():
+                raise BenchError(died(child))
+        finally:
+            server.http.close()
+            self.children.stop(child)
 
     def load_agents(
         self, server: Taskd, count: int, processes: int = 1, batch: bool = False

@@ -78,6 +78,7 @@ def measure_all(run: Run, only: list[str]) -> None:
         run.data["celery"] = peer if peer is not None else {"error": peer_error}
     if "P2" in only:
         measure(run, "P2", lambda: scenarios.p2(run, peer, peer_error))
+        measure(run, "P2", lambda: scenarios.p2_cluster(run))
     if "P3" in only:
         measure(run, "P3", lambda: scenarios.p3(run, peer, peer_error))
     for scenario_id, body in (("P4", scenarios.p4), ("P5", scenarios.p5), ("P6", scenarios.p6)):

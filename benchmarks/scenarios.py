@@ -7,6 +7,7 @@ rows (figure, comparison, target, pass/fail) and raw figures to the run.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import datetime
 import importlib.util
@@ -282,6 +283,80 @@ def p2(run: Run, peer: dict[str, Any] | None, peer_error: str | None) -> None:
                     },
                 )
             )
+
+
+def p2_cluster(run: Run) -> None:
+    """P2 on two nodes sharing one PostgreSQL vs one node (P2-pg of the same run).
+
+    Half of the load agents subscribe to each node and one caller process talks
+    to each node, creating tasks for all agents: half of the tasks cross nodes.
+    """
+    scale = run.scale
+    row_id = "P2-2n"
+    scenario = (
+        f"P2 on two `taskd serve` nodes sharing one PostgreSQL: {scale.p2_agents} load agents "
+        "split over the nodes, one caller process per node, tasks to every agent (half cross nodes)"
+    )
+    target = "≥ 1.6x one node"
+    try:
+        with run.taskd("p2-2n-a", "postgresql") as first, run.node(first, "p2-2n-b") as second:
+            half = scale.p2_agents // 2
+            _, first_uuids, _ = run.load_agents(first, half)
+            _, second_uuids, _ = run.load_agents(second, scale.p2_agents - half)
+            everyone = first.directory / "agents-cluster.txt"
+            everyone.write_text("\n".join(first_uuids + second_uuids) + "\n")
+            cpu_before = first.child.cpu_seconds() + second.child.cpu_seconds()
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                jobs = [
+                    pool.submit(
+                        run.caller,
+                        f"p2-2n-caller-{node.name}",
+                        "p2",
+                        url=node.ws_url,
+                        token=node.token,
+                        agents=everyone,
+                        tasks=scale.p2_tasks // 2,
+                    )
+                    for node in (first, second)
+                ]
+                reports = [job.result() for job in jobs]
+            server_cpu = first.child.cpu_seconds() + second.child.cpu_seconds() - cpu_before
+    except BenchError as exc:
+        error = str(exc).strip().splitlines()[0]
+        run.rows.append(Row(row_id, scenario, "", "", target, False, {}, error=error))
+        run.data.setdefault("errors", {})[row_id] = str(exc)
+        return
+    tasks = sum(r["tasks"] for r in reports)
+    seconds = max(r["seconds"] for r in reports)
+    rate = tasks / seconds
+    single = run.data.get("P2", {}).get("P2-pg")
+    report = {
+        "tasks": tasks,
+        "seconds": seconds,
+        "tasks_per_s": rate,
+        "callers": reports,
+        "server_cpu_s": server_cpu,
+        "server_cpu_us_per_task": 1e6 * server_cpu / tasks,
+    }
+    run.data.setdefault("P2", {})[row_id] = report
+    passed: bool | None = None
+    comparison = "one node not measured in this run"
+    if single is not None:
+        times = rate / single["tasks_per_s"]
+        comparison = f"one node {number(single['tasks_per_s'])} tasks/s → {times:.2f}x"
+        passed = times >= 1.6
+    run.rows.append(
+        Row(
+            row_id,
+            scenario,
+            f"{number(rate)} tasks/s ({tasks:,} tasks; both servers "
+            f"{report['server_cpu_us_per_task']:.0f} µs CPU per task)",
+            comparison,
+            target,
+            passed,
+            {"tasks_per_s": rate},
+        )
+    )
 
 
 # --------------------------------------------------------------------------- P3

@@ -41,6 +41,7 @@ ALPHABET = string.ascii_letters + string.digits
 KEY_LENGTH = 16
 SECRET_LENGTH = 32
 CACHE_SECONDS = 5.0
+MAX_UNKNOWN_KEYS = 10_000
 _SCRYPT = {"n": 1 << 14, "r": 8, "p": 1}
 
 
@@ -250,11 +251,15 @@ class Authenticator:
         self._cache: dict[str, _Cached] = {}
         self._passwords: dict[tuple[str, str], tuple[Principal, float]] = {}
         self._loading: dict[str, asyncio.Future[_Cached | None]] = {}
+        self._unknown: dict[str, float] = {}
+        """Keys found in no token row lately: a flood of calls with one made-up key
+        must not become a flood of database reads."""
         self._generation = 0
 
     def invalidate(self, key: str | None = None) -> None:
         """Forget cached token rows (one key, or all) after a token changed."""
         self._generation += 1
+        self._unknown.clear()
         if key is None:
             self._cache.clear()
         else:
@@ -294,6 +299,9 @@ class Authenticator:
     async def _by_key(self, key: str, secret: str) -> Principal:
         cached = self._cache.get(key)
         if cached is None or time.monotonic() - cached.loaded > CACHE_SECONDS:
+            missed = self._unknown.get(key)
+            if missed is not None and time.monotonic() - missed <= CACHE_SECONDS:
+                raise PermissionDenied("Invalid token: unknown key or wrong secret")
             cached = await self._load(key)
         if cached is None or not hmac.compare_digest(hash_secret(secret), cached.secret_hash):
             raise PermissionDenied("Invalid token: unknown key or wrong secret")
@@ -316,6 +324,9 @@ class Authenticator:
         if generation == self._generation:  # no invalidation raced with this read
             if cached is None:
                 self._cache.pop(key, None)
+                if len(self._unknown) >= MAX_UNKNOWN_KEYS:
+                    self._unknown.clear()
+                self._unknown[key] = time.monotonic()
             else:
                 self._cache[key] = cached
         return cached

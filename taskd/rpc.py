@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Method = Callable[..., Awaitable[Any]]
+BATCH_WINDOW = 16
+"""Items of one batch in progress at once."""
 
 
 @dataclass
@@ -223,12 +225,31 @@ async def handle(body: bytes | str, context: CallContext) -> bytes | None:
             return _dumps(
                 _error(-32600, f"Invalid request: batch of {len(parsed)} exceeds {max_items} items")
             )
-        replies = await asyncio.gather(*(_handle_item(item, context) for item in parsed))
+        replies = await _handle_batch(parsed, context)
         answered = [r for r in replies if r is not None]
         # each reply on its own, so one that cannot be serialised spoils only itself
         return b"[" + b",".join(map(_dumps, answered)) + b"]" if answered else None
     reply = await _handle_item(parsed, context)
     return None if reply is None else _dumps(reply)
+
+
+async def _handle_batch(items: list[Any], context: CallContext) -> list[dict[str, Any] | None]:
+    """Answer a batch's items concurrently, at most BATCH_WINDOW at a time.
+
+    A bound keeps one large batch from queueing thousands of database reads
+    (and as many tasks) ahead of every other client's calls.
+    """
+    if len(items) <= BATCH_WINDOW:
+        return await asyncio.gather(*(_handle_item(item, context) for item in items))
+    replies: list[dict[str, Any] | None] = [None] * len(items)
+    pending = iter(enumerate(items))
+
+    async def work() -> None:
+        for index, item in pending:
+            replies[index] = await _handle_item(item, context)
+
+    await asyncio.gather(*(work() for _ in range(BATCH_WINDOW)))
+    return replies
 
 
 async def _handle_item(item: Any, context: CallContext) -> dict[str, Any] | None:

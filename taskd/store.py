@@ -470,8 +470,12 @@ class Store:
             options["pool_timeout"] = 10
             options["connect_args"] = {"timeout": 5, "command_timeout": 30}
         self.engine = create_async_engine(self.url, **options)
-        self.write_engine = self.engine
-        if self.is_sqlite:
+        if not self.is_sqlite:
+            # the writer keeps a connection of its own: a flood of reads queued on the
+            # pool must never hold back the commits that acknowledge tasks and results
+            single = options | {"pool_size": 1, "max_overflow": 0}
+            self.write_engine = create_async_engine(self.url, **single)
+        else:
             path = self.url.split("///", 1)[-1]
 
             async def inline() -> aiosqlite.Connection:

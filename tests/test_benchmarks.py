@@ -42,6 +42,7 @@ ROW_IDS = {
     "P2-batch",
     "P2-pg",
     "P2-pg-batch",
+    "P2-2n",
     "P3",
     "P3-agent",
     "P4-rss",

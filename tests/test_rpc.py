@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from sqlalchemy import event
 
 from taskd import rpc
 from tests.helpers import Server
@@ -77,3 +78,34 @@ async def test_metrics_count_what_happened(server: Server) -> None:
     assert 'taskd_rpc_errors_total{code="-32602"} 1.0' in text
     assert "taskd_auth_failures_total 1.0" in text
     assert "taskd_agents_connected 0.0" in text
+
+
+async def test_a_large_batch_is_answered_in_order_a_window_at_a_time(server: Server) -> None:
+    """Every item of a batch bigger than the window is answered, in order; at most
+    BATCH_WINDOW of them hold a database connection at once."""
+    pool = server.service.store.engine.sync_engine.pool
+    out = [0, 0]  # connections checked out now, most at once
+
+    def checkout(*_: Any) -> None:
+        out[0] += 1
+        out[1] = max(out)
+
+    def checkin(*_: Any) -> None:
+        out[0] -= 1
+
+    event.listen(pool, "checkout", checkout)
+    event.listen(pool, "checkin", checkin)
+    items = 12 * rpc.BATCH_WINDOW
+    batch = [
+        {
+            "jsonrpc": "2.0",
+            "method": "task_query_task",
+            "params": [server.super_token, {"condition": [{"limit": 1}]}],
+            "id": f"q{i}",
+        }
+        for i in range(items)
+    ]
+    replies = (await server.post(batch)).json()
+    assert [r["id"] for r in replies] == [f"q{i}" for i in range(items)]
+    assert all(r["result"] == [] for r in replies), replies[:3]
+    assert 1 <= out[1] <= rpc.BATCH_WINDOW, out

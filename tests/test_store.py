@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
@@ -95,3 +96,17 @@ async def test_a_lookup_the_database_cannot_make_is_refused_not_a_database_error
     else:
         assert found is None and store.is_sqlite
     assert await store.cron_by_name("plain") is None
+
+
+async def test_writes_commit_while_every_read_connection_is_taken(store: Store) -> None:
+    """A flood of reads holding the whole pool never holds back a commit (PostgreSQL too)."""
+    held = contextlib.AsyncExitStack()
+    async with held:
+        # pool_size=2 (+2 overflow on PostgreSQL): take every read connection there is
+        for _ in range(2 if store.is_sqlite else 4):
+            await held.enter_async_context(store.engine.connect())
+        now = now_ms()
+        task = NewTask(str(uuid.uuid4()), "tok0000001", "version", "version", now + 60_000, now)
+        async with asyncio.timeout(5):
+            [task_id] = await store.insert_tasks([task])
+    assert (await store.task_identity(task_id)) is not None
