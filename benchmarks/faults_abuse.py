@@ -58,6 +58,16 @@ PROBE_P99_TARGET_MS = 500.0
 HTTP_WORKERS = 8
 WS_WORKERS = 4
 EXAMPLES = 5
+ATTACKER: list[dict[str, Any]] = [
+    *({"task": {action: "*"}} for action in ("create", "read", "write")),
+    {"task": "listen"},
+    *({"crontab": action} for action in ("read", "write", "delete")),
+    *({"crontab_result": {action: "*"}} for action in ("read", "delete")),
+    {"terminal": "connect"},
+    *({"agent": action} for action in ("list", "enroll")),
+    *({"token": action} for action in ("read", "write", "delete")),
+]
+"""The limits of the R4 attacker's token."""
 
 
 @dataclass
@@ -427,6 +437,11 @@ async def r4_adversarial_input(scale: Scale, workdir: Path, database: str = "sql
             throwaway = await rpc.su(
                 "token_create", [{"scopes": ["global"], "permissions": [{"token": "write"}]}]
             )
+            # every right but deleting tasks: a super token could delete the normal
+            # client's task under it, which is the caller's right, not a server fault
+            attacker = await rpc.su(
+                "token_create", [{"scopes": ["global"], "permissions": ATTACKER}]
+            )
             prober = await rpc.su(
                 "token_create",
                 [
@@ -443,7 +458,7 @@ async def r4_adversarial_input(scale: Scale, workdir: Path, database: str = "sql
         attacks = await asyncio.to_thread(
             build_attacks,
             scale,
-            server.token,
+            f"{attacker['key']}:{attacker['secret']}",
             str(uuid.uuid4()),
             victim["key"],
             f"{throwaway['key']}:{throwaway['secret']}",

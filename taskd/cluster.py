@@ -153,9 +153,13 @@ class Cluster:
                 TERMINALS_CHANNEL, f"{state} {agent_uuid} {terminal_id} {self.node_id}"
             )
 
-    def address_of(self, node_id: str) -> str | None:
-        """The published internal address of a node."""
+    async def address_of(self, node_id: str) -> str | None:
+        """The published internal address of a node (read again if not known yet)."""
         entry = self.nodes.get(node_id)
+        if not entry or not entry[0]:
+            # known only from an agent notification so far: its row has the address
+            await self._refresh_nodes()
+            entry = self.nodes.get(node_id)
         return entry[0] if entry else None
 
     # ------------------------------------------------------------------ loops

@@ -19,7 +19,7 @@ import orjson
 
 from taskd.auth import random_string
 from taskd.clock import now_ms
-from taskd.errors import AgentNotConnected
+from taskd.errors import AgentNotConnected, NotFound
 from taskd.models import TaskState
 from taskd.protocol import TaskVariant, variant_tag
 from taskd.store import NewTask, Store, StoredResult
@@ -113,6 +113,10 @@ class Hub:
 
     # ------------------------------------------------------------------ subscriptions
 
+    @property
+    def _clustered(self) -> bool:
+        return self.cluster is not None and self.cluster.enabled
+
     def is_connected(self, agent_uuid: str) -> bool:
         """Whether the agent holds a live subscription here."""
         sub = self._by_agent.get(agent_uuid)
@@ -186,6 +190,8 @@ class Hub:
             result = await self.store.get_result(task_id)
             if result is not None:
                 self.resolve([result])
+            elif await self.store.task_identity(task_id) is None:
+                self.forget([task_id])  # deleted through another node
 
         for task_id in task_ids:
             if task_id in self._waiters:
@@ -297,7 +303,9 @@ class Hub:
                     cron_source=cron_source,
                     created_by=created_by,
                     route_to=elsewhere,
-                    waiter_node=self.node_id if wait and elsewhere is not None else None,
+                    # the agent may move to another node before it answers: that node
+                    # must then tell this one that the result is in
+                    waiter_node=self.node_id if wait and self._clustered else None,
                 )
             )
         waiters: dict[int, asyncio.Future[StoredResult]] = {}
@@ -380,6 +388,16 @@ class Hub:
             futures.remove(future)
         if not futures:
             del self._waiters[task_id]
+
+    def forget(self, task_ids: Iterable[int]) -> None:
+        """Tasks were deleted: their blocking callers get 105 now instead of a timeout."""
+        for task_id in task_ids:
+            self.in_flight.pop(task_id, None)
+            for future in self._waiters.pop(task_id, ()):
+                if not future.done():
+                    future.set_exception(
+                        NotFound(f"Task {task_id} was deleted before its result arrived")
+                    )
 
     def resolve(self, results: Iterable[StoredResult]) -> None:
         """Wake the waiters of committed results."""

@@ -874,13 +874,28 @@ class Store:
 
         return await self.fetch_all(self._filtered(select(*TASK_RECORD_COLUMNS), query))
 
-    async def delete_tasks(self, query: TaskQuery) -> int:
-        """Delete the task records a query selects (newest first, its limit applies)."""
+    async def delete_tasks(self, query: TaskQuery) -> list[int]:
+        """Delete the task records a query selects (newest first, its limit applies).
 
-        async def remove(conn: AsyncConnection) -> int:
+        Returns the deleted ids; nodes with a blocking call waiting on one of them
+        are told (see ``Hub.forget``).
+        """
+
+        async def remove(conn: AsyncConnection) -> list[int]:
             ids = self._filtered(select(task_t.c.id), query).scalar_subquery()
-            result = await conn.execute(delete(task_t).where(task_t.c.id.in_(ids)))
-            return int(result.rowcount)
+            statement = (
+                delete(task_t)
+                .where(task_t.c.id.in_(ids))
+                .returning(task_t.c.id, task_t.c.waiter_node)
+            )
+            rows = (await conn.execute(statement)).all()
+            waiting: dict[str, list[str]] = {}
+            for row in rows:
+                if row.waiter_node is not None:
+                    waiting.setdefault(node_channel(row.waiter_node), []).append(str(row.id))
+            for channel, task_ids in waiting.items():
+                await notify(conn, channel, task_ids, "r:")
+            return [int(row.id) for row in rows]
 
         return await self.write(remove)
 

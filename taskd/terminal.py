@@ -280,7 +280,7 @@ class TerminalRelay:
         self, websocket: WebSocket, node: str, agent_uuid: str, terminal_id: str
     ) -> None:
         """Relay a user to the node holding the slot (nodes publish their internal address)."""
-        address = self.service.cluster.address_of(node)
+        address = await self.service.cluster.address_of(node)
         if not address:
             raise NotFound(
                 f"Terminal {terminal_id} of agent {agent_uuid} is on an unreachable node"

@@ -225,6 +225,29 @@ async def test_blocking_call_on_one_node_gets_a_result_uploaded_through_another(
     assert result["task_event_result"] == {"ip": ["192.0.2.1", None]}
 
 
+async def test_blocking_call_is_woken_when_its_agent_moved_before_answering(
+    cluster: Cluster,
+) -> None:
+    """A blocking call on node 0 for an agent on node 0 gets the result the agent
+    uploads after it reconnected to node 1."""
+    agent_uuid = str(uuid.uuid4())
+    first = ScriptedAgent(cluster.nodes[0].ws_url, cluster.token, agent_uuid)
+    async with first:
+        await wait_until(lambda: online_at(cluster, agent_uuid, cluster.nodes[0]), "on node 0")
+        call = asyncio.create_task(
+            cluster.su(0, "task_create_task_blocking", agent_uuid, "ip", 15_000)
+        )
+        task = await first.next_task()
+    async with ScriptedAgent(cluster.nodes[1].ws_url, cluster.token, agent_uuid) as moved:
+        await wait_until(lambda: online_at(cluster, agent_uuid, cluster.nodes[1]), "on node 1")
+        started = time.monotonic()
+        unwrap(await moved.upload(task, {"ip": [None, "2001:db8::1"]}))
+        result = await call
+        assert time.monotonic() - started < scaled(3)
+    assert result["task_id"] == task["task_id"]
+    assert result["task_event_result"] == {"ip": [None, "2001:db8::1"]}
+
+
 async def test_agent_that_moves_is_routed_to_its_new_node(cluster: Cluster) -> None:
     """An agent reconnecting to another node gets its tasks there; the old node drops it."""
     agent_uuid = str(uuid.uuid4())

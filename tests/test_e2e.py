@@ -86,6 +86,24 @@ async def test_blocking_call_times_out_with_999_and_keeps_the_row(server: Server
     assert record["task_event_result"] == {"ip": ["1.2.3.4", None]}
 
 
+async def test_deleting_a_task_answers_its_blocking_caller_at_once(server: Server) -> None:
+    """A blocking call whose task is deleted gets 105 right away, not a timeout; the
+    agent's late upload is 105 too."""
+    async with ScriptedAgent(server.ws_url, server.super_token) as agent:
+        call = asyncio.create_task(server.su("task_create_task_blocking", agent.uuid, "ip", 30_000))
+        task = await agent.next_task()
+        started = time.monotonic()
+        deleted = await server.su("task_delete_task", [{"task_id": task["task_id"]}])
+        assert deleted["deleted"] == 1
+        with pytest.raises(RpcError) as error:
+            await call
+        assert time.monotonic() - started < scaled(2)
+        assert error.value.code == 105
+        assert f"Task {task['task_id']} was deleted" in error.value.message
+        late = await agent.upload(task, {"ip": ["192.0.2.7", None]})
+        assert late["error"]["code"] == 105
+
+
 async def test_blocking_timeout_is_clamped_to_300000(server: Server) -> None:
     """timeout_ms above 300000 is clamped (the deadline stored proves it)."""
     async with ScriptedAgent(server.ws_url, server.super_token) as agent:

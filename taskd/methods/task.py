@@ -117,7 +117,8 @@ async def task_delete_task(ctx: CallContext, token: Any, conditions: Any) -> dic
     query = parse_task_conditions(conditions, "conditions")
     authorize_all_types(principal, "delete", query.uuids, query.types)
     deleted = await ctx.app.store.delete_tasks(query)
-    return {"success": True, "deleted": deleted, "condition_count": query.condition_count}
+    ctx.app.hub.forget(deleted)
+    return {"success": True, "deleted": len(deleted), "condition_count": query.condition_count}
 
 
 @method("task_register_task", websocket_only=True)
