@@ -516,14 +516,14 @@ class AgentProcess:
 
     @property
     def spool(self) -> Path:
-        """The agent's on-disk result spool for its one server."""
-        return self.directory / "taskd-agent" / self.agent_uuid / "spool" / "server"
+        """The agent's on-disk result spools, one folder per server connection."""
+        return self.directory / "taskd-agent" / self.agent_uuid / "spool"
 
     def spooled(self) -> tuple[int, int]:
         """(results waiting in the spool, results set aside as unreadable)."""
         if not self.spool.exists():
             return 0, 0
-        return len(list(self.spool.glob("*.json"))), len(list(self.spool.glob("*.bad")))
+        return len(list(self.spool.glob("*/*.json"))), len(list(self.spool.glob("*/*.bad")))
 
     def log(self) -> str:
         """The agent's whole log."""

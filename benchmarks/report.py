@@ -15,6 +15,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "benchmarks" / "README.md"
+MAIN_README = ROOT / "README.md"
 START_MARK = "<!-- results:start -->"
 END_MARK = "<!-- results:end -->"
 PACKAGES = (
@@ -169,11 +170,12 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(table: str, path: Path = README) -> None:
-    """Replace the results section of the benchmarks README with ``table``."""
+def update_readme(table: str, path: Path = README, section: str = "results") -> None:
+    """Replace the ``<!-- section:start -->`` ... ``end`` part of a README with ``table``."""
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     text = path.read_text()
-    head, found, rest = text.partition(START_MARK)
-    _, found_end, tail = rest.partition(END_MARK)
+    head, found, rest = text.partition(start)
+    _, found_end, tail = rest.partition(end)
     if not found or not found_end:
-        raise SystemExit(f"{path} has no {START_MARK} ... {END_MARK} section")
-    path.write_text(f"{head}{START_MARK}\n{table}{END_MARK}{tail}")
+        raise SystemExit(f"{path} has no {start} ... {end} section")
+    path.write_text(f"{head}{start}\n{table}{end}{tail}")

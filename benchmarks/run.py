@@ -38,7 +38,15 @@ import httpx
 from benchmarks import scenarios
 from benchmarks.harness import FULL, QUICK, Run, pg_admin
 from benchmarks.procs import BenchError, Children, raise_open_files_limit
-from benchmarks.report import ROOT, Row, finite, machine_facts, markdown, update_readme
+from benchmarks.report import (
+    MAIN_README,
+    ROOT,
+    Row,
+    finite,
+    machine_facts,
+    markdown,
+    update_readme,
+)
 
 SCENARIOS = ("P1", "P2", "P3", "P4", "P5", "P6")
 
@@ -92,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="every scenario at small scale")
     parser.add_argument("--only", help="comma-separated scenario ids (P1..P6)")
     parser.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--no-readme", action="store_true", help="leave benchmarks/README.md")
+    parser.add_argument("--no-readme", action="store_true", help="leave the READMEs as they are")
     parser.add_argument("--http-load", choices=("auto", "wrk", "httpload"), default="auto")
     parser.add_argument(
         "--profile", action="store_true", help="py-spy the server during P2, P3 and P4"
@@ -164,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     (results_dir / f"{stem}.md").write_text(table)
     if stem == "latest" and not args.no_readme:
         update_readme(table)
+        update_readme(table, MAIN_README, "benchmarks")
     print(table)
     return 1 if any(row.error for row in run.rows) else 0
 

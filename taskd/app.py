@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -22,7 +23,8 @@ from taskd.hub import Hub, Subscription
 from taskd.metrics import Metrics
 from taskd.protocol import EditConfig, TaskVariant
 from taskd.scheduler import Scheduler
-from taskd.store import CRONS_CHANNEL, TOKENS_CHANNEL, Store
+from taskd.store import Store
+from taskd.writer import CRONS_CHANNEL, TOKENS_CHANNEL
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,8 @@ class App:
         )
         self.limiter = RateLimiter(settings.auth_burst, settings.auth_rate_per_s)
         self.auth = Authenticator(self.store, self.limiter)
+        self.on_revoke: list[Callable[[str], None]] = []
+        """Called with a token key revoked here or on another node (the terminal relay)."""
         self.started_at = now_ms()
         self._stack = AsyncExitStack()
         self._loops: list[asyncio.Task[None]] = []
@@ -116,7 +120,7 @@ class App:
         await self._stack.aclose()
 
     def revoke_locally(self, key: str, revoke: bool) -> list[Subscription]:
-        """Drop token ``key`` from the cache here; with ``revoke`` also end its subscriptions."""
+        """Drop token ``key`` from the cache here; with ``revoke`` also end what it opened."""
         self.auth.invalidate(key)
         if not revoke:
             return []
@@ -124,6 +128,8 @@ class App:
         for sub in ended:
             self.hub.unsubscribe(sub.id, sub.peer)
             logger.info("agent %s unsubscribed: its token %s changed", sub.agent_uuid, key)
+        for listener in self.on_revoke:
+            listener(key)
         return ended
 
     async def token_changed(self, key: str, *, revoke: bool) -> list[Subscription]:

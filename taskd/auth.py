@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 import string
 import time
@@ -43,6 +44,10 @@ SECRET_LENGTH = 32
 CACHE_SECONDS = 5.0
 MAX_UNKNOWN_KEYS = 10_000
 _SCRYPT = {"n": 1 << 14, "r": 8, "p": 1}
+MAX_SCRYPTS = min(4, os.cpu_count() or 1)
+"""Password hashes computed at once: each takes 16 MiB and a core for tens of ms."""
+_NO_PASSWORD = f"scrypt${secrets.token_hex(16)}${secrets.token_hex(64)}"
+"""Checked against for unknown usernames: the same scrypt work as a real hash, never a match."""
 
 
 def random_string(length: int) -> str:
@@ -255,6 +260,12 @@ class Authenticator:
         """Keys found in no token row lately: a flood of calls with one made-up key
         must not become a flood of database reads."""
         self._generation = 0
+        self._scrypts = asyncio.Semaphore(MAX_SCRYPTS)
+
+    async def hash_password(self, password: str) -> str:
+        """Hash a password off the event loop, sharing the bound on concurrent scrypts."""
+        async with self._scrypts:
+            return await asyncio.get_running_loop().run_in_executor(None, hash_password, password)
 
     def invalidate(self, key: str | None = None) -> None:
         """Forget cached token rows (one key, or all) after a token changed."""
@@ -319,7 +330,7 @@ class Authenticator:
     async def _fetch(self, key: str, generation: int) -> _Cached | None:
         row = await self.store.token_by_key(key)
         cached = (
-            None if row is None else _Cached(_principal(row), row.secret_hash, time.monotonic())
+            None if row is None else _Cached(principal_of(row), row.secret_hash, time.monotonic())
         )
         if generation == self._generation:  # no invalidation raced with this read
             if cached is None:
@@ -338,15 +349,15 @@ class Authenticator:
             return cached[0]
         row = await self.store.token_by_username(username)
         stored = row.password_hash if row is not None else None
-        loop = asyncio.get_running_loop()
-        # scrypt takes tens of ms: keep it off the event loop, and run it even for
-        # unknown users so timing does not reveal which usernames exist
-        ok = await loop.run_in_executor(
-            None, verify_password, password, stored or hash_password("not a password")
-        )
-        if row is None or not ok or stored is None:
+        # scrypt takes tens of ms: off the event loop, a few at a time, and the same work
+        # for unknown users so timing does not reveal which usernames exist
+        async with self._scrypts:
+            ok = await asyncio.get_running_loop().run_in_executor(
+                None, verify_password, password, stored or _NO_PASSWORD
+            )
+        if row is None or stored is None or not ok:
             raise PermissionDenied("Invalid credentials: unknown username or wrong password")
-        principal = _principal(row)
+        principal = principal_of(row)
         self._passwords[fingerprint] = (principal, time.monotonic())
         return principal
 
@@ -368,7 +379,8 @@ async def ensure_super_token(store: Store) -> str | None:
     return str(token)
 
 
-def _principal(row: Any) -> Principal:
+def principal_of(row: Any) -> Principal:
+    """The Principal of a token row."""
     return Principal(
         key=row.key,
         is_super=bool(row.is_super),

@@ -19,14 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from taskd import __version__
-from taskd.config import ServerSettings, load_server_settings, write_default_server_config
+from taskd.config import (
+    SERVER_KEYS,
+    ServerSettings,
+    load_server_settings,
+    write_default_server_config,
+)
 from taskd.errors import TaskdError
 
 logger = logging.getLogger("taskd")
 
 DEFAULT_CONFIG = "taskd.toml"
 DEFAULT_URL = "http://127.0.0.1:2211/"
-_SERVER_ENV_SKIP = {"TASKD_CONFIG", "TASKD_TOKEN", "TASKD_URL"}
 
 
 def configure_logging(level: str) -> None:
@@ -48,11 +52,33 @@ def _config_path(args: argparse.Namespace) -> Path:
 
 
 def _env_overrides() -> dict[str, str]:
+    """The TASKD_* variables that name a server setting, keyed by that setting.
+
+    Other TASKD_* variables belong to other commands (TASKD_URL, TASKD_AGENT_CONFIG ...)
+    or to other tools, so they are left alone.
+    """
     return {
-        name[len("TASKD_") :].lower(): value
+        key: value
         for name, value in os.environ.items()
-        if name.startswith("TASKD_") and name not in _SERVER_ENV_SKIP
+        if name.startswith("TASKD_") and (key := name[len("TASKD_") :].lower()) in SERVER_KEYS
     }
+
+
+def _warn_misspelt_env() -> None:
+    """Name each TASKD_* variable that looks like a misspelt server setting: it changes nothing."""
+    import difflib
+
+    for name in sorted(os.environ):
+        if not name.startswith("TASKD_"):
+            continue
+        key = name[len("TASKD_") :].lower()
+        close = difflib.get_close_matches(key, SERVER_KEYS, n=1, cutoff=0.8)
+        if key not in SERVER_KEYS and close:
+            logger.warning(
+                "ignoring %s: not a server setting (did you mean TASKD_%s?)",
+                name,
+                close[0].upper(),
+            )
 
 
 def server_settings(args: argparse.Namespace) -> ServerSettings:
@@ -79,6 +105,7 @@ async def _init_database(settings: ServerSettings) -> str | None:
 
 def cmd_init(args: argparse.Namespace) -> int:
     """Create the config (if missing), the schema and the super token."""
+    _warn_misspelt_env()
     path = _config_path(args)
     created = not path.exists()
     if created:
@@ -118,6 +145,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = ensure_node_id(server_settings(args))
     configure_logging(settings.log_level)
+    _warn_misspelt_env()
     return 0 if serve(settings) else 1
 
 

@@ -27,12 +27,12 @@ import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.engine import make_url
 
 from taskd.clock import now_ms
-from taskd.store import (
+from taskd.store import Store
+from taskd.writer import (
     AGENTS_CHANNEL,
     CRONS_CHANNEL,
     TERMINALS_CHANNEL,
     TOKENS_CHANNEL,
-    Store,
     node_channel,
 )
 

@@ -116,7 +116,8 @@ class ServerSettings:
         return self.database_url.startswith("sqlite")
 
 
-_SERVER_KEYS = {f.name for f in fields(ServerSettings)} - {"config_path"} | {"listen"}
+SERVER_KEYS = frozenset({f.name for f in fields(ServerSettings)} - {"config_path"} | {"listen"})
+"""The keys of the ``[server]`` table (and of the TASKD_* variables that override them)."""
 
 
 def _server_value(name: str, value: Any) -> Any:
@@ -160,7 +161,7 @@ def load_server_settings(
             raise InvalidInput(f"{path}: {exc}") from None
         raw = dict(document.get("server", {}))
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    unknown = set(raw) - _SERVER_KEYS
+    unknown = set(raw) - SERVER_KEYS
     if unknown:
         raise InvalidInput(f"unknown server setting(s): {', '.join(sorted(unknown))}")
     if "listen" in raw:
@@ -263,7 +264,10 @@ class AgentSettings:
     exec_max_character: int = 10_000
     exec_timeout_ms: int = 60_000
     terminal_shell: str = "/bin/sh"
+    terminal_max_session_ms: int = 24 * 3600 * 1000
     connect_timeout_ms: int = 10_000
+    ping_interval_ms: int = 20_000
+    ping_timeout_ms: int = 20_000
     log_level: str = "info"
     max_concurrency: int = 10
     max_terminals: int = 8
@@ -349,7 +353,10 @@ def parse_agent_config(text: str, path: Path | None = None) -> AgentSettings:
     for key in (
         "exec_max_character",
         "exec_timeout_ms",
+        "terminal_max_session_ms",
         "connect_timeout_ms",
+        "ping_interval_ms",
+        "ping_timeout_ms",
         "max_concurrency",
         "max_terminals",
     ):

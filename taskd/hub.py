@@ -22,7 +22,8 @@ from taskd.clock import now_ms
 from taskd.errors import AgentNotConnected, NotFound
 from taskd.models import TaskState
 from taskd.protocol import TaskVariant, variant_tag
-from taskd.store import NewTask, Store, StoredResult
+from taskd.store import Store
+from taskd.writer import NewTask, StoredResult
 
 if TYPE_CHECKING:
     from taskd.cluster import Cluster
@@ -57,6 +58,13 @@ class Subscription:
     peer: Peer
     token_key: str | None
     since: int = field(default_factory=now_ms)
+    expires_at: int | None = None
+    """When the token it was made with stops being valid (ms); None if never."""
+    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+    def expired(self) -> bool:
+        """Whether the token it was made with is past its validity window."""
+        return self.expires_at is not None and now_ms() > self.expires_at
 
 
 @dataclass(frozen=True)
@@ -120,18 +128,30 @@ class Hub:
     def is_connected(self, agent_uuid: str) -> bool:
         """Whether the agent holds a live subscription here."""
         sub = self._by_agent.get(agent_uuid)
+        if sub is not None and sub.expired():  # the timer that ends it has not run yet
+            self._expire(sub)
+            return False
         return sub is not None and not sub.peer.closed
 
     def connected_agents(self) -> dict[str, Subscription]:
         """Live subscriptions by agent UUID."""
         return dict(self._by_agent)
 
-    async def subscribe(self, agent_uuid: str, peer: Peer, token_key: str | None) -> Subscription:
-        """Register ``peer`` as the agent's subscription; the newest subscription wins."""
+    async def subscribe(
+        self, agent_uuid: str, peer: Peer, token_key: str | None, expires_at: int | None = None
+    ) -> Subscription:
+        """Register ``peer`` as the agent's subscription; the newest subscription wins.
+
+        A subscription is authorised once, when it is made: it ends at ``expires_at``
+        (ms), when the token it was made with stops being valid.
+        """
         sub_id = secrets.randbits(52) or 1
         while sub_id in self._by_id:
             sub_id = secrets.randbits(52) or 1
-        sub = Subscription(sub_id, agent_uuid, peer, token_key)
+        sub = Subscription(sub_id, agent_uuid, peer, token_key, expires_at=expires_at)
+        if expires_at is not None:
+            delay = max(0.0, (expires_at + 1 - now_ms()) / 1000)
+            sub.timer = asyncio.get_running_loop().call_later(delay, self._expire, sub)
         old = self._by_agent.get(agent_uuid)
         if old is not None:
             self._drop(old)
@@ -163,7 +183,19 @@ class Hub:
             logger.info("agent %s disconnected", sub.agent_uuid)
         self._record_gone(gone)
 
+    def _expire(self, sub: Subscription) -> None:
+        if self._by_id.get(sub.id) is not sub:
+            return
+        self._drop(sub)
+        self._record_gone([sub])
+        logger.info("agent %s unsubscribed: its token %s expired", sub.agent_uuid, sub.token_key)
+        close_soon = getattr(sub.peer, "close_soon", None)
+        if close_soon is not None:
+            close_soon(1008)
+
     def _drop(self, sub: Subscription) -> None:
+        if sub.timer is not None:
+            sub.timer.cancel()
         self._by_id.pop(sub.id, None)
         if self._by_agent.get(sub.agent_uuid) is sub:
             del self._by_agent[sub.agent_uuid]
@@ -244,6 +276,9 @@ class Hub:
     def _push(self, agent_uuid: str, task_id: int, task_token: str, wire: Any) -> bool:
         sub = self._by_agent.get(agent_uuid)
         if sub is None or sub.peer.closed:
+            return False
+        if sub.expired():
+            self._expire(sub)
             return False
         if not sub.peer.send(push_frame(sub.id, task_id, task_token, wire)):
             return False

@@ -37,11 +37,19 @@ class Task(SQLModel, table=True):
     __table_args__ = (
         Index("ix_task_uuid_type_order", "uuid", "type", "order_ts", "id"),
         Index("ix_task_uuid_order", "uuid", "order_ts", "id"),
+        Index("ix_task_type_order", "type", "order_ts", "id"),
         Index("ix_task_order", "order_ts", "id"),
         Index("ix_task_cron_order", "cron_source", "order_ts", "id"),
         Index(
             "ix_task_open_deadline",
             "deadline",
+            sqlite_where=text("state < 2"),
+            postgresql_where=text("state < 2"),
+        ),
+        Index(
+            "ix_task_open_order",
+            "order_ts",
+            "id",
             sqlite_where=text("state < 2"),
             postgresql_where=text("state < 2"),
         ),
@@ -149,13 +157,30 @@ class CronFire(SQLModel, table=True):
     """One row per (cron, slot) fired: the guard that no slot fires twice."""
 
     __tablename__ = "cron_fire"
-    __table_args__ = (UniqueConstraint("cron_id", "slot", name="uq_cron_fire_slot"),)
+    __table_args__ = (
+        UniqueConstraint("cron_id", "slot", name="uq_cron_fire_slot"),
+        Index(
+            "ix_cron_fire_pending",
+            "id",
+            sqlite_where=text("pending IS NOT NULL"),
+            postgresql_where=text("pending IS NOT NULL"),
+        ),
+    )
 
     id: int | None = _id()
     cron_id: int = Field(sa_column=Column(BigInteger, nullable=False))
     slot: int = _ms()
     fired_at: int = _ms()
     node_id: str | None = Field(default=None, max_length=64)
+    # until its result rows are stored: {"cron_name", "cron_type"} as the fire saw them
+    # (None is SQL NULL here, never a JSON null, so "IS NOT NULL" means pending)
+    pending: Any = Field(
+        default=None,
+        sa_column=Column(
+            JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql"),
+            nullable=True,
+        ),
+    )
 
 
 class Node(SQLModel, table=True):

@@ -4,9 +4,15 @@ APScheduler 3 (``AsyncIOScheduler``, in-memory job store rebuilt from the
 database at start) only wakes up at the times a small trigger hands it; the
 trigger asks ``taskd.crontab`` (croniter), so APScheduler never interprets an
 expression. A fire claims its (cron, slot) row in the database first — a slot
-fires at most once, across restarts and nodes — then creates one task per
-target through ``Hub.create`` and stores one result row per target. It never
-waits for the agents' answers, and each fire runs as its own asyncio task.
+fires at most once, across restarts and nodes — then checks that the token that
+created the cron may still create its task on each target, creates one task per
+allowed target through ``Hub.create`` and stores one result row per target. It
+never waits for the agents' answers, and each fire runs as its own asyncio task.
+
+The history is exact: a claimed slot stays pending until its result rows are
+stored, and a pending slot that no running fire owns (the server was killed, or
+the rows could not be written) is settled with rows saying the fire was
+interrupted, at start-up and on every resync.
 
 Missed slots (downtime, a stalled event loop) collapse into one fire for the
 latest missed slot. Changes made through this node apply at once; every few
@@ -20,7 +26,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections import Counter
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +35,7 @@ from apscheduler.executors.base import BaseExecutor
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
 
+from taskd.auth import Need, allows, principal_of
 from taskd.clock import now_ms
 from taskd.crontab import CronSchedule, parse_expression, zone_of
 from taskd.errors import TaskdError
@@ -37,9 +45,18 @@ from taskd.store import Store
 
 logger = logging.getLogger(__name__)
 
-# fires of one cron allowed to overlap (a slow database); beyond that slots are skipped
+# fires of one cron allowed to overlap (a slow database); a slot past that is recorded
+# as skipped rather than fired
 MAX_OVERLAPPING_FIRES = 4
 RESYNC_INTERVAL_S = 2.0
+# a fire settles within milliseconds, or within the writer's 30 s wait for a locked
+# database; one pending this long on another node was cut short
+INTERRUPTED_AFTER_MS = 60_000
+INTERRUPTED = (
+    "Fire interrupted after its slot was claimed (the server stopped, or could not "
+    "store the outcome): whether a task was created is unknown; look for it with "
+    "task_query_task and cron_source"
+)
 
 
 def slot_ms(slot: datetime) -> int:
@@ -75,23 +92,42 @@ class CronTrigger(BaseTrigger):  # type: ignore[misc]
 
 
 class _FireExecutor(BaseExecutor):  # type: ignore[misc]
-    """Runs each fire as its own asyncio task, handing it the run times that are due."""
+    """Runs each fire as its own asyncio task, handing it the run times that are due.
 
-    def __init__(self) -> None:
+    No slot vanishes here: APScheduler's executors drop a run past ``max_instances``
+    with a log line only, and this one hands it to ``skip`` (which records the slot
+    as skipped) instead. Misfires cannot drop one either, as APScheduler checks
+    ``misfire_grace_time`` only in the ``run_job`` this executor never calls.
+    """
+
+    def __init__(self, skip: Callable[..., Coroutine[Any, Any, None]]) -> None:
         super().__init__()
+        self._skip = skip
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def submit_job(self, job: Any, run_times: Sequence[datetime]) -> None:
+        with self._lock:
+            if self._instances[job.id] >= job.max_instances:
+                self._spawn(job.id, self._skip(*job.args, *run_times), counted=False)
+                return
+            super().submit_job(job, run_times)
+
     def _do_submit_job(self, job: Any, run_times: Sequence[datetime]) -> None:
-        coroutine: Coroutine[Any, Any, None] = job.func(*job.args, *run_times)
-        task = asyncio.get_running_loop().create_task(coroutine, name=f"taskd-cron-{job.id}")
+        self._spawn(job.id, job.func(*job.args, *run_times), counted=True)
+
+    def _spawn(self, job_id: str, coroutine: Coroutine[Any, Any, None], *, counted: bool) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine, name=f"taskd-cron-{job_id}")
         self._tasks.add(task)
 
         def done(finished: asyncio.Task[None]) -> None:
             self._tasks.discard(finished)
-            if finished.cancelled() or finished.exception() is None:
-                self._run_job_success(job.id, [])
-            else:
-                self._run_job_error(job.id, finished.exception())
+            error = None if finished.cancelled() else finished.exception()
+            if counted and error is None:
+                self._run_job_success(job_id, [])
+            elif counted:
+                self._run_job_error(job_id, error)
+            elif error is not None:
+                logger.error("recording a skipped slot of cron %s failed", job_id, exc_info=error)
 
         task.add_done_callback(done)
 
@@ -109,14 +145,16 @@ class Scheduler:
         self.hub = hub
         self.node_id = node_id
         self.zone = zone_of(timezone)
-        self._executor = _FireExecutor()
+        self._executor = _FireExecutor(self._skip)
         self._scheduler = AsyncIOScheduler(
             timezone=self.zone,
             executors={"default": self._executor},
             job_defaults={
-                # a late fire is never dropped: missed slots coalesce into one fire
+                # a late fire is never dropped: slots missed while the loop stalled coalesce
+                # into one fire for the latest (the others were never claimed, like downtime)
                 "coalesce": True,
                 "misfire_grace_time": None,
+                # past it a slot is not dropped but recorded as skipped (see _FireExecutor)
                 "max_instances": MAX_OVERLAPPING_FIRES,
             },
         )
@@ -125,6 +163,10 @@ class Scheduler:
         # cron id -> when this node last changed its job (monotonic seconds)
         self._changed: dict[int, float] = {}
         self._resync: asyncio.Task[None] | None = None
+        # (cron id, slot) of the fires running here: their pending slots are not cut short
+        self._firing: Counter[tuple[int, int]] = Counter()
+        # result rows of fires here that could not be stored yet, by (cron id, slot)
+        self._unstored: dict[tuple[int, int], list[dict[str, Any]]] = {}
 
     async def __aenter__(self) -> Scheduler:
         self._scheduler.start()
@@ -135,6 +177,10 @@ class Scheduler:
         crons = await self.store.list_crons(enabled_only=True)
         for cron in crons:
             self._load(cron)
+        try:
+            await self.settle_interrupted()
+        except TaskdError as exc:
+            logger.warning("interrupted cron fires not settled: %s", exc.message)
         self._resync = asyncio.create_task(self._resync_forever(), name="taskd-cron-resync")
         logger.info("scheduler started with %d enabled cron(s) in %s", len(crons), self.zone)
         return self
@@ -157,6 +203,7 @@ class Scheduler:
             await asyncio.sleep(RESYNC_INTERVAL_S)
             try:
                 await self.resync()
+                await self.settle_interrupted()
             except TaskdError as exc:
                 logger.warning("cron resync failed: %s", exc.message)
 
@@ -225,55 +272,174 @@ class Scheduler:
         if self._scheduler.running and self._scheduler.get_job(str(cron_id)) is not None:
             self._scheduler.remove_job(str(cron_id))
 
+    async def settle_interrupted(self) -> None:
+        """Store the result rows of claimed slots whose fire ended before it stored them.
+
+        A pending slot of this node that no fire here owns was cut short (or its rows
+        were refused: they are stored now); one of another node counts as cut short
+        once ``INTERRUPTED_AFTER_MS`` have passed since its claim.
+        """
+        now = now_ms()
+        for fire in await self.store.pending_cron_fires():
+            key = (fire.cron_id, fire.slot)
+            ours = fire.node_id == self.node_id
+            if key in self._firing or (not ours and fire.fired_at > now - INTERRUPTED_AFTER_MS):
+                continue
+            rows = self._unstored.get(key) if ours else None
+            if rows is None:
+                name = fire.pending["cron_name"]
+                rows = [
+                    _row(fire.cron_id, name, fire.slot, agent, None, INTERRUPTED)
+                    for agent in _targets(fire.pending["cron_type"])
+                ]
+                logger.warning(
+                    "cron %s: slot %d was claimed by node %s but its outcome never stored; "
+                    "recording it as interrupted",
+                    name,
+                    fire.slot,
+                    fire.node_id,
+                )
+            await self.store.settle_cron_fire(fire.cron_id, fire.slot, rows)
+            self._unstored.pop(key, None)
+
     async def _fire(self, cron_id: int, *run_times: datetime) -> None:
         # APScheduler hands over the due run times (one, as they coalesce); fire the latest
-        slot = run_times[-1]
+        await self._run_slot(cron_id, run_times[-1], skip=False)
+
+    async def _skip(self, cron_id: int, *run_times: datetime) -> None:
+        await self._run_slot(cron_id, run_times[-1], skip=True)
+
+    async def _run_slot(self, cron_id: int, slot: datetime, *, skip: bool) -> None:
         started = now_ms()
         run_time = slot_ms(slot)
+        key = (cron_id, run_time)
+        # counted, not a set: a replaced job may hand the same slot over twice
+        self._firing[key] += 1
+        try:
+            fired = await self._claim_and_run(cron_id, run_time, started, skip=skip)
+        finally:
+            self._firing[key] -= 1
+            if self._firing[key] <= 0:
+                del self._firing[key]
+        if fired is not None:
+            name, rows = fired
+            logger.info(
+                "cron %s %s slot %s: %d of %d target(s) dispatched, %d ms after the slot",
+                name,
+                "skipped" if skip else "fired",
+                slot.isoformat(),
+                sum(row["success"] for row in rows),
+                len(rows),
+                started - run_time,
+            )
+
+    async def _claim_and_run(
+        self, cron_id: int, run_time: int, started: int, *, skip: bool
+    ) -> tuple[str, list[dict[str, Any]]] | None:
+        """Claim the slot, run it (or record it as skipped) and store its rows."""
         try:
             cron = await self.store.claim_cron_slot(cron_id, run_time, started, self.node_id)
         except TaskdError as exc:
             logger.error("cron %d could not fire slot %d: %s", cron_id, run_time, exc.message)
-            return
+            return None
         if cron is None:
-            return  # disabled or deleted meanwhile, or the slot has fired already
+            return None  # disabled or deleted meanwhile, or the slot has fired already
         definition = CRON_TYPE.validate_python(cron.cron_type)
         assert isinstance(definition, AgentCron)  # only agent crons are ever stored
-        try:
-            created, _ = await self.hub.create(
-                definition.uuids,
-                definition.task,
-                queue_ttl_ms=cron.queue_ttl_ms,
-                cron_source=cron.name,
-                created_by=cron.created_by,
+        if skip:
+            message = (
+                f"Slot skipped: {MAX_OVERLAPPING_FIRES} earlier fires of this cron were "
+                "still running (a slow database)"
             )
-            rows = [_result_row(cron, run_time, c) for c in created]
-        except TaskdError as exc:
             rows = [
-                _row(cron, run_time, agent_uuid, None, f"Task not created: {exc.message}")
-                for agent_uuid in definition.uuids
+                _row(cron.id, cron.name, run_time, agent, None, message)
+                for agent in definition.uuids
             ]
+        else:
+            rows = await self._dispatch(cron, definition, run_time)
         try:
-            await self.store.insert_cron_results(rows)
+            await self.store.settle_cron_fire(cron.id, run_time, rows)
         except TaskdError as exc:
-            logger.error("cron %s: results of slot %d not stored: %s", cron.name, run_time, exc)
-        dispatched = sum(row["success"] for row in rows)
-        logger.info(
-            "cron %s fired slot %s: %d of %d target(s) dispatched, %d ms after the slot",
-            cron.name,
-            slot.isoformat(),
-            dispatched,
-            len(rows),
-            started - run_time,
-        )
+            # kept for settle_interrupted, which stores them once the database takes them
+            self._unstored[(cron.id, run_time)] = rows
+            logger.error(
+                "cron %s: results of slot %d not stored yet: %s", cron.name, run_time, exc.message
+            )
+        return cron.name, rows
+
+    async def _dispatch(
+        self, cron: Any, definition: AgentCron, run_time: int
+    ) -> list[dict[str, Any]]:
+        """Create the task on each target the cron's creator may still create it on."""
+        rows: dict[str, dict[str, Any]] = {}
+        try:
+            refused = await self._refused(cron, definition)
+            allowed = [agent for agent in definition.uuids if agent not in refused]
+            for agent, reason in refused.items():
+                message = f"Task not created: {reason}"
+                rows[agent] = _row(cron.id, cron.name, run_time, agent, None, message)
+            if allowed:
+                created, _ = await self.hub.create(
+                    allowed,
+                    definition.task,
+                    queue_ttl_ms=cron.queue_ttl_ms,
+                    cron_source=cron.name,
+                    created_by=cron.created_by,
+                )
+                for outcome in created:
+                    rows[outcome.agent_uuid] = _result_row(cron, run_time, outcome)
+        except TaskdError as exc:
+            message = f"Task not created: {exc.message}"
+            for agent in definition.uuids:
+                rows.setdefault(agent, _row(cron.id, cron.name, run_time, agent, None, message))
+        return [rows[agent] for agent in definition.uuids if agent in rows]
+
+    async def _refused(self, cron: Any, definition: AgentCron) -> dict[str, str]:
+        """The targets the cron's creating token may no longer create its task on, and why.
+
+        A cron acts with its creator's authority, so that authority is checked at every
+        fire: a token deleted, expired or narrowed since stops the tasks it no longer covers.
+        """
+        key = cron.created_by
+        row = None if key is None else await self.store.token_by_key(key)
+        now = now_ms()
+        if row is None:
+            reason = (
+                "the cron records no creating token"
+                if key is None
+                else f"token {key} that created the cron no longer exists"
+            )
+        elif row.timestamp_from is not None and now < row.timestamp_from:
+            reason = f"token {key} that created the cron is not valid yet"
+        elif row.timestamp_to is not None and now > row.timestamp_to:
+            reason = f"token {key} that created the cron has expired"
+        else:
+            creator = principal_of(row)
+            need = Need("task", "create", definition.task.kind)
+            return {
+                agent: f"token {key} that created the cron lacks {need} on agent {agent}"
+                for agent in definition.uuids
+                if not allows(creator, need, agent)
+            }
+        return dict.fromkeys(definition.uuids, reason)
+
+
+def _targets(stored_cron_type: Any) -> list[str]:
+    definition = CRON_TYPE.validate_python(stored_cron_type)
+    return definition.uuids if isinstance(definition, AgentCron) else []
 
 
 def _row(
-    cron: Any, run_time: int, agent_uuid: str, task_id: int | None, message: str
+    cron_id: int,
+    cron_name: str,
+    run_time: int,
+    agent_uuid: str,
+    task_id: int | None,
+    message: str,
 ) -> dict[str, Any]:
     return {
-        "cron_id": cron.id,
-        "cron_name": cron.name,
+        "cron_id": cron_id,
+        "cron_name": cron_name,
         "run_time": run_time,
         "agent_uuid": agent_uuid,
         "relative_id": task_id,
@@ -285,7 +451,7 @@ def _row(
 def _result_row(cron: Any, run_time: int, created: Created) -> dict[str, Any]:
     if created.error is not None or created.task_id is None:
         message = created.error.message if created.error else "Task not created"
-        return _row(cron, run_time, created.agent_uuid, None, message)
+        return _row(cron.id, cron.name, run_time, created.agent_uuid, None, message)
     if created.queued:
         message = (
             f"Task {created.task_id} queued for offline agent {created.agent_uuid} "
@@ -293,4 +459,4 @@ def _result_row(cron: Any, run_time: int, created: Created) -> dict[str, Any]:
         )
     else:
         message = f"Task {created.task_id} sent to agent {created.agent_uuid}"
-    return _row(cron, run_time, created.agent_uuid, created.task_id, message)
+    return _row(cron.id, cron.name, run_time, created.agent_uuid, created.task_id, message)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import signal
@@ -385,8 +386,24 @@ def serve(settings: ServerSettings) -> bool:
     """Run taskd under uvicorn until a signal; False if it never started."""
     app = create_app(settings)
     server = TaskdServer(uvicorn_config(app, settings, loop="uvloop"), app)
+    _tune_gc()
     server.run()
     return bool(server.started)
+
+
+def _tune_gc() -> None:
+    """Keep the cycle collector off the hot path of a busy server.
+
+    Under load the default thresholds ran a collection every few hundred
+    allocations, each walking every live request, future and task: about a
+    fifth of the server's CPU. What exists at start-up (modules, schemas,
+    tables) is frozen out of collections, and young objects are collected
+    after 50,000 allocations instead of 700; almost everything taskd allocates
+    is freed by reference counting anyway.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def _too_large(size: int, limit: int) -> bytes:

@@ -1,10 +1,8 @@
-"""The database: engine, migrations, a group-commit writer, and every query.
+"""The database: engines, migrations, and every query.
 
-All writes go through one writer task that collects whatever operations are
-waiting, runs them in one transaction and only then resolves their futures,
-so a caller is answered after its write is committed. Batches of task
-inserts and result updates become one statement each. The store raises
-domain errors (``NotFound``, ``AlreadyUploaded`` ...) and knows nothing of RPC.
+All writes go through the group-commit writer (``writer.py``), so a caller is
+answered after its write is committed. The store raises domain errors
+(``NotFound``, ``AlreadyUploaded`` ...) and knows nothing of RPC.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ import asyncio
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,10 +23,12 @@ from sqlalchemy import (
     Row,
     Select,
     bindparam,
+    case,
     delete,
     event,
     func,
     insert,
+    literal_column,
     or_,
     select,
     text,
@@ -37,19 +36,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
-    DBAPIError,
-    IntegrityError,
-    OperationalError,
     SQLAlchemyError,
-    StatementError,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from taskd.clock import now_ms
 from taskd.errors import (
-    AlreadyUploaded,
     DatabaseError,
     InvalidInput,
     NotFound,
@@ -59,10 +54,29 @@ from taskd.errors import (
 from taskd.models import Agent, Cron, CronFire, CronResult, Node, Task, TaskState, Token
 from taskd.protocol import (
     DEFAULT_QUERY_LIMIT,
-    RESULT_KIND,
     CronResultQuery,
     TaskQuery,
     TaskResponse,
+)
+from taskd.writer import (
+    AGENTS_CHANNEL,
+    AgentConnectedOp,
+    CallOp,
+    CompleteOp,
+    InsertTasksOp,
+    NewTask,
+    Op,
+    Raw,
+    RawPostgres,
+    RawSqlite,
+    StoredResult,
+    Writer,
+    bad_value,
+    describe,
+    json_dumps,
+    node_channel,
+    notify,
+    pg_json_dumps,
 )
 
 logger = logging.getLogger(__name__)
@@ -76,8 +90,6 @@ cron_t = Cron.__table__  # type: ignore[attr-defined]
 cron_fire_t = CronFire.__table__  # type: ignore[attr-defined]
 cron_result_t = CronResult.__table__  # type: ignore[attr-defined]
 
-MAX_BATCH = 1000
-LOCKED_WAIT_S = 30.0
 TASK_RECORD_COLUMNS = (
     task_t.c.id,
     task_t.c.uuid,
@@ -89,310 +101,6 @@ TASK_RECORD_COLUMNS = (
     task_t.c.cron_source,
     task_t.c.created_by,
 )
-
-
-def _json_dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
-
-
-def _pg_json_dumps(value: Any) -> str:
-    """JSON for PostgreSQL, whose JSONB cannot hold NUL characters: they become U+FFFD."""
-    text = orjson.dumps(value).decode()
-    return orjson.dumps(_without_nul(value)).decode() if "\\u0000" in text else text
-
-
-def _without_nul(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
-    if isinstance(value, list):
-        return [_without_nul(item) for item in value]
-    if isinstance(value, dict):
-        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
-    return value
-
-
-@dataclass
-class NewTask:
-    """A task row to insert; ``id`` is filled in once it is committed."""
-
-    uuid: str
-    task_token: str
-    type: str
-    task_event_type: Any
-    deadline: int
-    created_at: int
-    state: int = TaskState.RUNNING
-    queue_ttl_ms: int | None = None
-    cron_source: str | None = None
-    created_by: str | None = None
-    route_to: str | None = None
-    waiter_node: str | None = None
-    id: int = 0
-
-    def row(self) -> dict[str, Any]:
-        """The column values."""
-        return {
-            "uuid": self.uuid,
-            "task_token": self.task_token,
-            "type": self.type,
-            "task_event_type": self.task_event_type,
-            "state": self.state,
-            "created_at": self.created_at,
-            "deadline": self.deadline,
-            "queue_ttl_ms": self.queue_ttl_ms,
-            "order_ts": self.created_at,
-            "cron_source": self.cron_source,
-            "created_by": self.created_by,
-            "waiter_node": self.waiter_node,
-        }
-
-
-@dataclass(frozen=True)
-class StoredResult:
-    """A result as committed: what blocking waiters receive."""
-
-    task_id: int
-    agent_uuid: str
-    task_token: str
-    timestamp: int | None
-    success: bool | None
-    error_message: str | None
-    task_event_result: Any
-
-    def to_wire(self) -> dict[str, Any]:
-        """The TaskEventResponse JSON object."""
-        return {
-            "task_id": self.task_id,
-            "agent_uuid": self.agent_uuid,
-            "task_token": self.task_token,
-            "timestamp": self.timestamp,
-            "success": self.success,
-            "error_message": self.error_message,
-            "task_event_result": self.task_event_result,
-        }
-
-
-# --------------------------------------------------------------------------- writer ops
-
-
-@dataclass(eq=False)
-class _Op:
-    future: asyncio.Future[Any] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.future = asyncio.get_running_loop().create_future()
-
-    async def run_batch(self, conn: AsyncConnection, ops: Sequence[_Op]) -> list[Any]:
-        """Run ``ops`` (all of this class) inside the open transaction; one outcome each."""
-        return [await op.run(conn) for op in ops]
-
-    async def run(self, conn: AsyncConnection) -> Any:
-        """Run this op alone inside the open transaction."""
-        raise NotImplementedError
-
-
-@dataclass(eq=False)
-class _CallOp(_Op):
-    fn: Callable[[AsyncConnection], Awaitable[Any]]
-
-    async def run(self, conn: AsyncConnection) -> Any:
-        return await self.fn(conn)
-
-
-@dataclass(eq=False)
-class _InsertTasksOp(_Op):
-    tasks: Sequence[NewTask]
-
-    async def run_batch(self, conn: AsyncConnection, ops: Sequence[_Op]) -> list[Any]:
-        tasks: list[NewTask] = [task for op in ops for task in op.tasks]  # type: ignore[attr-defined]
-        # ids are drawn first so the rows go in as one executemany: SQLite cannot
-        # return ids of a multi-row insert in order, and SQLAlchemy then inserts row by row
-        ids = await _allocate_task_ids(conn, len(tasks))
-        rows = []
-        for task, task_id in zip(tasks, ids, strict=True):
-            task.id = task_id
-            rows.append(task.row() | {"id": task_id})
-        await conn.execute(insert(task_t), rows)
-        routed: dict[str, set[str]] = {}
-        for task in tasks:
-            if task.route_to is not None:
-                routed.setdefault(node_channel(task.route_to), set()).add(task.uuid)
-        for channel, uuids in routed.items():
-            await notify(conn, channel, sorted(uuids), "q:")
-        return [[task.id for task in op.tasks] for op in ops]  # type: ignore[attr-defined]
-
-    async def run(self, conn: AsyncConnection) -> Any:
-        return (await self.run_batch(conn, [self]))[0]
-
-
-@dataclass(eq=False)
-class _CompleteOp(_Op):
-    upload: TaskResponse
-    result_kind: str | None
-    node_id: str = ""
-
-    async def run_batch(self, conn: AsyncConnection, ops: Sequence[_Op]) -> list[Any]:
-        uploads: list[_CompleteOp] = list(ops)  # type: ignore[arg-type]
-        ids = {op.upload.task_id for op in uploads}
-        rows = await conn.execute(
-            select(
-                task_t.c.id,
-                task_t.c.uuid,
-                task_t.c.task_token,
-                task_t.c.type,
-                task_t.c.state,
-                task_t.c.waiter_node,
-            )
-            .where(task_t.c.id.in_(ids))
-            .with_for_update()
-        )
-        found = {row.id: row for row in rows}
-        outcomes: list[Any] = []
-        updates: list[dict[str, Any]] = []
-        taken: set[int] = set()
-        waiting: dict[str, list[str]] = {}
-        # PostgreSQL text cannot hold NUL characters (see _pg_json_dumps)
-        sane_text = conn.dialect.name != "postgresql"
-        for op in uploads:
-            up = op.upload
-            row = found.get(up.task_id)
-            if row is None or row.uuid != up.agent_uuid or row.task_token != up.task_token:
-                outcomes.append(
-                    NotFound(f"No task {up.task_id} for agent {up.agent_uuid} with that task_token")
-                )
-            elif row.state == TaskState.DONE or up.task_id in taken:
-                outcomes.append(AlreadyUploaded(f"Task {up.task_id} already has a result"))
-            elif op.result_kind is not None and op.result_kind != RESULT_KIND[row.type]:
-                outcomes.append(
-                    InvalidInput(
-                        f"task_event_result: a {row.type} task must be answered with a "
-                        f"{RESULT_KIND[row.type]!r} result, not {op.result_kind!r}"
-                    )
-                )
-            else:
-                taken.add(up.task_id)
-                if row.waiter_node is not None and row.waiter_node != op.node_id:
-                    waiting.setdefault(node_channel(row.waiter_node), []).append(str(row.id))
-                result = (
-                    up.task_event_result.to_wire() if up.task_event_result is not None else None
-                )
-                updates.append(
-                    {
-                        "b_id": up.task_id,
-                        "state": TaskState.DONE,
-                        "timestamp": up.timestamp,
-                        "order_ts": up.timestamp,
-                        "success": up.success,
-                        "error_message": up.error_message
-                        if sane_text
-                        else _without_nul(up.error_message),
-                        "task_event_result": result,
-                    }
-                )
-                outcomes.append(
-                    StoredResult(
-                        up.task_id,
-                        up.agent_uuid,
-                        up.task_token,
-                        up.timestamp,
-                        up.success,
-                        up.error_message,
-                        result,
-                    )
-                )
-        if updates:
-            statement = (
-                update(task_t)
-                .where(task_t.c.id == bindparam("b_id"), task_t.c.state != TaskState.DONE)
-                .values(
-                    state=bindparam("state"),
-                    timestamp=bindparam("timestamp"),
-                    order_ts=bindparam("order_ts"),
-                    success=bindparam("success"),
-                    error_message=bindparam("error_message"),
-                    task_event_result=bindparam("task_event_result"),
-                )
-            )
-            result = await conn.execute(statement, updates)
-            # SQLite reports the total; where the driver cannot (asyncpg), the rows are
-            # locked by the SELECT ... FOR UPDATE above and cannot have changed
-            sane = conn.dialect.supports_sane_multi_rowcount
-            if sane and result.rowcount != len(updates):
-                raise _Retry("a result row changed under the batch")
-        for channel, task_ids in waiting.items():
-            await notify(conn, channel, task_ids, "r:")
-        return outcomes
-
-    async def run(self, conn: AsyncConnection) -> Any:
-        return (await self.run_batch(conn, [self]))[0]
-
-
-async def _allocate_task_ids(conn: AsyncConnection, count: int) -> list[int]:
-    """Reserve ``count`` new task ids inside the writer transaction."""
-    if conn.dialect.name == "postgresql":
-        result = await conn.execute(
-            text(
-                "SELECT nextval(pg_get_serial_sequence('task', 'id')) FROM generate_series(1, :n)"
-            ),
-            {"n": count},
-        )
-        return [int(value) for value in result.scalars()]
-    # SQLite: the writer holds the write lock (BEGIN IMMEDIATE), so max(id) cannot move
-    # under it; sqlite_sequence is not used because the table is not AUTOINCREMENT
-    highest = (await conn.execute(select(func.max(task_t.c.id)))).scalar()
-    start = int(highest or 0) + 1
-    return list(range(start, start + count))
-
-
-@dataclass(eq=False)
-class _AgentConnectedOp(_Op):
-    values: dict[str, Any]
-
-    async def run_batch(self, conn: AsyncConnection, ops: Sequence[_Op]) -> list[Any]:
-        # one statement for a whole reconnect storm, not a savepoint per agent
-        rows = {op.values["uuid"]: op.values for op in ops}  # type: ignore[attr-defined]
-        dialect_insert = sqlite_insert if conn.dialect.name == "sqlite" else pg_insert
-        statement = dialect_insert(agent_t)
-        columns = ["last_seen", "connected_since", "remote_addr", "node_id", "token_key"]
-        statement = statement.on_conflict_do_update(
-            index_elements=["uuid"],
-            set_={column: getattr(statement.excluded, column) for column in columns},
-        )
-        await conn.execute(statement, list(rows.values()))
-        await notify(conn, AGENTS_CHANNEL, [f"{u} {v['node_id']}" for u, v in rows.items()])
-        return [None] * len(ops)
-
-    async def run(self, conn: AsyncConnection) -> Any:
-        return (await self.run_batch(conn, [self]))[0]
-
-
-AGENTS_CHANNEL = "taskd_agents"
-TERMINALS_CHANNEL = "taskd_terminals"
-CRONS_CHANNEL = "taskd_crons"
-TOKENS_CHANNEL = "taskd_tokens"
-
-
-def node_channel(node_id: str) -> str:
-    """The LISTEN channel of a cluster node (a valid unquoted identifier)."""
-    return "taskd_n_" + "".join(c for c in node_id.lower() if c.isalnum())[:48]
-
-
-async def notify(
-    conn: AsyncConnection, channel: str, items: Sequence[str], prefix: str = ""
-) -> None:
-    """NOTIFY ``items`` comma-joined (chunked under 8000 bytes) on PostgreSQL, at commit."""
-    if conn.dialect.name != "postgresql" or not items:
-        return
-    payloads: list[str] = []
-    current = ""
-    for item in items:
-        if current and len(prefix) + len(current) + len(item) + 1 > 7_900:
-            payloads.append(prefix + current)
-            current = ""
-        current = f"{current},{item}" if current else item
-    payloads.append(prefix + current)
-    for payload in payloads:
-        await conn.execute(text("SELECT pg_notify(:c, :p)"), {"c": channel, "p": payload})
 
 
 class _RunNow:
@@ -433,10 +141,6 @@ def _json(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k.startswith("json_") or k == "echo"}
 
 
-class _Retry(Exception):
-    """The batch must be re-run op by op."""
-
-
 # --------------------------------------------------------------------------- store
 
 
@@ -448,16 +152,13 @@ class Store:
         self.is_sqlite = url.startswith("sqlite")
         self._pool_size = pool_size
         self._echo = echo
-        self._queue: list[_Op] = []
-        self._wake = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
-        self._closing = False
         self.batch_observer: Callable[[int], None] | None = None
         self.engine: AsyncEngine
+        self.writer: Writer
 
     async def __aenter__(self) -> Store:
         options: dict[str, Any] = {
-            "json_serializer": _json_dumps if self.is_sqlite else _pg_json_dumps,
+            "json_serializer": json_dumps if self.is_sqlite else pg_json_dumps,
             "json_deserializer": orjson.loads,
             "echo": self._echo,
         }
@@ -487,14 +188,23 @@ class Store:
             )
             self._prepare_sqlite(self.engine, busy_timeout_ms=30_000)
             self._prepare_sqlite(self.write_engine, busy_timeout_ms=100)
-        self._writer = asyncio.create_task(self._write_loop(), name="taskd-store-writer")
+        self.writer = Writer(self.write_engine, self._connect_writer, self._observe_batch)
+        self.writer.start()
         return self
 
+    async def _connect_writer(self) -> Raw:
+        """The writer's own driver connection for the hot statements."""
+        if self.is_sqlite:
+            return RawSqlite(self.url.split("///", 1)[-1])
+        dsn = make_url(self.url).set(drivername="postgresql").render_as_string(False)
+        return await RawPostgres.connect(dsn)
+
+    def _observe_batch(self, size: int) -> None:
+        if self.batch_observer is not None:
+            self.batch_observer(size)
+
     async def __aexit__(self, *exc_info: object) -> None:
-        self._closing = True
-        self._wake.set()
-        if self._writer is not None:
-            await self._writer
+        await self.writer.close()
         await self.engine.dispose()
         if self.write_engine is not self.engine:
             await self.write_engine.dispose()
@@ -560,107 +270,13 @@ class Store:
 
     # ------------------------------------------------------------------ writer
 
-    async def _submit(self, op: _Op) -> Any:
-        if self._closing:
-            raise DatabaseError("The store is shutting down")
-        self._queue.append(op)
-        self._wake.set()
-        return await op.future
+    async def _submit(self, op: Op) -> Any:
+        return await self.writer.submit(op)
 
     async def write(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run ``fn`` inside a writer transaction; return its value once committed."""
-        result: T = await self._submit(_CallOp(fn))
+        result: T = await self._submit(CallOp(fn))
         return result
-
-    async def _write_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            # one turn of the loop lets every request that is already running add its
-            # write, so a burst becomes one transaction instead of many small ones
-            await asyncio.sleep(0)
-            self._wake.clear()
-            while self._queue:
-                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                if self.batch_observer is not None:
-                    self.batch_observer(len(batch))
-                await self._run_batch(batch)
-            if self._closing and not self._queue:
-                return
-
-    async def _run_batch(self, batch: list[_Op]) -> None:
-        try:
-            outcomes = await self._locked_retry(batch)
-        except Exception as exc:
-            # one op's values broke the transaction: halves are retried until only it fails
-            isolate = isinstance(exc, _Retry | IntegrityError | ValueError | TypeError)
-            if len(batch) > 1 and (isolate or _bad_value(exc)):
-                half = len(batch) // 2
-                await self._run_batch(batch[:half])
-                await self._run_batch(batch[half:])
-                return
-            self._fail(batch, exc)  # the database failed: every op of the batch fails
-            return
-        for op, outcome in zip(batch, outcomes, strict=True):
-            if op.future.done():
-                continue
-            if isinstance(outcome, TaskdError):
-                op.future.set_exception(outcome)
-            else:
-                op.future.set_result(outcome)
-
-    async def _locked_retry(self, batch: list[_Op]) -> list[Any]:
-        """Run the batch; while another process holds SQLite's write lock, wait and retry."""
-        deadline = asyncio.get_running_loop().time() + LOCKED_WAIT_S
-        while True:
-            try:
-                return await self._transaction(batch)
-            except OperationalError as exc:
-                locked = "locked" in str(exc.orig) or "busy" in str(exc.orig)
-                if not locked or asyncio.get_running_loop().time() > deadline:
-                    raise
-                await asyncio.sleep(0.02)
-
-    async def _transaction(self, batch: list[_Op]) -> list[Any]:
-        outcomes: dict[int, Any] = {}
-        async with self.write_engine.connect() as conn:
-            await conn.execution_options(taskd_writer=True)
-            async with conn.begin():
-                await self._run_grouped(conn, batch, outcomes)
-        return [outcomes[i] for i in range(len(batch))]
-
-    async def _run_grouped(
-        self, conn: AsyncConnection, batch: list[_Op], outcomes: dict[int, Any]
-    ) -> None:
-        groups: dict[type[_Op], list[int]] = {}
-        for index, op in enumerate(batch):
-            groups.setdefault(type(op), []).append(index)
-        # ops of one kind run together; kinds run in order of first appearance
-        for kind, indexes in groups.items():
-            ops = [batch[i] for i in indexes]
-            if kind is _CallOp:
-                results = []
-                for op in ops:
-                    try:
-                        async with conn.begin_nested():
-                            results.append(await op.run(conn))
-                    except TaskdError as exc:
-                        results.append(exc)
-            else:
-                results = await ops[0].run_batch(conn, ops)
-            outcomes.update(zip(indexes, results, strict=True))
-
-    def _fail(self, batch: Iterable[_Op], exc: BaseException) -> None:
-        if isinstance(exc, TaskdError):
-            error: TaskdError = exc
-        elif _bad_value(exc):
-            logger.warning("the database refused a value: %s", _describe(exc))
-            error = InvalidInput("The database cannot store a value of this request")
-        else:
-            logger.error("database write failed: %s", _describe(exc))
-            error = DatabaseError("Database error: the write was not committed")
-        for op in batch:
-            if not op.future.done():
-                op.future.set_exception(error)
 
     async def read(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run ``fn`` on a pooled read connection; database failures become DatabaseError."""
@@ -670,10 +286,10 @@ class Store:
         except TaskdError:
             raise
         except (TimeoutError, SQLAlchemyError, OSError, OverflowError) as exc:
-            if _bad_value(exc):
-                logger.warning("the database refused a value: %s", _describe(exc))
+            if bad_value(exc):
+                logger.warning("the database refused a value: %s", describe(exc))
                 raise InvalidInput("The database cannot look up a value of this request") from None
-            logger.error("database read failed: %s", _describe(exc))
+            logger.error("database read failed: %s", describe(exc))
             raise DatabaseError("Database error: the read failed") from None
 
     async def fetch_one(self, statement: Select[Any]) -> Row[Any] | None:
@@ -697,7 +313,7 @@ class Store:
 
     async def insert_tasks(self, tasks: Sequence[NewTask]) -> list[int]:
         """Insert task rows; their ids are set once committed."""
-        ids: list[int] = await self._submit(_InsertTasksOp(tasks))
+        ids: list[int] = await self._submit(InsertTasksOp(tasks))
         return ids
 
     async def complete_task(self, upload: TaskResponse, node_id: str = "") -> StoredResult:
@@ -706,7 +322,7 @@ class Store:
         A blocking caller waiting on another node (``waiter_node``) is notified at commit.
         """
         kind = upload.task_event_result.kind if upload.task_event_result is not None else None
-        result: StoredResult = await self._submit(_CompleteOp(upload, kind, node_id))
+        result: StoredResult = await self._submit(CompleteOp(upload, kind, node_id))
         return result
 
     async def get_result(self, task_id: int) -> StoredResult | None:
@@ -747,7 +363,7 @@ class Store:
         return await self.write(remove)
 
     async def take_queued(self, agent_uuid: str, deadline_ms: int) -> list[Row[Any]]:
-        """Mark every queued task of an agent as running (with a fresh deadline) and return them."""
+        """Mark every queued task of an agent as running and return them."""
 
         async def take(conn: AsyncConnection) -> list[Row[Any]]:
             now = now_ms()
@@ -767,7 +383,15 @@ class Store:
                 await conn.execute(
                     update(task_t)
                     .where(task_t.c.id.in_([r.id for r in rows]))
-                    .values(state=TaskState.RUNNING, deadline=now + deadline_ms)
+                    # a task routed here from another node keeps its creator's deadline
+                    # (a blocking call's timeout); one that waited with a TTL starts afresh
+                    .values(
+                        state=TaskState.RUNNING,
+                        deadline=case(
+                            (task_t.c.queue_ttl_ms.is_(None), task_t.c.deadline),
+                            else_=now + deadline_ms,
+                        ),
+                    )
                 )
             return list(rows)
 
@@ -804,7 +428,9 @@ class Store:
                         task_t.c.state,
                         task_t.c.queue_ttl_ms,
                     )
-                    .where(task_t.c.state < TaskState.DONE, task_t.c.deadline <= now)
+                    # a literal, not a parameter: PostgreSQL's generic plans can use the
+                    # partial index on open tasks only for a constant
+                    .where(task_t.c.state < literal_column("2"), task_t.c.deadline <= now)
                     .order_by(task_t.c.deadline)
                     .limit(limit)
                     .with_for_update(skip_locked=True)
@@ -865,7 +491,10 @@ class Store:
         if query.is_failure:
             statement = statement.where(c.success.is_(False))
         if query.is_running:
-            statement = statement.where(c.timestamp.is_(None))
+            # exactly the rows without a timestamp (every result sets one), written as
+            # the predicate of the partial index of open tasks so that index serves it;
+            # inline, not bound: a generic plan cannot prove a parameter matches it
+            statement = statement.where(c.state < text(str(int(TaskState.DONE))))
         limit = DEFAULT_QUERY_LIMIT if query.limit is None else query.limit
         return statement.order_by(c.order_ts.desc(), c.id.desc()).limit(limit)
 
@@ -968,7 +597,7 @@ class Store:
             "node_id": node_id,
             "token_key": token_key,
         }
-        await self._submit(_AgentConnectedOp(values))
+        await self._submit(AgentConnectedOp(values))
 
     async def agents_disconnected(self, seen: dict[str, int], node_id: str) -> None:
         """Record that agents' subscriptions on this node ended (``seen``: uuid → last seen ms)."""
@@ -1133,6 +762,8 @@ class Store:
         None if the cron is gone or disabled, or the slot was already fired (by an
         earlier run of this node or by another node): the unique (cron_id, slot)
         row is the guard, written in the same transaction as ``last_run_time``.
+        The fire stays pending, holding the cron's name and targets as they were,
+        until ``settle_cron_fire`` stores its result rows.
         """
 
         async def claim(conn: AsyncConnection) -> Row[Any] | None:
@@ -1146,7 +777,13 @@ class Store:
             dialect_insert = sqlite_insert if self.is_sqlite else pg_insert
             inserted = await conn.execute(
                 dialect_insert(cron_fire_t)
-                .values(cron_id=cron_id, slot=slot, fired_at=fired_at, node_id=node_id)
+                .values(
+                    cron_id=cron_id,
+                    slot=slot,
+                    fired_at=fired_at,
+                    node_id=node_id,
+                    pending={"cron_name": cron.name, "cron_type": cron.cron_type},
+                )
                 .on_conflict_do_nothing(index_elements=["cron_id", "slot"])
                 .returning(cron_fire_t.c.id)
             )
@@ -1164,14 +801,41 @@ class Store:
 
         return await self.write(claim)
 
-    async def insert_cron_results(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Store the outcome of a fire: one row per target agent."""
+    async def settle_cron_fire(
+        self, cron_id: int, slot: int, rows: Sequence[dict[str, Any]]
+    ) -> bool:
+        """Store the result rows of a pending fire; False if it was settled already.
 
-        async def add(conn: AsyncConnection) -> None:
-            await conn.execute(insert(cron_result_t), list(rows))
+        The fire stops being pending in the same transaction, so each claimed slot
+        gets exactly one set of rows, whoever settles it first: the fire itself, or
+        the scheduler that finds it cut short.
+        """
 
-        if rows:
-            await self.write(add)
+        async def settle(conn: AsyncConnection) -> bool:
+            fire_c = cron_fire_t.c
+            settled = await conn.execute(
+                update(cron_fire_t)
+                .where(fire_c.cron_id == cron_id, fire_c.slot == slot, fire_c.pending.is_not(None))
+                .values(pending=None)
+                .returning(fire_c.id)
+            )
+            if settled.first() is None:
+                return False
+            if rows:
+                await conn.execute(insert(cron_result_t), list(rows))
+            return True
+
+        return await self.write(settle)
+
+    async def pending_cron_fires(self) -> list[Row[Any]]:
+        """Claimed fires without result rows yet: running now, or cut short."""
+
+        fire_c = cron_fire_t.c
+        return await self.fetch_all(
+            select(fire_c.cron_id, fire_c.slot, fire_c.fired_at, fire_c.node_id, fire_c.pending)
+            .where(fire_c.pending.is_not(None))
+            .order_by(fire_c.id)
+        )
 
     async def cron_result_names(self) -> list[str]:
         """Every cron name that has results."""
@@ -1328,7 +992,8 @@ class Store:
         """Use up one use of an enrollment token, claim ``agent_uuid`` and store its token.
 
         All in one transaction: 102 if the enrollment token has no uses left (or is
-        gone), 108 if an agent row or another token's scope already claims the UUID.
+        gone), 108 if an agent row, another token's scope, an unanswered task or a
+        cron already claims the UUID.
         """
 
         async def enroll(conn: AsyncConnection) -> None:
@@ -1354,6 +1019,17 @@ class Store:
                 if isinstance(limit, dict)
             ):
                 raise InvalidInput(f"Agent UUID {agent_uuid} is already taken")
+            # work already waits for this UUID: whoever enrolls it would receive that work
+            waiting = await conn.execute(
+                select(task_t.c.id)
+                .where(task_t.c.uuid == agent_uuid, task_t.c.state < TaskState.DONE)
+                .limit(1)
+            )
+            crons = await conn.execute(select(cron_t.c.cron_type))
+            if waiting.first() is not None or any(
+                agent_uuid in _cron_targets(cron_type) for (cron_type,) in crons
+            ):
+                raise InvalidInput(f"Agent UUID {agent_uuid} is already taken: work waits for it")
             now = now_ms()
             dialect_insert = sqlite_insert if self.is_sqlite else pg_insert
             inserted = await conn.execute(
@@ -1376,24 +1052,9 @@ class Store:
         await self.write(enroll)
 
 
-def _bad_value(exc: BaseException) -> bool:
-    """Whether the database or its driver refused a value (not a failure of the database)."""
-    if isinstance(exc, OverflowError):  # sqlite3 binding an integer beyond 64 bits
-        return True
-    if not isinstance(exc, StatementError):
-        return False
-    for error in (exc.orig, getattr(exc.orig, "__cause__", None)):
-        if isinstance(error, ValueError | TypeError | OverflowError):
-            return True
-        # SQLSTATE class 22: data exception (out of range, bad encoding, NUL in text ...)
-        if str(getattr(error, "sqlstate", "") or "").startswith("22"):
-            return True
-    return False
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, DBAPIError):
-        return (
-            f"{type(exc.orig).__name__}: {str(exc.orig).splitlines()[0] if str(exc.orig) else ''}"
-        )
-    return f"{type(exc).__name__}: {exc}"
+def _cron_targets(cron_type: Any) -> list[str]:
+    """The agent UUIDs a stored cron type creates tasks for."""
+    agent = cron_type.get("agent") if isinstance(cron_type, dict) else None
+    if isinstance(agent, list) and agent and isinstance(agent[0], list):
+        return [u for u in agent[0] if isinstance(u, str)]
+    return []

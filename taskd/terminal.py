@@ -4,6 +4,8 @@ The agent connects first, proving an unanswered ``web_shell`` task with its
 task_token; that opens the slot (agent_uuid, terminal_id). One user holding
 ``terminal.connect`` on that agent then attaches, and frames flow verbatim
 both ways until either side closes, which closes the other and frees the slot.
+A side also ends when the token it holds the session with (the user's, or the
+one the agent subscribed with) is revoked or expires.
 
 Each direction forwards one message at a time and awaits the send, so a side
 that stops reading stalls the other side's reads (uvicorn stops reading a
@@ -31,6 +33,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from taskd.app import App
 from taskd.auth import Need, authorize, origin_allowed
+from taskd.clock import now_ms
 from taskd.errors import (
     InternalError,
     InvalidInput,
@@ -100,6 +103,9 @@ class Slot:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     ended_by: Side | None = None
     errors: dict[Side, TaskdError] = field(default_factory=dict)
+    tokens: dict[Side, str] = field(default_factory=dict)
+    """The key of the token each side holds the session with."""
+    timers: list[asyncio.TimerHandle] = field(default_factory=list)
 
     @property
     def key(self) -> SlotKey:
@@ -112,8 +118,20 @@ class Slot:
             self.errors.setdefault(side, error)
         if self.ended_by is None:
             self.ended_by = side
+        for timer in self.timers:
+            timer.cancel()
         self.ended.set()
         self.settled.set()
+
+    def hold(self, side: Side, key: str, expires_at: int | None) -> None:
+        """Tie ``side`` to token ``key``: the session ends when the token is revoked or expires."""
+        self.tokens[side] = key
+        if expires_at is not None:
+            delay = max(0.0, (expires_at + 1 - now_ms()) / 1000)
+            expired = PermissionDenied(f"Token {key} has expired")
+            self.timers.append(
+                asyncio.get_running_loop().call_later(delay, self.end, side, expired)
+            )
 
 
 class TerminalRelay:
@@ -127,11 +145,28 @@ class TerminalRelay:
         self.attach_wait_s = ATTACH_WAIT_S
         self._slots: dict[SlotKey, Slot] = {}
         self._opened = asyncio.Condition()
+        self._revocations = 0
+        service.on_revoke.append(self.revoke)
         hide_tokens_in_server_logs()
 
     def slot(self, agent_uuid: str, terminal_id: str) -> Slot | None:
         """The open slot for (agent_uuid, terminal_id) on this server, if any."""
         return self._slots.get((agent_uuid, terminal_id))
+
+    def revoke(self, key: str) -> None:
+        """Token ``key`` was revoked: end the sessions a side holds with it (that side gets 102)."""
+        self._revocations += 1
+        for slot in list(self._slots.values()):
+            for side, held in list(slot.tokens.items()):
+                if held == key:
+                    slot.end(side, PermissionDenied(f"Token {key} was revoked"))
+                    logger.info(
+                        "terminal %s of agent %s closed: the %s's token %s was revoked",
+                        slot.terminal_id,
+                        slot.agent_uuid,
+                        side,
+                        key,
+                    )
 
     async def serve(self, websocket: WebSocket) -> None:
         """Handle one ``/terminal`` connection: an agent opening a slot or a user attaching."""
@@ -163,6 +198,10 @@ class TerminalRelay:
         if self.slot(agent_uuid, terminal_id) is not None:
             raise InvalidInput(f"Terminal {terminal_id} of agent {agent_uuid} is already open")
         slot = Slot(agent_uuid, terminal_id, task_id, websocket)
+        # the shell runs on behalf of the agent's subscription: it ends with that token
+        sub = self.service.hub.connected_agents().get(agent_uuid)
+        if sub is not None and sub.token_key is not None:
+            slot.hold("agent", sub.token_key, sub.expires_at)
         self._slots[slot.key] = slot
         async with self._opened:
             self._opened.notify_all()
@@ -225,7 +264,13 @@ class TerminalRelay:
         )
         principal = await self.service.authenticate(params["token"], remote)
         authorize(principal, Need("terminal", "connect"), agent_uuid)
+        revocations = self._revocations
         slot = await self._wait_for_slot(agent_uuid, terminal_id)
+        while revocations != self._revocations:
+            # a token was revoked while this user waited: it may have been this user's
+            revocations = self._revocations
+            principal = await self.service.authenticate(params["token"], remote)
+            authorize(principal, Need("terminal", "connect"), agent_uuid)
         elsewhere = self.service.cluster.terminal_node(agent_uuid, terminal_id)
         if slot is None and elsewhere is not None:
             await self._proxy(websocket, elsewhere, agent_uuid, terminal_id)
@@ -235,6 +280,7 @@ class TerminalRelay:
         if slot.claimed:
             raise InvalidInput(f"Terminal {terminal_id} of agent {agent_uuid} already has a user")
         slot.claimed = True
+        slot.hold("user", principal.key, principal.timestamp_to)
         try:
             async with slot.lock:
                 for message in slot.pending:

@@ -1,17 +1,21 @@
-"""The authenticator: token rows cached, made-up keys answered without the database."""
+"""The authenticator: token rows cached, made-up keys answered without the database,
+password logins kept off the event loop and alike for known and unknown usernames."""
 
 from __future__ import annotations
 
 import asyncio
+import statistics
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from sqlalchemy import event
 
-from taskd.auth import Authenticator, NewToken, RateLimiter, hash_secret
+from taskd.auth import Authenticator, NewToken, RateLimiter, hash_password, hash_secret
 from taskd.errors import PermissionDenied
 from taskd.store import Store
+from tests.helpers import scaled
 
 
 @pytest.fixture
@@ -60,3 +64,63 @@ async def test_a_token_created_after_a_miss_works_at_once(store: Store) -> None:
     auth.invalidate(token.key)
     principal = await auth.authenticate(str(token), "10.0.0.9")
     assert principal.key == token.key and not principal.is_super
+
+
+async def _with_password(store: Store, username: str, password: str) -> None:
+    token = NewToken.generate()
+    await store.insert_token(
+        {
+            "key": token.key,
+            "secret_hash": hash_secret(token.secret),
+            "limits": [],
+            "username": username,
+            "password_hash": hash_password(password),
+        }
+    )
+
+
+async def _failed_login(auth: Authenticator, username: str) -> float:
+    """Seconds one refused password login takes."""
+    started = time.perf_counter()
+    with pytest.raises(PermissionDenied, match="unknown username or wrong password"):
+        await auth.authenticate(f"{username}|a wrong password", "10.0.0.9")
+    return time.perf_counter() - started
+
+
+async def test_failed_password_logins_never_stall_the_event_loop(store: Store) -> None:
+    """While dozens of password logins fail at once, the event loop is never held up for long."""
+    auth = Authenticator(store, RateLimiter(burst=1 << 30, rate_per_s=1e9))
+    await _with_password(store, "alice", "the right password")
+    loop = asyncio.get_running_loop()
+    lags: list[float] = []
+    done = asyncio.Event()
+
+    async def tick() -> None:
+        while not done.is_set():
+            started = loop.time()
+            await asyncio.sleep(0.01)
+            lags.append(loop.time() - started - 0.01)
+
+    ticker = asyncio.create_task(tick())
+    logins = [_failed_login(auth, name) for name in ("alice", "nobody", "mallory") * 8]
+    await asyncio.gather(*logins)
+    done.set()
+    await ticker
+    # scrypt on the loop would stall it for 50 ms or more per unknown username: over a
+    # second here; a busy machine alone delays a few ticks by a few tens of ms
+    stalled = sum(lag for lag in lags if lag > 0.02)
+    assert len(lags) > 10 and stalled < scaled(0.5), sorted(lags)[-5:]
+
+
+async def test_unknown_usernames_take_as_long_as_known_ones(store: Store) -> None:
+    """A refused login costs the same whether or not the username exists."""
+    auth = Authenticator(store, RateLimiter(burst=1 << 30, rate_per_s=1e9))
+    await _with_password(store, "alice", "the right password")
+    known: list[float] = []
+    unknown: list[float] = []
+    for _ in range(7):
+        known.append(await _failed_login(auth, "alice"))
+        unknown.append(await _failed_login(auth, "nobody"))
+    # an extra scrypt for unknown users would make this about 2
+    ratio = statistics.median(unknown) / statistics.median(known)
+    assert 0.6 < ratio < 1.5, (known, unknown)

@@ -14,10 +14,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
+from alembic.script import ScriptDirectory
 
-from tests.helpers import ScriptedAgent, WsClient, free_port, scaled
+from tests.helpers import ScriptedAgent, WsClient, free_port, postgres_database, scaled
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKD = [sys.executable, "-m", "taskd"]
@@ -57,18 +59,15 @@ def test_init_creates_config_schema_and_one_super_token(tmp_path: Path) -> None:
     assert secret not in (tmp_path / "conf/taskd.db").read_bytes().decode("latin-1")
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
-    """A `taskd serve` process on a free port (port from TASKD_PORT) with its super token."""
-    init = run("init", "--json", cwd=tmp_path)
-    token = json.loads(init.stdout)["super_token"]
-    port = free_port()
-    log = tmp_path / "serve.log"
-    with log.open("w") as output:
+def start_serve(
+    port: int, *args: str, cwd: Path, env: dict[str, str] | None = None, log: str = "serve.log"
+) -> tuple[subprocess.Popen[str], str]:
+    """Start `taskd serve ARGS` (which must listen on ``port``) and wait until it answers."""
+    with (cwd / log).open("w") as output:
         process = subprocess.Popen(
-            [*TASKD, "serve"],
-            cwd=tmp_path,
-            env={**os.environ, "TASKD_PORT": str(port)},
+            [*TASKD, "serve", *args],
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
             stdout=output,
             stderr=subprocess.STDOUT,
             text=True,
@@ -78,12 +77,33 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
     while True:
         try:
             if httpx.get(url + "healthz", timeout=1).status_code == 200:
-                break
+                return process, url
         except httpx.HTTPError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"server did not start: {log.read_text()}")
+            process.kill()
+            raise RuntimeError(f"server did not start: {(cwd / log).read_text()}")
         time.sleep(0.1)
+
+
+def stop(process: subprocess.Popen[str]) -> int:
+    """SIGTERM a server and return its exit status."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=scaled(20))
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
+    """A `taskd serve` process on a free port (port from TASKD_PORT) with its super token."""
+    init = run("init", "--json", cwd=tmp_path)
+    token = json.loads(init.stdout)["super_token"]
+    port = free_port()
+    process, url = start_serve(port, cwd=tmp_path, env={"TASKD_PORT": str(port)})
     try:
         yield process, url, token
     finally:
@@ -244,3 +264,121 @@ def test_server_outlives_the_reader_of_its_log(tmp_path: Path) -> None:
     finally:
         process.kill()
         process.wait()
+
+
+def test_stray_taskd_variables_are_ignored_and_a_misspelt_setting_is_named(
+    tmp_path: Path,
+) -> None:
+    """TASKD_* variables of other commands and tools leave init and serve working, a likely
+    misspelling of a setting is named in a warning, and real settings still apply."""
+    stray = {
+        "TASKD_TEST_TIME_FACTOR": "2",
+        "TASKD_AGENT_CONFIG": "/x",
+        "TASKD_ENROLL_TOKEN": "a:b",
+        "TASKD_REAPER_INTERVAL": "5",
+    }
+    init = run("init", "--json", cwd=tmp_path, env=stray)
+    assert init.returncode == 0, init.stderr
+    assert "TASKD_REAPER_INTERVAL_MS" in init.stderr
+    port = free_port()
+    process, url = start_serve(port, cwd=tmp_path, env={**stray, "TASKD_PORT": str(port)})
+    try:
+        reply = httpx.post(url, json={"jsonrpc": "2.0", "method": "server_hello", "id": 1})
+        assert reply.json()["result"].startswith("hello")
+    finally:
+        assert stop(process) == 0
+    log = (tmp_path / "serve.log").read_text()
+    warning = next(line for line in log.splitlines() if "TASKD_REAPER_INTERVAL" in line)
+    assert "WARNING" in warning and "did you mean TASKD_REAPER_INTERVAL_MS" in warning
+    for name in ("TASKD_TEST_TIME_FACTOR", "TASKD_AGENT_CONFIG", "TASKD_ENROLL_TOKEN"):
+        assert name not in log
+
+
+async def test_init_and_serve_on_a_fresh_postgresql_database(tmp_path: Path) -> None:
+    """`taskd init --database postgresql://…` puts the schema and super token there, and
+    `taskd serve --host --port --database` serves from it (no SQLite file is made)."""
+    async with postgres_database() as database_url:
+        plain = database_url.replace("postgresql+asyncpg://", "postgresql://")
+        init = run("init", "--config", "taskd.toml", "--database", plain, "--json", cwd=tmp_path)
+        assert init.returncode == 0, init.stderr
+        token = json.loads(init.stdout)["super_token"]
+        database = await asyncpg.connect(plain)
+        try:
+            assert await database.fetchval("SELECT count(*) FROM token WHERE is_super") == 1
+            head = ScriptDirectory(str(ROOT / "taskd" / "migrations")).get_current_head()
+            assert await database.fetchval("SELECT version_num FROM alembic_version") == head
+            port = free_port()
+            process, url = await asyncio.to_thread(
+                start_serve,
+                port,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--database",
+                plain,
+                cwd=tmp_path,
+            )
+            try:
+                agent_uuid = str(uuid.uuid4())
+                body = {
+                    "jsonrpc": "2.0",
+                    "method": "task_create_task",
+                    "params": [token, agent_uuid, "version", 60_000],
+                    "id": 1,
+                }
+                async with httpx.AsyncClient(timeout=scaled(10)) as client:
+                    created = (await client.post(url, json=body)).json()["result"]
+            finally:
+                assert stop(process) == 0
+            stored = await database.fetchval("SELECT uuid FROM task WHERE id = $1", created["id"])
+            assert stored == agent_uuid
+        finally:
+            await database.close()
+    assert not (tmp_path / "taskd.db").exists()
+
+
+async def test_sigterm_during_uploads_loses_no_acknowledged_result(
+    tmp_path: Path, database_url: str
+) -> None:
+    """SIGTERM while an agent uploads hundreds of results: every upload the server
+    acknowledged is in the database when the next server process starts."""
+    init = run("init", "--database", database_url, "--json", cwd=tmp_path)
+    assert init.returncode == 0, init.stderr
+    token = json.loads(init.stdout)["super_token"]
+    port = free_port()
+    args = ("--port", str(port), "--database", database_url)
+    process, url = await asyncio.to_thread(start_serve, port, *args, cwd=tmp_path)
+    ws_url = url.replace("http://", "ws://")
+    count = 600
+    async with ScriptedAgent(ws_url, token) as agent:
+        async with WsClient(ws_url) as caller:
+            await asyncio.gather(
+                *(caller.call("task_create_task", token, agent.uuid, "ip") for _ in range(count))
+            )
+        tasks = [await agent.next_task() for _ in range(count)]
+        uploads = [
+            asyncio.create_task(agent.upload(task, {"ip": [f"10.0.{i // 256}.{i % 256}", None]}))
+            for i, task in enumerate(tasks)
+        ]
+        await asyncio.wait(uploads, return_when=asyncio.FIRST_COMPLETED)
+        process.send_signal(signal.SIGTERM)
+        outcomes = await asyncio.gather(*uploads, return_exceptions=True)
+    assert await asyncio.to_thread(process.wait, scaled(20)) == 0
+    acknowledged = {
+        task["task_id"]
+        for task, outcome in zip(tasks, outcomes, strict=True)
+        if isinstance(outcome, dict) and "result" in outcome
+    }
+    assert acknowledged, "no upload was acknowledged before the shutdown"
+    process, url = await asyncio.to_thread(start_serve, port, *args, cwd=tmp_path, log="2.log")
+    try:
+        query = {"condition": [{"uuid": agent.uuid}, {"limit": count}]}
+        body = {"jsonrpc": "2.0", "method": "task_query_task", "params": [token, query], "id": 1}
+        async with httpx.AsyncClient(timeout=scaled(10)) as client:
+            rows = (await client.post(url, json=body)).json()["result"]
+    finally:
+        assert stop(process) == 0
+    answered = {row["task_id"] for row in rows if row["success"] is True}
+    print(f"{len(acknowledged)} of {count} uploads acknowledged before the shutdown")
+    assert acknowledged <= answered, sorted(acknowledged - answered)

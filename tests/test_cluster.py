@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,18 +20,22 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import asyncpg
 import httpx
 import orjson
 import pytest
 import websockets
 
+import taskd.methods  # noqa: F401 - registers the methods in REGISTRY
 from taskd.agent.tasks import TaskContext
 from taskd.agent.tasks.web_shell import run as run_web_shell
 from taskd.config import parse_agent_config
 from taskd.protocol import WebShell, parse_task_event_type
+from taskd.rpc import REGISTRY
 from tests.helpers import (
     RpcError,
     ScriptedAgent,
+    WsClient,
     free_port,
     postgres_database,
     scaled,
@@ -95,8 +100,8 @@ class Node:
     def log(self) -> str:
         return (self.config.parent / "serve.log").read_text(errors="replace")[-3000:]
 
-    async def call(self, method: str, *params: Any) -> Any:
-        body = {"jsonrpc": "2.0", "method": method, "params": list(params), "id": 1}
+    async def call(self, method: str, *params: Any, **named: Any) -> Any:
+        body = {"jsonrpc": "2.0", "method": method, "params": named or list(params), "id": 1}
         async with httpx.AsyncClient(timeout=scaled(30)) as client:
             reply = (await client.post(self.url, content=orjson.dumps(body))).json()
         return unwrap(reply)
@@ -369,7 +374,8 @@ async def test_killed_node_agents_reconnect_elsewhere_and_queued_tasks_arrive(
             assert again["success"] is True, again
         finally:
             agent.send_signal(signal.SIGTERM)
-            agent.wait(timeout=scaled(15))
+            # not a blocking wait: the balancer that forwards the agent's close runs on this loop
+            await asyncio.to_thread(agent.wait, scaled(15))
 
 
 async def test_dead_nodes_agents_count_as_offline_after_the_grace(cluster: Cluster) -> None:
@@ -491,3 +497,238 @@ async def test_rolling_a_token_on_one_node_revokes_it_on_every_node(cluster: Clu
     with pytest.raises(RpcError) as error:
         await cluster.nodes[0].call("task_query_task", issued["token"], {"condition": []})
     assert error.value.code == 102
+
+
+async def _leader_index(cluster: Cluster) -> int:
+    """The index of the one node leading the crons."""
+
+    async def one_leader() -> bool:
+        return sum([await is_leader(n) for n in cluster.nodes]) == 1
+
+    await wait_until(one_leader, "one cron leader")
+    return [await is_leader(n) for n in cluster.nodes].index(True)
+
+
+async def test_every_method_answers_on_every_node(cluster: Cluster) -> None:
+    """One valid call of every registered method succeeds on each node (task_register_task
+    over WebSocket), and a cron edited on a node that does not lead fires with the edit."""
+    called: set[str] = set()
+    leader = await _leader_index(cluster)
+    edited_off_leader = []
+    worker = ScriptedAgent(cluster.nodes[0].ws_url, cluster.token)
+    cron_target = ScriptedAgent(cluster.nodes[1].ws_url, cluster.token)
+    async with worker, cron_target:
+        await wait_until(lambda: online_at(cluster, worker.uuid, cluster.nodes[0]), "online")
+        await wait_until(lambda: online_at(cluster, cron_target.uuid, cluster.nodes[1]), "online")
+        for index, node in enumerate(cluster.nodes):
+            other = cluster.nodes[(index + 1) % 3]
+
+            async def call(method: str, *params: Any, node: Node = node, **named: Any) -> Any:
+                called.add(method)
+                return await node.call(method, *params, **named)
+
+            async def su(method: str, *params: Any, call: Any = call) -> Any:
+                return await call(method, cluster.token, *params)
+
+            # server info
+            assert await call("server_uuid") == await call("nodeget-server_uuid")
+            assert (await call("server_hello")).startswith("hello")
+            assert await call("nodeget-server_hello") == await call("server_hello")
+            discovered = {m["name"] for m in (await call("rpc.discover"))["methods"]}
+            assert {"task_create_task", "crontab_edit", "token_create"} <= discovered
+
+            # tasks: created here, pushed to the worker on node 0, answered over HTTP here
+            created = await su("task_create_task", worker.uuid, "version")
+            pushed = await worker.next_task()
+            assert pushed["task_id"] == created["id"]
+            response = {
+                "task_id": pushed["task_id"],
+                "agent_uuid": worker.uuid,
+                "task_token": pushed["task_token"],
+                "timestamp": 1000 + index,
+                "success": True,
+                "task_event_result": {"version": {"node": index}},
+            }
+            assert await su("task_upload_task_result", response) == {"id": created["id"]}
+            blocking = asyncio.create_task(
+                su("task_create_task_blocking", worker.uuid, "ip", 10_000)
+            )
+            unwrap(await worker.upload(await worker.next_task(), {"ip": ["192.0.2.1", None]}))
+            assert (await blocking)["task_event_result"] == {"ip": ["192.0.2.1", None]}
+            by_id = {"condition": [{"task_id": created["id"]}]}
+            [record] = await su("task_query_task", by_id)
+            assert record["task_event_result"] == {"version": {"node": index}}
+            assert await su("task_query", by_id) == [record]
+            for delete in ("task_delete_task", "task_delete"):
+                queued = await su("task_create_task", str(uuid.uuid4()), "ip", 60_000)
+                deleted = await su(delete, [{"task_id": queued["id"]}])
+                assert deleted == {"success": True, "deleted": 1, "condition_count": 1}
+
+            # a subscription held here receives a task created on another node
+            subscriber = str(uuid.uuid4())
+            async with WsClient(node.ws_url) as client:
+                subscription = await client.call("task_register_task", cluster.token, subscriber)
+                called.add("task_register_task")
+                await wait_until(lambda u=subscriber, n=node: online_at(cluster, u, n), "online")
+                await other.call("task_create_task", cluster.token, subscriber, "version")
+                frame = await asyncio.wait_for(client.notifications.get(), scaled(10))
+                assert frame["params"]["subscription"] == subscription
+                assert await client.call("task_unregister_task", subscription) is True
+                called.add("task_unregister_task")
+
+            # agents
+            listed = {a["uuid"]: a for a in await su("agent_list")}
+            assert listed[worker.uuid]["online"] and listed[cron_target.uuid]["online"]
+            enrolled = await su("agent_enroll", str(uuid.uuid4()))
+            assert set(enrolled) == {"uuid", "token"}
+
+            # crons: edited here (two of the three nodes do not lead), fired by the leader
+            name = f"edited-on-n{index}"
+            target = [[cron_target.uuid], {"task": "version"}]
+            await su("crontab_create", name, "0 0 0 1 1 * 2099", {"agent": target})
+            probe = {"tcp_ping": f"127.0.0.1:{node.port}"}
+            edit = await su(
+                "crontab_edit",
+                name,
+                "* * * * * *",
+                {"agent": [[cron_target.uuid], {"task": probe}]},
+            )
+            assert edit["success"] is True
+            by_name = {"condition": [{"cron_name": name}]}
+
+            async def fired(by_name: Any = by_name, su: Any = su) -> bool:
+                return any(r["relative_id"] for r in await su("crontab-result_query", by_name))
+
+            await wait_until(fired, f"{name} firing")
+            fire = next(r for r in await su("crontab-result_query", by_name) if r["relative_id"])
+            [task] = await su("task_query_task", {"condition": [{"task_id": fire["relative_id"]}]})
+            assert task["task_event_type"] == probe and task["cron_source"] == name
+            if index != leader:
+                edited_off_leader.append(name)
+            [cron] = [c for c in await su("crontab_get") if c["name"] == name]
+            assert cron["cron_expression"] == "* * * * * *"
+            assert await su("crontab_set_enable", name, False) == {
+                "success": True,
+                "enabled": False,
+            }
+            assert (await su("crontab-result_delete", by_name))["deleted"] >= 1
+            assert await su("crontab_delete", name) == {"success": True}
+
+            # tokens
+            limits = [{"scopes": ["global"], "permissions": [{"task": {"read": "*"}}]}]
+            issued = await su("token_create", limits, f"user{index}", "first-password")
+            assert (await su("token_get"))["key"] == cluster.token.split(":")[0]
+            assert issued["key"] in {t["key"] for t in await su("token_list_all_tokens")}
+            edited = await call(
+                "token_edit", token=cluster.token, key=issued["key"], description="edited"
+            )
+            assert edited["description"] == "edited"
+            await su("token_change_password", "second-password", issued["key"])
+            login = f"user{index}|second-password"
+            assert await other.call("task_query_task", login, {"condition": ["last"]})
+            rolled = await su("token_roll_token_secret", issued["key"])
+            assert rolled["key"] == issued["key"] and rolled["token"] != issued["token"]
+            assert await su("token_delete", issued["key"]) == {"success": True}
+            with pytest.raises(RpcError) as error:
+                await other.call("task_query_task", rolled["token"], {"condition": []})
+            assert error.value.code == 102
+    assert called == set(REGISTRY), set(REGISTRY) - called
+    assert len(edited_off_leader) == 2
+
+
+def _reaped(metrics: str) -> int:
+    match = re.search(r"^taskd_tasks_reaped_total (\S+)$", metrics, re.MULTILINE)
+    assert match is not None
+    return int(float(match.group(1)))
+
+
+async def test_deadlines_and_queue_expiry_fail_each_task_once_across_nodes(
+    cluster: Cluster,
+) -> None:
+    """Three reapers race over unanswered and expiring queued tasks: each task ends with one
+    failure result, and the nodes together reap each task exactly once."""
+    agent = ScriptedAgent(cluster.nodes[0].ws_url, cluster.token)
+    async with agent:
+        await wait_until(lambda: online_at(cluster, agent.uuid, cluster.nodes[0]), "online")
+        unanswered = []
+        for _ in range(3):
+            with pytest.raises(RpcError) as error:
+                await cluster.su(0, "task_create_task_blocking", agent.uuid, "ip", 300)
+            assert error.value.code == 999
+            unanswered.append((await agent.next_task())["task_id"])
+        expiring = [
+            (await cluster.su(index, "task_create_task", str(uuid.uuid4()), "ip", 300))["id"]
+            for index in range(3)
+        ]
+
+        async def records() -> dict[int, list[dict[str, Any]]]:
+            rows = await cluster.su(1, "task_query_task", {"condition": [{"type": "ip"}]})
+            found: dict[int, list[dict[str, Any]]] = {}
+            for row in rows:
+                found.setdefault(row["task_id"], []).append(row)
+            return found
+
+        async def all_failed() -> bool:
+            found = await records()
+            return all(found[i][0]["success"] is False for i in unanswered + expiring)
+
+        await wait_until(all_failed, "every task failed")
+        await asyncio.sleep(scaled(1))  # several more reaper rounds on every node
+        found = await records()
+    assert sorted(found) == sorted(unanswered + expiring)
+    for task_id in unanswered:
+        [row] = found[task_id]
+        assert (row["success"], row["error_message"]) == (False, "timed out: no result from agent")
+    for task_id in expiring:
+        [row] = found[task_id]
+        assert (row["success"], row["error_message"]) == (
+            False,
+            "expired: agent did not connect within 300 ms",
+        )
+    async with httpx.AsyncClient() as client:
+        reaped = [_reaped((await client.get(n.url + "metrics")).text) for n in cluster.nodes]
+    assert sum(reaped) == len(unanswered + expiring), reaped
+
+
+async def test_generated_node_id_is_written_to_the_config_and_kept(cluster: Cluster) -> None:
+    """A node's first start writes its generated node_id into its config file (mode 0600);
+    restarted, the node comes back with the same id."""
+    node = cluster.nodes[2]
+    node_id = await node_id_of(node)
+    written = tomllib.loads(node.config.read_text())["server"]["node_id"]
+    assert written == node_id and str(uuid.UUID(node_id)) == node_id
+    assert node.config.stat().st_mode & 0o777 == 0o600
+    node.stop()
+    node.start()
+    await node.wait_ready()
+    assert await node_id_of(node) == node_id
+    assert tomllib.loads(node.config.read_text())["server"]["node_id"] == node_id
+    nodes = {n["id"] for n in await _nodes(cluster)}
+    assert nodes == {await node_id_of(n) for n in cluster.nodes}
+
+
+async def _nodes(cluster: Cluster) -> list[dict[str, Any]]:
+    """The node table as every node sees it (the shared database)."""
+    connection = await asyncpg.connect(cluster.database_url.replace("+asyncpg", ""))
+    try:
+        return [dict(row) for row in await connection.fetch("SELECT id FROM node")]
+    finally:
+        await connection.close()
+
+
+async def test_a_routed_blocking_task_keeps_the_callers_deadline(cluster: Cluster) -> None:
+    """A blocking call on node 1 for an agent held by node 0 that never answers is failed
+    'timed out' soon after the call's timeout, not after the server's default deadline."""
+    agent = ScriptedAgent(cluster.nodes[0].ws_url, cluster.token)
+    async with agent:
+        await wait_until(lambda: online_at(cluster, agent.uuid, cluster.nodes[0]), "online")
+        with pytest.raises(RpcError) as error:
+            await cluster.su(1, "task_create_task_blocking", agent.uuid, "ip", 300)
+        assert error.value.code == 999
+        task_id = (await agent.next_task())["task_id"]
+
+        async def failed() -> bool:
+            [row] = await cluster.su(2, "task_query_task", {"condition": [{"task_id": task_id}]})
+            return row["error_message"] == "timed out: no result from agent"
+
+        await wait_until(failed, "the routed task timed out", 5)

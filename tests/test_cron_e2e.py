@@ -3,28 +3,40 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import text
 
+from taskd.auth import ensure_super_token
+from taskd.protocol import parse_cron_result_query
+from taskd.scheduler import INTERRUPTED
+from taskd.store import Store
 from tests.helpers import (
     RpcError,
     ScriptedAgent,
     Server,
     add_token,
+    free_port,
     make_settings,
     running_server,
     scaled,
+    unwrap,
 )
+from tests.test_scheduler import refuse_results
 
 EVERY_SECOND = "* * * * * *"
 NEVER_SOON = "0 0 0 1 1 * 2099"
@@ -601,3 +613,299 @@ async def test_cli_cron_commands(server: Server) -> None:
     code, _, err = await _cli(server, "delete", "cli")
     assert code == 1 and "105" in err
     assert await server.su("crontab_get") == []
+
+
+def key_of(token: str) -> str:
+    """The key part of a KEY:SECRET token."""
+    return token.split(":", 1)[0]
+
+
+async def test_result_methods_need_a_global_permission_even_without_results(
+    server: Server,
+) -> None:
+    """With no results at all, a token lacking a global crontab_result permission still gets 102
+    from crontab-result_query and crontab-result_delete, not an empty answer."""
+    assert await server.su("crontab-result_query", {"condition": []}) == []
+    agent = str(uuid.uuid4())
+    nothing = await add_token(
+        server, [{"scopes": ["global"], "permissions": [{"task": {"read": "*"}}]}]
+    )
+    scoped = await add_token(
+        server,
+        [
+            {
+                "scopes": [{"agent_uuid": agent}],
+                "permissions": [
+                    {"crontab_result": {"read": "*"}},
+                    {"crontab_result": {"delete": "*"}},
+                ],
+            }
+        ],
+    )
+    for token in (nothing, scoped):
+        for method, action in (
+            ("crontab-result_query", "read"),
+            ("crontab-result_delete", "delete"),
+        ):
+            with pytest.raises(RpcError) as error:
+                await server.call(method, token, {"condition": []})
+            assert error.value.code == 102, (method, token)
+            assert f"crontab_result.{action} with global scope" in error.value.message
+    reader = await add_token(
+        server, [{"scopes": ["global"], "permissions": [{"crontab_result": {"read": "probe*"}}]}]
+    )
+    assert await server.call("crontab-result_query", reader, {"condition": []}) == []
+    with pytest.raises(RpcError) as error:
+        await server.call("crontab-result_delete", reader, {"condition": []})
+    assert error.value.code == 102 and "crontab_result.delete" in error.value.message
+    deleter = await add_token(
+        server, [{"scopes": ["global"], "permissions": [{"crontab_result": {"delete": "probe*"}}]}]
+    )
+    assert await server.call("crontab-result_delete", deleter, {"condition": []}) == {
+        "success": True,
+        "deleted": 0,
+    }
+
+
+async def test_enabling_a_cron_needs_task_create_on_every_target(server: Server) -> None:
+    """Enabling starts tasks again, so it needs task.create(<type>) on every target like create
+    and edit do; disabling needs crontab.write only."""
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    await server.su("crontab_create", "gate", NEVER_SOON, agent_cron([a, b]))
+    write_both = {
+        "scopes": [{"agent_uuid": a}, {"agent_uuid": b}],
+        "permissions": [{"crontab": "write"}],
+    }
+    half = await add_token(
+        server,
+        [write_both, {"scopes": [{"agent_uuid": a}], "permissions": [{"task": {"create": "*"}}]}],
+    )
+    assert await server.call("crontab_set_enable", half, "gate", False) == {
+        "success": True,
+        "enabled": False,
+    }
+    with pytest.raises(RpcError) as error:
+        await server.call("crontab_set_enable", half, "gate", True)
+    assert error.value.code == 102
+    assert f"task.create(tcp_ping) on agent {b}" in error.value.message
+    entry = await cron_named(server, "gate")
+    assert entry is not None and entry["enable"] is False
+    wrong_type = await add_token(
+        server,
+        [
+            write_both,
+            {
+                "scopes": [{"agent_uuid": a}, {"agent_uuid": b}],
+                "permissions": [{"task": {"create": "ping"}}],
+            },
+        ],
+    )
+    with pytest.raises(RpcError) as error:
+        await server.call("crontab_set_enable", wrong_type, "gate", True)
+    assert error.value.code == 102 and "task.create(tcp_ping)" in error.value.message
+    full = await add_token(
+        server,
+        [
+            write_both,
+            {
+                "scopes": [{"agent_uuid": a}, {"agent_uuid": b}],
+                "permissions": [{"task": {"create": "tcp*"}}],
+            },
+        ],
+    )
+    assert await server.call("crontab_set_enable", full, "gate", True) == {
+        "success": True,
+        "enabled": True,
+    }
+    entry = await cron_named(server, "gate")
+    assert entry is not None and entry["enable"] is True
+
+
+async def test_fires_check_the_creators_authority_every_time(server: Server) -> None:
+    """Each fire re-checks the token that created the cron: targets it no longer covers, or all
+    once it is not valid yet, expired or deleted, get a failed row saying why and no task."""
+    async with (
+        ScriptedAgent(server.ws_url, server.super_token) as a,
+        ScriptedAgent(server.ws_url, server.super_token) as b,
+    ):
+        grant = [{"crontab": "write"}, {"task": {"create": "tcp*"}}]
+        issued = await server.su(
+            "token_create",
+            [{"scopes": [{"agent_uuid": a.uuid}, {"agent_uuid": b.uuid}], "permissions": grant}],
+        )
+        key = issued["key"]
+        await server.call(
+            "crontab_create",
+            issued["token"],
+            "authority",
+            EVERY_SECOND,
+            agent_cron([a.uuid, b.uuid]),
+        )
+        await a.next_task(timeout=2)
+        await b.next_task(timeout=2)
+
+        async def next_fire(since: int) -> list[dict[str, Any]]:
+            """The rows of the first slot after ``since`` once both targets have theirs."""
+
+            async def complete() -> list[dict[str, Any]] | None:
+                slots = by_slot(await results_of(server, "authority"))
+                later = [rows for slot, rows in slots.items() if slot > since and len(rows) == 2]
+                return min(later, key=lambda rows: rows[0]["run_time"]) if later else None
+
+            rows: list[dict[str, Any]] = await wait_for(complete)
+            return rows
+
+        await server.su(
+            "token_edit", key, [{"scopes": [{"agent_uuid": a.uuid}], "permissions": grant}]
+        )
+        narrowed = await next_fire(int(time.time() * 1000))
+        [sent] = [r for r in narrowed if r["success"]]
+        assert sent["message"] == f"Task {sent['relative_id']} sent to agent {a.uuid}"
+        [refused] = [r for r in narrowed if not r["success"]]
+        assert refused["relative_id"] is None
+        assert refused["message"] == (
+            f"Task not created: token {key} that created the cron lacks task.create(tcp_ping) "
+            f"on agent {b.uuid}"
+        )
+        while not b.notifications.empty():
+            b.notifications.get_nowait()
+        with pytest.raises(asyncio.TimeoutError):
+            await b.next_task(timeout=1.5)
+        assert (await a.next_task(timeout=2))["task_event_type"] == {"tcp_ping": "127.0.0.1:9"}
+
+        later = int(time.time() * 1000) + 3_600_000
+        phases: list[tuple[dict[str, Any], str]] = [
+            ({"timestamp_from": later}, "is not valid yet"),
+            ({"timestamp_from": None, "timestamp_to": int(time.time() * 1000)}, "has expired"),
+        ]
+        for change, reason in phases:
+            await server.call("token_edit", token=server.super_token, key=key, **change)
+            rows = await next_fire(int(time.time() * 1000))
+            assert [r["message"] for r in rows] == [
+                f"Task not created: token {key} that created the cron {reason}"
+            ] * 2
+            assert not any(r["success"] or r["relative_id"] for r in rows)
+        await server.su("token_delete", key)
+        rows = await next_fire(int(time.time() * 1000))
+        assert [r["message"] for r in rows] == [
+            f"Task not created: token {key} that created the cron no longer exists"
+        ] * 2
+        await server.su("crontab_set_enable", "authority", False)
+        await asyncio.sleep(scaled(0.3))
+    records = await server.su("task_query_task", {"condition": [{"cron_source": "authority"}]})
+    tasks_of = {result["relative_id"] for result in await results_of(server, "authority")}
+    assert {r["task_id"] for r in records} == tasks_of - {None}
+
+
+async def test_cron_tasks_are_created_by_the_crons_creator(server: Server) -> None:
+    """The tasks a cron fires carry created_by = the key of the token that created the cron."""
+    async with ScriptedAgent(server.ws_url, server.super_token) as agent:
+        creator = await add_token(
+            server,
+            [
+                {
+                    "scopes": [{"agent_uuid": agent.uuid}],
+                    "permissions": [{"crontab": "write"}, {"task": {"create": "*"}}],
+                }
+            ],
+        )
+        await server.call(
+            "crontab_create", creator, "owned", EVERY_SECOND, agent_cron([agent.uuid], "version")
+        )
+        tasks = [await agent.next_task(timeout=2) for _ in range(2)]
+        await server.su("crontab_set_enable", "owned", False)
+    await server.su("task_create_task", agent.uuid, "version", 60_000)
+    records = await server.su("task_query_task", {"condition": [{"cron_source": "owned"}]})
+    assert {t["task_id"] for t in tasks} <= {r["task_id"] for r in records}
+    assert {r["created_by"] for r in records} == {key_of(creator)}
+    assert key_of(creator) != key_of(server.super_token)
+
+
+def _tail(log: Path) -> str:
+    """The end of a server log, for a failure message."""
+    return log.read_text(errors="replace")[-3000:]
+
+
+async def _serve(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """Start `taskd serve` as a child process and wait until it answers /healthz."""
+    with log.open("ab") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "taskd", "serve", "--config", str(config)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + scaled(30)
+    async with httpx.AsyncClient() as client:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                reply = await client.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                if reply.status_code == 200:
+                    return process
+            assert process.poll() is None, _tail(log)
+            await asyncio.sleep(0.1)
+    process.kill()
+    process.wait()
+    raise TimeoutError(_tail(log))
+
+
+async def test_a_server_killed_before_storing_rows_records_those_slots_once_as_interrupted(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A `taskd serve` SIGKILLed after claiming slots whose rows the database had refused comes
+    back and records each such slot once as interrupted; every claimed slot has one row."""
+    node_id = f"node-{uuid.uuid4()}"
+    settings = make_settings(database_url, node_id=node_id)
+    async with Store(database_url, pool_size=2) as store:
+        await store.migrate()
+        token = await ensure_super_token(store)
+        assert token is not None
+        port = free_port()
+        config = tmp_path / "taskd.toml"
+        config.write_text(
+            "[server]\n"
+            f'server_uuid = "{settings.server_uuid}"\n'
+            f'listen = "127.0.0.1:{port}"\n'
+            f'database_url = "{database_url}"\n'
+            f'node_id = "{node_id}"\n'
+        )
+        await refuse_results(store, True)
+        process = await _serve(config, port, tmp_path / "serve.log")
+        try:
+            target = str(uuid.uuid4())
+            body = {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "crontab_create",
+                "params": [token, "crashy", EVERY_SECOND, agent_cron([target])],
+            }
+            async with httpx.AsyncClient() as client:
+                reply = await client.post(f"http://127.0.0.1:{port}/", json=body, timeout=10)
+            cron_id = unwrap(reply.json())["id"]
+
+            async def two_pending() -> bool:
+                return len(await store.pending_cron_fires()) >= 2
+
+            await wait_for(two_pending, timeout=5)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        cut_short = sorted(f.slot for f in await store.pending_cron_fires())
+        assert await store.query_cron_results(parse_cron_result_query({"condition": []})) == []
+        await refuse_results(store, False)
+    async with running_server(settings, token) as server:
+
+        async def settled() -> list[dict[str, Any]] | None:
+            rows = await results_of(server, "crashy")
+            interrupted = [r for r in rows if r["message"] == INTERRUPTED]
+            return interrupted if len(interrupted) >= len(cut_short) else None
+
+        interrupted = await wait_for(settled, timeout=5)
+        assert sorted(r["run_time"] for r in interrupted) == cut_short
+        assert all(not r["success"] and r["relative_id"] is None for r in interrupted)
+        await server.su("crontab_set_enable", "crashy", False)
+        await asyncio.sleep(scaled(0.3))
+        slots = [slot for slot, _ in await _slots_by_node(server, cron_id)]
+        rows = await results_of(server, "crashy")
+        assert await server.service.store.pending_cron_fires() == []
+    assert Counter(r["run_time"] for r in rows) == Counter(slots)
+    assert set(cut_short) <= set(slots)

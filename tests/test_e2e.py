@@ -642,3 +642,234 @@ async def test_a_client_that_stops_reading_is_cut_off_by_bytes(server: Server) -
                     await ws.recv()
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
     assert (await server.call("server_hello")).startswith("hello")
+
+
+PROTOCOL_PARAMS = {
+    "task_create_task": ("token", "target_uuid", "task_type", "queue_ttl_ms"),
+    "task_create_task_blocking": ("token", "target_uuid", "task_type", "timeout_ms"),
+    "task_query_task": ("token", "task_data_query"),
+    "task_delete_task": ("token", "conditions"),
+    "task_register_task": ("token", "uuid"),
+    "task_unregister_task": ("subscription_id",),
+    "task_upload_task_result": ("token", "task_response"),
+}
+"""Each task method's params in PROTOCOL.md's positional order, by their documented names."""
+
+
+def _params(method: str, named: bool, **values: Any) -> Any:
+    """The params of a call as a named object or as a positional array."""
+    order = PROTOCOL_PARAMS[method]
+    assert tuple(values) == order[: len(values)], "values in protocol order, none skipped"
+    return values if named else list(values.values())
+
+
+async def _create_by(server: Server, named: bool) -> Any:
+    async with ScriptedAgent(server.ws_url, server.super_token) as agent:
+        params = _params(
+            "task_create_task",
+            named,
+            token=server.super_token,
+            target_uuid=agent.uuid,
+            task_type={"tcp_ping": "127.0.0.1:9"},
+            queue_ttl_ms=60_000,
+        )
+        created = unwrap(await server.request("task_create_task", params))
+        pushed = await agent.next_task()
+    return sorted(created), pushed["task_id"] == created["id"], pushed["task_event_type"]
+
+
+async def _blocking_by(server: Server, named: bool) -> Any:
+    async with ScriptedAgent(server.ws_url, server.super_token) as agent:
+        params = _params(
+            "task_create_task_blocking",
+            named,
+            token=server.super_token,
+            target_uuid=agent.uuid,
+            task_type="version",
+            timeout_ms=10_000,
+        )
+        call = asyncio.create_task(server.request("task_create_task_blocking", params))
+        unwrap(await agent.upload(await agent.next_task(), {"version": {"v": 1}}, timestamp=7))
+        response = unwrap(await call)
+    return {k: v for k, v in response.items() if k not in ("task_id", "agent_uuid", "task_token")}
+
+
+async def _query_by(server: Server, named: bool) -> Any:
+    query = {"condition": [{"type": "ip"}, "is_success"]}
+    params = _params("task_query_task", named, token=server.super_token, task_data_query=query)
+    return unwrap(await server.request("task_query_task", params))
+
+
+async def _delete_by(server: Server, named: bool) -> Any:
+    agent_uuid = str(uuid.uuid4())
+    created = await server.su("task_create_task", agent_uuid, "ip", 60_000)
+    conditions = [{"task_id": created["id"]}]
+    params = _params("task_delete_task", named, token=server.super_token, conditions=conditions)
+    deleted = unwrap(await server.request("task_delete_task", params))
+    return deleted, await server.su("task_query_task", {"condition": conditions})
+
+
+async def _register_by(server: Server, named: bool) -> Any:
+    agent_uuid = str(uuid.uuid4())
+    async with WsClient(server.ws_url) as client:
+        params = _params("task_register_task", named, token=server.super_token, uuid=agent_uuid)
+        subscription = unwrap(await client.request("task_register_task", params))
+        await server.su("task_create_task", agent_uuid, "version")
+        frame = await asyncio.wait_for(client.notifications.get(), scaled(5))
+    pushed = frame["params"]
+    return (
+        isinstance(subscription, int),
+        pushed["subscription"] == subscription,
+        pushed["result"]["task_event_type"],
+    )
+
+
+async def _unregister_by(server: Server, named: bool) -> Any:
+    async with ScriptedAgent(server.ws_url, server.super_token) as agent:
+        params = _params("task_unregister_task", named, subscription_id=agent.subscription)
+        ended = unwrap(await agent.request("task_unregister_task", params))
+        with pytest.raises(RpcError) as error:
+            await server.su("task_create_task", agent.uuid, "version")
+    return ended, error.value.code
+
+
+async def _upload_by(server: Server, named: bool) -> Any:
+    async with ScriptedAgent(server.ws_url, server.super_token) as agent:
+        await server.su("task_create_task", agent.uuid, "ip")
+        task = await agent.next_task()
+        response = {
+            "task_id": task["task_id"],
+            "agent_uuid": agent.uuid,
+            "task_token": task["task_token"],
+            "timestamp": 99,
+            "success": True,
+            "task_event_result": {"ip": ["192.0.2.9", None]},
+        }
+        params = _params(
+            "task_upload_task_result", named, token=server.super_token, task_response=response
+        )
+        stored = unwrap(await agent.request("task_upload_task_result", params))
+    [record] = await server.su("task_query_task", {"condition": [{"task_id": task["task_id"]}]})
+    return stored == {"id": task["task_id"]}, record["timestamp"], record["task_event_result"]
+
+
+NAMED_PARAM_CASES = {
+    "task_create_task": _create_by,
+    "task_create_task_blocking": _blocking_by,
+    "task_query_task": _query_by,
+    "task_delete_task": _delete_by,
+    "task_register_task": _register_by,
+    "task_unregister_task": _unregister_by,
+    "task_upload_task_result": _upload_by,
+}
+
+
+@pytest.mark.parametrize("method", list(NAMED_PARAM_CASES))
+async def test_named_params_with_the_protocol_names_act_like_positional(
+    server: Server, method: str
+) -> None:
+    """Each task method called with PROTOCOL.md's param names as an object does what the
+    same call with positional params does."""
+    async with ScriptedAgent(server.ws_url, server.super_token) as agent:
+        await server.su("task_create_task", agent.uuid, "ip")
+        unwrap(await agent.upload(await agent.next_task(), {"ip": ["192.0.2.1", None]}))
+    positional = await NAMED_PARAM_CASES[method](server, False)
+    named = await NAMED_PARAM_CASES[method](server, True)
+    assert named == positional
+
+
+async def test_agent_list_follows_a_connection_and_its_end(server: Server) -> None:
+    """agent_list shows a connected agent online since it subscribed, from its address, seen
+    when it last uploaded; once it disconnects it is offline with connected_since null and
+    keeps its last_seen and address."""
+    before = int(time.time() * 1000)
+    agent = ScriptedAgent(server.ws_url, server.super_token)
+    async with agent:
+        [online] = await server.su("agent_list")
+        assert online["uuid"] == agent.uuid and online["online"] is True
+        assert before <= online["first_seen"] <= online["connected_since"]
+        assert online["connected_since"] <= online["last_seen"] <= int(time.time() * 1000)
+        assert online["remote_addr"] == "127.0.0.1"
+        await server.su("task_create_task", agent.uuid, "ip")
+        task = await agent.next_task()
+        await asyncio.sleep(0.02)
+        uploaded_at = int(time.time() * 1000)
+        unwrap(await agent.upload(task, {"ip": [None, None]}))
+        [active] = await server.su("agent_list")
+        assert active["last_seen"] >= uploaded_at > active["connected_since"]
+    for _ in range(int(scaled(500))):
+        [offline] = await server.su("agent_list")
+        if not offline["online"]:
+            break
+        await asyncio.sleep(0.01)
+    assert offline["online"] is False
+    assert offline["connected_since"] is None
+    assert offline["last_seen"] >= active["last_seen"]
+    assert offline["remote_addr"] == "127.0.0.1"
+    assert offline["first_seen"] == online["first_seen"]
+
+
+class StallingProxy:
+    """A local TCP proxy that can go silent: it stops forwarding both ways, closing nothing."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.silent = asyncio.Event()
+        self.port = 0
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> StallingProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cut()
+        assert self._server is not None
+        self._server.close()
+
+    def cut(self) -> None:
+        """Close every connection (so both ends notice at last)."""
+        for writer in self._writers:
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(
+            "127.0.0.1", self.target_port
+        )
+        self._writers += [writer, upstream_writer]
+        await asyncio.gather(
+            self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer)
+        )
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                if self.silent.is_set():
+                    return  # swallowed; nothing is read or written from now on
+                writer.write(data)
+                await writer.drain()
+
+
+async def test_a_silent_agent_connection_is_dropped_by_the_ping_timeout(database_url: str) -> None:
+    """An agent connection that stops answering pings (without closing) is dropped within the
+    ping interval plus timeout: the agent is no longer connected and creates are 104."""
+    settings = make_settings(database_url, ws_ping_interval_s=0.3, ws_ping_timeout_s=0.3)
+    async with running_server(settings) as server, StallingProxy(server.port) as proxy:
+        agent = ScriptedAgent(f"ws://127.0.0.1:{proxy.port}/", server.super_token)
+        async with agent:
+            await asyncio.sleep(scaled(1.2))  # several pings, answered through the proxy
+            assert server.service.hub.is_connected(agent.uuid)
+            await server.su("task_create_task", agent.uuid, "version")
+            await agent.next_task()
+            proxy.silent.set()
+            for _ in range(int(scaled(300))):
+                if not server.service.hub.is_connected(agent.uuid):
+                    break
+                await asyncio.sleep(0.01)
+            assert not server.service.hub.is_connected(agent.uuid)
+            with pytest.raises(RpcError) as error:
+                await server.su("task_create_task", agent.uuid, "version")
+            assert error.value.code == 104
+            proxy.cut()

@@ -112,6 +112,22 @@ async def test_a_proposed_uuid_is_accepted_only_when_free(server: Server) -> Non
     await refused(server, -32602, enroller, "not-a-uuid")
 
 
+async def test_a_uuid_with_work_waiting_is_taken(server: Server) -> None:
+    """A UUID that queued tasks or a cron target is 108; once the work is gone it is free."""
+    enroller = await enroll_token(server)
+    queued, targeted = str(uuid.uuid4()), str(uuid.uuid4())
+    await server.su("task_create_task", queued, "version", 3_600_000)
+    cron_type = {"agent": [[str(uuid.uuid4()), targeted], {"task": "ip"}]}
+    await server.su("crontab_create", "nightly", "0 0 0 1 1 * 2099", cron_type)
+    assert "already taken" in await refused(server, 108, enroller, queued)
+    assert "already taken" in await refused(server, 108, enroller, targeted.upper())
+    assert (await token_row(server, enroller)).uses == 0
+    await server.su("task_delete_task", [{"uuid": queued}])
+    await server.su("crontab_delete", "nightly")
+    assert (await server.call("agent_enroll", enroller, queued))["uuid"] == queued
+    assert (await server.call("agent_enroll", enroller, targeted))["uuid"] == targeted
+
+
 async def test_enrollment_tokens_honour_window_and_permission(server: Server) -> None:
     """Expired, not-yet-valid and non-enroll tokens are 102; a scoped one enrolls only its UUID."""
     expired = await enroll_token(server, timestamp_to=now_ms() - 1000)

@@ -1,26 +1,45 @@
-"""The scheduler: its croniter trigger, catch-up after downtime, the per-slot guard, precision."""
+"""The scheduler: its croniter trigger, catch-up after downtime, the per-slot guard, precision,
+an exact fire history (interrupted, refused and skipped slots), and the configured timezone."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import sqlite3
 import statistics
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
+import asyncpg
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
+from taskd.auth import NewToken, hash_secret
+from taskd.config import ServerSettings, load_server_settings, write_default_server_config
 from taskd.crontab import parse_expression
 from taskd.hub import Hub
-from taskd.scheduler import RESYNC_INTERVAL_S, CronTrigger, Scheduler, slot_ms
+from taskd.scheduler import (
+    INTERRUPTED,
+    INTERRUPTED_AFTER_MS,
+    MAX_OVERLAPPING_FIRES,
+    RESYNC_INTERVAL_S,
+    CronTrigger,
+    Scheduler,
+    slot_ms,
+)
 from taskd.store import Store
 from tests.helpers import scaled
 
 EVERY_SECOND = "* * * * * *"
+NEVER_SOON = "0 0 0 1 1 * 2099"
 
 
 def agent_cron(uuids: list[str]) -> dict[str, Any]:
@@ -36,6 +55,16 @@ async def store(database_url: str) -> AsyncIterator[Store]:
         yield opened
 
 
+async def add_creator(store: Store) -> str:
+    """Insert a token that may create any task anywhere; return its key."""
+    token = NewToken.generate()
+    limits = [{"scopes": ["global"], "permissions": [{"task": {"create": "*"}}]}]
+    await store.insert_token(
+        {"key": token.key, "secret_hash": hash_secret(token.secret), "limits": limits}
+    )
+    return token.key
+
+
 async def add_cron(store: Store, name: str, expression: str, **values: Any) -> Any:
     """Insert a cron row straight into the store, as another node would."""
     return await store.insert_cron(
@@ -44,16 +73,17 @@ async def add_cron(store: Store, name: str, expression: str, **values: Any) -> A
             "cron_expression": expression,
             "cron_type": agent_cron([str(uuid.uuid4())]),
             "task_type": "tcp_ping",
+            "created_by": await add_creator(store),
         }
         | values
     )
 
 
-def new_scheduler(store: Store) -> Scheduler:
+def new_scheduler(store: Store, timezone: str = "UTC", node_id: str | None = None) -> Scheduler:
     """A scheduler with a real hub (no agent is connected) over ``store``."""
-    node_id = f"test-{uuid.uuid4()}"
+    node_id = node_id or f"test-{uuid.uuid4()}"
     hub = Hub(store, node_id=node_id, task_deadline_ms=60_000)
-    return Scheduler(store, hub, timezone="UTC", node_id=node_id)
+    return Scheduler(store, hub, timezone=timezone, node_id=node_id)
 
 
 async def fires_of(store: Store, cron_id: int) -> list[tuple[int, int]]:
@@ -68,6 +98,82 @@ async def fires_of(store: Store, cron_id: int) -> list[tuple[int, int]]:
 
     rows: list[tuple[int, int]] = await store.read(fetch)
     return rows
+
+
+async def results_of(store: Store, cron_id: int) -> list[Any]:
+    """Every result row of a cron, by run_time and agent."""
+
+    async def fetch(conn: Any) -> list[Any]:
+        result = await conn.execute(
+            text(
+                "select run_time, agent_uuid, cron_name, relative_id, success, message "
+                "from cron_result where cron_id = :c order by run_time, agent_uuid"
+            ),
+            {"c": cron_id},
+        )
+        return list(result)
+
+    rows: list[Any] = await store.read(fetch)
+    return rows
+
+
+async def refuse_results(store: Store, refuse: bool) -> None:
+    """Make the database itself refuse every cron_result insert (a trigger), or stop refusing."""
+    if store.is_sqlite:
+        statements = (
+            [
+                "CREATE TRIGGER refuse_results BEFORE INSERT ON cron_result "
+                "BEGIN SELECT RAISE(ABORT, 'cron results refused'); END"
+            ]
+            if refuse
+            else ["DROP TRIGGER refuse_results"]
+        )
+    else:
+        statements = (
+            [
+                "CREATE FUNCTION refuse_results() RETURNS trigger LANGUAGE plpgsql "
+                "AS $$ BEGIN RAISE EXCEPTION 'cron results refused'; END $$",
+                "CREATE TRIGGER refuse_results BEFORE INSERT ON cron_result "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_results()",
+            ]
+            if refuse
+            else ["DROP TRIGGER refuse_results ON cron_result", "DROP FUNCTION refuse_results()"]
+        )
+
+    async def run(conn: Any) -> None:
+        for statement in statements:
+            await conn.execute(text(statement))
+
+    await store.write(run)
+
+
+@contextlib.asynccontextmanager
+async def cron_fire_locked(store: Store) -> AsyncIterator[None]:
+    """Hold a lock from another connection that keeps every claim of a slot waiting."""
+    if store.is_sqlite:
+        # SQLite has one write lock for the whole file
+        path = make_url(store.url).database
+        assert path is not None
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+            conn.close()
+        return
+    dsn = make_url(store.url).set(drivername="postgresql").render_as_string(False)
+    pg = await asyncpg.connect(dsn)
+    try:
+        transaction = pg.transaction()
+        await transaction.start()
+        await pg.execute("LOCK TABLE cron_fire IN EXCLUSIVE MODE")
+        try:
+            yield
+        finally:
+            await transaction.rollback()
+    finally:
+        await pg.close()
 
 
 async def result_slots(store: Store, cron_id: int) -> list[int]:
@@ -226,3 +332,123 @@ async def test_stop_and_start_again_reloads_from_the_database(store: Store) -> N
     assert len(fires) > count_stopped
     assert fires == sorted(set(fires))
     assert len(await fires_of(store, while_stopped.id)) >= 1
+
+
+async def test_pending_slots_cut_short_are_settled_as_interrupted(store: Store) -> None:
+    """At start, a slot this node claimed without storing its rows, or another node claimed over
+    a minute ago, gets one interrupted row per target; another node's fresh claim is left alone."""
+    targets = sorted(str(uuid.uuid4()) for _ in range(2))
+    cron = await add_cron(store, "cut", NEVER_SOON, cron_type=agent_cron(targets))
+    doomed = await add_cron(store, "deleted-since", NEVER_SOON)
+    node_id = f"restarted-{uuid.uuid4()}"
+    now = int(time.time()) * 1000
+    ours, old, fresh = now - 5000, now - 6000, now - 7000
+    assert await store.claim_cron_slot(cron.id, ours, ours, node_id) is not None
+    long_ago = now - INTERRUPTED_AFTER_MS - 1000
+    assert await store.claim_cron_slot(cron.id, old, long_ago, "dead-node") is not None
+    assert await store.claim_cron_slot(cron.id, fresh, now, "live-node") is not None
+    assert await store.claim_cron_slot(doomed.id, ours, ours, node_id) is not None
+    await store.delete_cron("deleted-since")
+    async with new_scheduler(store, node_id=node_id) as scheduler:
+        rows = await results_of(store, cron.id)
+        assert [(r.run_time, r.agent_uuid) for r in rows] == [
+            (slot, agent) for slot in (old, ours) for agent in targets
+        ]
+        assert all(r.message == INTERRUPTED for r in rows)
+        assert all(not r.success and r.relative_id is None for r in rows)
+        [gone] = await results_of(store, doomed.id)
+        assert gone.cron_name == "deleted-since" and gone.message == INTERRUPTED
+        pending = [(f.cron_id, f.slot) for f in await store.pending_cron_fires()]
+        assert pending == [(cron.id, fresh)]
+        await scheduler.settle_interrupted()
+        assert await results_of(store, cron.id) == rows
+    assert not await store.settle_cron_fire(cron.id, ours, [])
+
+
+async def test_rows_the_database_refused_are_stored_once_it_accepts_them(store: Store) -> None:
+    """While the database refuses result rows the fires keep their outcome; once it accepts
+    them again every claimed slot gets exactly its real rows, none twice."""
+    target = str(uuid.uuid4())
+    cron = await add_cron(store, "refused", EVERY_SECOND, cron_type=agent_cron([target]))
+    async with new_scheduler(store):
+        await refuse_results(store, True)
+        refused_from = int(time.time() * 1000)
+        await asyncio.sleep(scaled(1.6))
+        stuck = [f.slot for f in await store.pending_cron_fires() if f.slot > refused_from]
+        assert stuck, "no fire was refused its rows"
+        assert not set(stuck) & set(await result_slots(store, cron.id))
+        await refuse_results(store, False)
+        await asyncio.sleep(RESYNC_INTERVAL_S + scaled(1))
+    slots = [slot for slot, _ in await fires_of(store, cron.id)]
+    rows = await results_of(store, cron.id)
+    assert Counter(r.run_time for r in rows) == Counter(slots)
+    assert set(stuck) <= set(slots)
+    assert all(r.message == f"Agent {target} is not connected" for r in rows)
+    assert await store.pending_cron_fires() == []
+
+
+async def test_slots_past_the_overlap_limit_are_recorded_as_skipped(store: Store) -> None:
+    """With claims stuck on a lock, the fires past the overlap limit record their slots as
+    skipped: every slot keeps exactly one row and none goes missing."""
+    target = str(uuid.uuid4())
+    cron = await add_cron(store, "stuck", EVERY_SECOND, cron_type=agent_cron([target]))
+    async with new_scheduler(store):
+        await asyncio.sleep(scaled(1.2))
+        async with cron_fire_locked(store):
+            await asyncio.sleep(MAX_OVERLAPPING_FIRES + scaled(2.5))
+        await asyncio.sleep(scaled(1.5))
+    slots = [slot for slot, _ in await fires_of(store, cron.id)]
+    assert all(b - a == 1000 for a, b in itertools.pairwise(slots)), slots
+    rows = await results_of(store, cron.id)
+    assert Counter(r.run_time for r in rows) == Counter(slots)
+    skipped = [r for r in rows if r.message.startswith("Slot skipped")]
+    assert len(skipped) >= 2
+    assert skipped[0].message == (
+        f"Slot skipped: {MAX_OVERLAPPING_FIRES} earlier fires of this cron were still running "
+        "(a slow database)"
+    )
+    fired = [r for r in rows if r not in skipped]
+    assert all(r.message == f"Agent {target} is not connected" for r in fired)
+    assert await store.pending_cron_fires() == []
+
+
+async def test_slots_follow_the_configured_timezone(store: Store) -> None:
+    """In America/New_York, expressions are New York wall-clock times, both for the catch-up
+    slot at start and for a live fire."""
+    zone = ZoneInfo("America/New_York")
+    now = datetime.now(zone)
+    missed = (now - timedelta(minutes=1)).replace(second=0, microsecond=0)
+    soon = (now + timedelta(seconds=2)).replace(microsecond=0)
+    two_days_ago = int(time.time() * 1000) - 2 * 86_400_000
+    behind = await add_cron(
+        store, "ny-missed", f"0 {missed.minute} {missed.hour} * * *", updated_at=two_days_ago
+    )
+    live = await add_cron(store, "ny-live", f"{soon.second} {soon.minute} {soon.hour} * * *")
+    scheduler = new_scheduler(store, timezone="America/New_York")
+    assert scheduler.zone == zone
+    async with scheduler:
+        await asyncio.sleep((soon - datetime.now(zone)).total_seconds() + scaled(1))
+    assert [slot for slot, _ in await fires_of(store, behind.id)] == [slot_ms(missed)]
+    assert [slot for slot, _ in await fires_of(store, live.id)] == [slot_ms(soon)]
+    # read as UTC, the same wall-clock time is another instant, hours away
+    assert abs(slot_ms(soon.replace(tzinfo=UTC)) - slot_ms(soon)) >= 4 * 3_600_000
+
+
+def test_the_default_timezone_is_utc(tmp_path: Path) -> None:
+    """Without a timezone setting the server, and so its scheduler, runs in UTC."""
+    bare = tmp_path / "bare.toml"
+    bare.write_text(f'[server]\nserver_uuid = "{uuid.uuid4()}"\n')
+    assert load_server_settings(bare).timezone == "UTC"
+    written = tmp_path / "written.toml"
+    write_default_server_config(written)
+    assert load_server_settings(written).timezone == "UTC"
+    settings = ServerSettings(server_uuid=str(uuid.uuid4()), database_url="sqlite:///unused.db")
+    assert settings.timezone == "UTC"
+    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}")
+    scheduler = Scheduler(
+        store,
+        Hub(store, node_id="n", task_deadline_ms=1000),
+        timezone=settings.timezone,
+        node_id="n",
+    )
+    assert scheduler.zone == ZoneInfo("UTC")

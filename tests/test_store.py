@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Connection, event, inspect
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlmodel import SQLModel
 
 from taskd.auth import NewToken, hash_secret
 from taskd.clock import now_ms
 from taskd.errors import InvalidInput
-from taskd.protocol import TaskResponse
-from taskd.store import NewTask, Store
+from taskd.models import TaskState
+from taskd.protocol import TaskResponse, parse_task_conditions
+from taskd.store import NewTask, Store, task_t
+
+AGENT_A = str(uuid.uuid4())
+AGENT_B = str(uuid.uuid4())
 
 
 @pytest.fixture
@@ -110,3 +121,173 @@ async def test_writes_commit_while_every_read_connection_is_taken(store: Store) 
         async with asyncio.timeout(5):
             [task_id] = await store.insert_tasks([task])
     assert (await store.task_identity(task_id)) is not None
+
+
+async def _seed(store: Store) -> list[NewTask]:
+    """Tasks of two agents and three kinds: queued, running, answered and reaped ones."""
+    now = now_ms()
+    kinds = [("ping", {"ping": "127.0.0.1"}), ("ip", "ip"), ("version", "version")]
+    rows = [
+        NewTask(
+            AGENT_A if i % 2 else AGENT_B,
+            f"tok{i:07d}",
+            *kinds[i % 3],
+            deadline=now - 1 if i == 11 else now + 60_000,
+            created_at=now,
+            state=TaskState.QUEUED if i in (9, 10) else TaskState.RUNNING,
+            queue_ttl_ms=60_000 if i in (9, 10) else None,
+            cron_source="nightly" if i % 4 == 0 else None,
+        )
+        for i in range(12)
+    ]
+    await store.insert_tasks(rows)
+    results = {"ping": {"ping": 1.0}, "ip": {"ip": ["192.0.2.1", None]}, "version": {"version": {}}}
+    for i, row in enumerate(rows[:8]):
+        upload = {
+            "task_id": row.id,
+            "agent_uuid": row.uuid,
+            "task_token": row.task_token,
+            "timestamp": 1_000 + 250 * i,
+            "success": i % 3 != 0,
+            "task_event_result": results[row.type],
+        }
+        await store.complete_task(TaskResponse.model_validate(upload))
+    assert len(await store.reap(now_ms())) == 1
+    return rows
+
+
+def _index_lookup_sqlite(plan: list[str]) -> bool:
+    """Whether SQLite reads the task table through an index lookup or a partial index only."""
+    partial = {
+        ix.name for ix in task_t.indexes if ix.dialect_options["sqlite"]["where"] is not None
+    }
+    reads = [line for line in plan if re.match(r"(SEARCH|SCAN) task\b", line)]
+
+    def served(line: str) -> bool:
+        if line.startswith("SEARCH task USING "):
+            return True
+        scan = re.fullmatch(r"SCAN task USING (?:COVERING )?INDEX (\w+)", line)
+        return scan is not None and scan.group(1) in partial
+
+    return bool(reads) and all(served(line) for line in reads)
+
+
+def _index_lookup_postgresql(plan: dict[str, Any]) -> bool:
+    """Whether PostgreSQL reads the task table only through index conditions on an index's
+    first column, or through a partial index."""
+    leading = {"task_pkey": "id"} | {
+        str(ix.name): next(iter(ix.columns)).name for ix in task_t.indexes
+    }
+    partial = {
+        ix.name for ix in task_t.indexes if ix.dialect_options["postgresql"]["where"] is not None
+    }
+    scans: list[dict[str, Any]] = []
+
+    def walk(node: dict[str, Any]) -> None:
+        if node.get("Relation Name") == "task" or "Index Name" in node:
+            scans.append(node)
+        for child in node.get("Plans", []):
+            walk(child)
+
+    walk(plan)
+    index_scans = [node for node in scans if "Index Name" in node]
+    return (
+        bool(index_scans)
+        and not any(node["Node Type"] == "Seq Scan" for node in scans)
+        and all(
+            node["Index Name"] in partial
+            or re.search(rf"\b{leading[node['Index Name']]}\b", node.get("Index Cond", ""))
+            for node in index_scans
+        )
+    )
+
+
+async def test_every_query_form_is_served_by_an_index(store: Store) -> None:
+    """Task queries by uuid, type, both, cron_source, task_id, is_running or time are index
+    lookups, not scans of the whole table, and is_running selects exactly the unanswered rows."""
+    seeded = await _seed(store)
+    forms: dict[str, list[Any]] = {
+        "uuid": [{"uuid": AGENT_A}],
+        "type": [{"type": "ping"}],
+        "uuid and type": [{"uuid": AGENT_A}, {"type": "ping"}],
+        "cron_source": [{"cron_source": "nightly"}],
+        "task_id": [{"task_id": seeded[3].id}],
+        "is_running": ["is_running"],
+        "timestamp range": [{"timestamp_from_to": [1_000, 2_000]}],
+        "timestamp_from": [{"timestamp_from": 1_000}],
+        "timestamp_to": [{"timestamp_to": 2_000}],
+    }
+    executed: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *rest: Any) -> None:
+        if "FROM task" in statement:
+            executed.append((statement, parameters))
+
+    plans: dict[str, tuple[str, Any]] = {}
+    found = {}
+    event.listen(store.engine.sync_engine, "before_cursor_execute", capture)
+    try:
+        for name, conditions in forms.items():
+            executed.clear()
+            found[name] = await store.query_tasks(parse_task_conditions(conditions))
+            [(statement, parameters)] = executed
+            plans[name] = statement, parameters
+    finally:
+        event.remove(store.engine.sync_engine, "before_cursor_execute", capture)
+    everything = await store.query_tasks(parse_task_conditions([]))
+    assert {row.id for row in found["is_running"]} == {
+        row.id for row in everything if row.timestamp is None
+    }
+    assert len(found["is_running"]) == 3 and all(len(rows) for rows in found.values())
+
+    async def explain(conn: AsyncConnection) -> dict[str, Any]:
+        verdicts = {}
+        for name, (statement, parameters) in plans.items():
+            if store.is_sqlite:
+                rows = await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+                plan = [str(row[-1]) for row in rows]
+                verdicts[name] = (_index_lookup_sqlite(plan), plan)
+            else:
+                # on a table this small a scan is cheapest: forbid it to see what the
+                # planner would use on a large one
+                await conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+                rows = await conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {statement}", parameters)
+                [document] = rows.scalar_one()  # asyncpg decodes the json column
+                verdicts[name] = (_index_lookup_postgresql(document["Plan"]), document["Plan"])
+        return verdicts
+
+    verdicts = await store.read(explain)
+    assert all(ok for ok, _ in verdicts.values()), {
+        name: plan for name, (ok, plan) in verdicts.items() if not ok
+    }
+
+
+async def test_migrations_create_exactly_the_model_tables(store: Store) -> None:
+    """After every Alembic migration the schema is what models.py declares: autogenerate finds
+    nothing to add, drop or alter, and each partial index has its condition."""
+
+    def differences(conn: Connection) -> tuple[list[Any], dict[str, str], dict[str, str]]:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        where = f"{conn.dialect.name}_where"
+        reflected = {
+            str(ix["name"]): _predicate(ix.get("dialect_options", {}).get(where))
+            for table in SQLModel.metadata.tables
+            for ix in inspect(conn).get_indexes(table)
+            if "duplicates_constraint" not in ix  # the index behind a UNIQUE constraint
+        }
+        declared = {
+            str(ix.name): _predicate(ix.dialect_options[conn.dialect.name]["where"])
+            for table in SQLModel.metadata.tables.values()
+            for ix in table.indexes
+        }
+        return compare_metadata(context, SQLModel.metadata), reflected, declared
+
+    async with store.engine.connect() as conn:
+        diff, reflected, declared = await conn.run_sync(differences)
+    assert diff == []
+    assert reflected == declared
+
+
+def _predicate(where: Any) -> str:
+    """A partial index condition without the brackets and spaces databases add or drop."""
+    return "" if where is None else re.sub(r"[()\s]", "", str(where))

@@ -29,7 +29,9 @@ from tests.helpers import (
     ScriptedAgent,
     Server,
     add_token,
+    agent_token_limits,
     make_settings,
+    postgres_database,
     running_server,
     scaled,
     unwrap,
@@ -56,9 +58,12 @@ class ShellTask:
 
 
 @contextlib.asynccontextmanager
-async def shell_task(server: Server) -> AsyncIterator[ShellTask]:
+async def shell_task(
+    server: Server, agent_token: str | None = None, agent_uuid: str | None = None
+) -> AsyncIterator[ShellTask]:
     """A subscribed agent holding a pushed web_shell task for a fresh terminal_id."""
-    async with ScriptedAgent(server.ws_url, server.super_token) as agent:
+    token = agent_token or server.super_token
+    async with ScriptedAgent(server.ws_url, token, agent_uuid) as agent:
         terminal_id = str(uuid.uuid4())
         url = f"ws://127.0.0.1:{server.port}/auto_gen"
         await server.su(
@@ -490,3 +495,110 @@ def test_hide_tokens_filter() -> None:
     assert record.getMessage() == (
         '1.2.3.4:5 - "WebSocket /terminal?agent_uuid=u&task_token=***&token=***&x=1" 403'
     )
+
+
+async def refused_while_attached(user: ClientConnection, code: int, words: str) -> None:
+    """The attached ``user`` gets one error frame with ``code`` naming ``words``, then 1008."""
+    frame = orjson.loads(await asyncio.wait_for(user.recv(), scaled(5)))
+    assert frame["error_id"] == code and words in frame["error_message"], frame
+    with pytest.raises(websockets.ConnectionClosed):
+        await asyncio.wait_for(user.recv(), scaled(5))
+    assert user.close_code == 1008
+
+
+@pytest.mark.parametrize("change", ["token_delete", "token_roll_token_secret", "token_edit"])
+async def test_revoking_the_users_token_closes_its_terminal(server: Server, change: str) -> None:
+    """A user attached with token T gets 102 and is closed once T is deleted, rolled or rescoped."""
+    async with (
+        shell_task(server) as shell,
+        websockets.connect(terminal_url(server, **shell.agent_query)) as agent,
+    ):
+        await wait_for_slot(server, shell)
+        token = await terminal_token(server, shell.agent.uuid)
+        key = token.split(":")[0]
+        async with websockets.connect(user_url(server, shell, token)) as user:
+            await user.send("ls\n")
+            assert await asyncio.wait_for(agent.recv(), scaled(5)) == "ls\n"
+            if change == "token_edit":
+                await server.su(change, key, agent_token_limits(shell.agent.uuid))
+            else:
+                await server.su(change, key)
+            await refused_while_attached(user, 102, f"Token {key} was revoked")
+        with pytest.raises(websockets.ConnectionClosedOK):
+            await asyncio.wait_for(agent.recv(), scaled(5))
+        assert server.app.state.terminals.slot(shell.agent.uuid, shell.terminal_id) is None
+
+
+async def test_revoking_the_agents_token_closes_its_terminal(server: Server) -> None:
+    """When the token the agent subscribed with is deleted, its open terminal ends on both sides."""
+    agent_uuid = str(uuid.uuid4())
+    agent_token = await add_token(server, agent_token_limits(agent_uuid))
+    async with (
+        shell_task(server, agent_token, agent_uuid) as shell,
+        websockets.connect(terminal_url(server, **shell.agent_query)) as agent,
+    ):
+        await wait_for_slot(server, shell)
+        async with websockets.connect(user_url(server, shell, server.super_token)) as user:
+            await agent.send(b"$ ")
+            assert await asyncio.wait_for(user.recv(), scaled(5)) == b"$ "
+            await server.su("token_delete", agent_token.split(":")[0])
+            await refused_while_attached(agent, 102, "was revoked")
+            with pytest.raises(websockets.ConnectionClosedOK):
+                await asyncio.wait_for(user.recv(), scaled(5))
+        assert await shell.agent.closed() == 1008
+
+
+async def test_a_user_whose_token_is_revoked_while_waiting_is_refused(server: Server) -> None:
+    """A user waiting for the agent with a token deleted meanwhile gets 102 once the slot opens."""
+    async with shell_task(server) as shell:
+        token = await terminal_token(server, shell.agent.uuid)
+        async with websockets.connect(user_url(server, shell, token)) as user:
+            await asyncio.sleep(0.3)  # authenticated, now waiting for the slot
+            await server.su("token_delete", token.split(":")[0])
+            async with websockets.connect(terminal_url(server, **shell.agent_query)) as agent:
+                frame = orjson.loads(await asyncio.wait_for(user.recv(), scaled(15)))
+                assert frame["error_id"] == 102, frame
+                slot = server.app.state.terminals.slot(shell.agent.uuid, shell.terminal_id)
+                assert slot is not None and not slot.claimed
+                await agent.send(b"$ ")
+                with pytest.raises(websockets.ConnectionClosed):
+                    await asyncio.wait_for(user.recv(), scaled(5))
+
+
+async def test_a_users_terminal_ends_when_its_token_expires(server: Server) -> None:
+    """A user attached with a token valid for one more second gets 102 and is closed then."""
+    async with (
+        shell_task(server) as shell,
+        websockets.connect(terminal_url(server, **shell.agent_query)) as agent,
+    ):
+        await wait_for_slot(server, shell)
+        limits = [
+            {"scopes": [{"agent_uuid": shell.agent.uuid}], "permissions": [{"terminal": "connect"}]}
+        ]
+        expires_at = int(time.time() * 1000) + int(scaled(1.0) * 1000)
+        token = await add_token(server, limits, timestamp_to=expires_at)
+        async with websockets.connect(user_url(server, shell, token)) as user:
+            await user.send("ls\n")
+            assert await asyncio.wait_for(agent.recv(), scaled(5)) == "ls\n"
+            await refused_while_attached(user, 102, "has expired")
+            assert time.time() * 1000 >= expires_at
+        with pytest.raises(websockets.ConnectionClosedOK):
+            await asyncio.wait_for(agent.recv(), scaled(5))
+
+
+async def test_a_revocation_on_another_node_closes_the_terminal() -> None:
+    """Deleting T through one node of a cluster closes the terminal T holds on another node."""
+    async with postgres_database() as url, running_server(make_settings(url)) as first:
+        settings = make_settings(url, server_uuid=first.settings.server_uuid)
+        async with (
+            running_server(settings, super_token=first.super_token) as second,
+            shell_task(first) as shell,
+            websockets.connect(terminal_url(first, **shell.agent_query)) as agent,
+        ):
+            await wait_for_slot(first, shell)
+            token = await terminal_token(first, shell.agent.uuid)
+            async with websockets.connect(user_url(first, shell, token)) as user:
+                await user.send("ls\n")
+                assert await asyncio.wait_for(agent.recv(), scaled(5)) == "ls\n"
+                await second.su("token_delete", token.split(":")[0])
+                await refused_while_attached(user, 102, "was revoked")

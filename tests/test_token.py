@@ -226,6 +226,42 @@ async def test_changing_a_token_ends_the_subscriptions_it_opened(server: Server)
         await server.su("task_create_task", kept_uuid, "ip")
 
 
+async def test_a_subscription_ends_when_its_token_expires(server: Server) -> None:
+    """An agent subscribed with a token that expires a second later is closed with 1008 then."""
+    agent_uuid = str(uuid.uuid4())
+    expires_at = now_ms() + int(scaled(1.0) * 1000)
+    token = await add_token(server, agent_token_limits(agent_uuid), timestamp_to=expires_at)
+    async with ScriptedAgent(server.ws_url, token, agent_uuid) as agent:
+        created = await server.su("task_create_task", agent_uuid, "ip")
+        assert (await agent.next_task())["task_id"] == created["id"]
+        assert await agent.closed(timeout=5) == 1008
+        assert now_ms() >= expires_at
+    with pytest.raises(RpcError) as error:
+        await server.su("task_create_task", agent_uuid, "ip")
+    assert error.value.code == 104
+    deadline = time.monotonic() + scaled(5)
+    while (await server.su("agent_list"))[0]["online"]:  # recorded in the background
+        assert time.monotonic() < deadline, "the agent is still listed online"
+        await asyncio.sleep(0.05)
+
+
+async def test_no_task_is_pushed_once_the_token_has_expired(server: Server) -> None:
+    """Even before the subscription's end comes due, a task for it after expiry is not pushed."""
+    agent_uuid = str(uuid.uuid4())
+    expires_at = now_ms() + int(scaled(0.5) * 1000)
+    token = await add_token(server, agent_token_limits(agent_uuid), timestamp_to=expires_at)
+    async with ScriptedAgent(server.ws_url, token, agent_uuid) as agent:
+        subscription = server.service.hub.connected_agents()[agent_uuid]
+        assert subscription.expires_at == expires_at
+        subscription.timer.cancel()  # as if the loop were too busy to end it on time
+        await asyncio.sleep(max(0.0, (expires_at - now_ms()) / 1000) + 0.05)
+        with pytest.raises(RpcError) as error:
+            await server.su("task_create_task", agent_uuid, "ip")
+        assert error.value.code == 104
+        assert await agent.closed() == 1008
+        assert agent.notifications.empty()
+
+
 async def test_token_permissions_grant_exactly_their_methods(server: Server) -> None:
     """{"token": read|write|delete} each open only their methods, and only on a global scope."""
 

@@ -2,9 +2,10 @@
 
 One ``ServerLink`` per ``[[server]]``, all running at once. A link reconnects
 with exponential backoff (1 s doubling to 60 s, ±20% jitter), re-subscribes
-after every reconnect and detects dead connections with WebSocket pings.
-Every result goes to the link's on-disk spool before the upload, and leaves
-it only when the server acknowledged it (a 108 "already uploaded" counts).
+after every reconnect and detects dead connections with WebSocket pings
+(``ping_interval_ms``, ``ping_timeout_ms``). Every result goes to the link's
+on-disk spool before the upload, and leaves it only when the server
+acknowledged it (a 108 "already uploaded" counts).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import orjson
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from taskd.agent.spool import Spool
+from taskd.agent.spool import Spool, link_id
 from taskd.agent.tasks import TaskContext, TaskFailed, runner_for
 from taskd.config import AgentServer, AgentSettings, load_agent_settings
 from taskd.errors import TaskdError
@@ -151,12 +152,15 @@ class ServerLink:
 
     async def _session(self) -> str:
         """One connection: subscribe, deliver the spool, serve pushes. Returns why it ended."""
+        ping_timeout = self.settings.ping_timeout_ms / 1000
         try:
             async with websockets.connect(
                 self.server.ws_url,
                 open_timeout=self.settings.connect_timeout_ms / 1000,
-                ping_interval=20,
-                ping_timeout=20,
+                ping_interval=self.settings.ping_interval_ms / 1000,
+                ping_timeout=ping_timeout,
+                # a peer that stopped answering pings will not answer a close either
+                close_timeout=ping_timeout,
                 max_size=64 * 1024 * 1024,
                 ssl=self._ssl(),
                 proxy=None,
@@ -179,8 +183,13 @@ class ServerLink:
                     reader.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await reader
-                if ws.close_code is None or ws.close_code == 1006:
-                    return "connection lost"
+                if ws.protocol.close_rcvd is None:
+                    sent = ws.protocol.close_sent
+                    return (
+                        f"connection lost ({sent.reason})"
+                        if sent and sent.reason
+                        else "connection lost"
+                    )
                 return f"closed: {ws.close_code} {ws.close_reason}".strip()
         except (OSError, TimeoutError, websockets.WebSocketException, ConnectionError) as exc:
             return f"{type(exc).__name__}: {exc}"
@@ -251,14 +260,11 @@ class ServerLink:
         if not self.server.allows(task.kind):
             return f"permission denied: task type {task.kind} is not allowed on this agent"
         bound = contextlib.nullcontext() if task.kind in UNLIMITED_KINDS else self.agent.slots
-        limit: float | None = None
+        limit = 0.0
         try:
             runner, limit = runner_for(task.kind, self.settings)
-            async with bound:
-                if limit is None:
-                    return await runner(task, ctx)
-                async with asyncio.timeout(limit):
-                    return await runner(task, ctx)
+            async with bound, asyncio.timeout(limit):
+                return await runner(task, ctx)
         except TaskFailed as exc:
             return str(exc) or "failed"
         except TimeoutError:
@@ -327,10 +333,13 @@ class Agent:
         task.add_done_callback(self._tasks.discard)
 
     def _start_links(self) -> None:
-        self.links = [
-            ServerLink(self, server, Spool(self.state_dir / "spool" / _safe_name(server.name)))
-            for server in self.settings.servers
-        ]
+        root = self.state_dir / "spool"
+        self.links = []
+        for server in self.settings.servers:
+            link = link_id(server.ws_url, self.settings.agent_uuid)
+            spool = Spool(root / link, link, server.ws_url)
+            self.links.append(ServerLink(self, server, spool))
+        _adopt_old_spools(root, self.links, self.settings.agent_uuid)
         self._link_tasks = [
             asyncio.create_task(link.run_forever(), name=f"link-{link.server.name}")
             for link in self.links
@@ -386,5 +395,33 @@ class Agent:
             self._restart.set()
 
 
-def _safe_name(name: str) -> str:
+def _old_spool_name(name: str) -> str:
+    """The spool directory an agent used to give a server: its name, made safe."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "server"
+
+
+def _adopt_old_spools(root: Path, links: list[ServerLink], agent_uuid: str) -> None:
+    """Hand results left in old-style, name-keyed spool directories to the link they belong to.
+
+    Such a result does not say which server it was for: it is adopted by the server
+    whose name the directory has or, when there is only one server, by that one.
+    Anything that cannot be attributed stays on disk and is reported.
+    """
+    current = {link.spool.directory for link in links}
+    for directory in sorted(p for p in root.iterdir() if p.is_dir() and p not in current):
+        named = [link for link in links if _old_spool_name(link.server.name) == directory.name]
+        owner = named[0] if len(named) == 1 else links[0] if len(links) == 1 else None
+        if owner is not None:
+            moved = owner.spool.adopt(directory, agent_uuid)
+            if moved:
+                logger.info(
+                    "[%s] took over %d spooled result(s) from %s",
+                    owner.server.name,
+                    moved,
+                    directory,
+                )
+        left = sum(1 for _ in directory.glob("*.json")) if directory.is_dir() else 0
+        if left:
+            logger.warning(
+                "%d spooled result(s) in %s belong to no configured server; kept", left, directory
+            )

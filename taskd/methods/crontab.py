@@ -1,9 +1,10 @@
 """Crontab methods: create, edit, get, delete, enable/disable, and the fire history.
 
 Permissions: ``crontab.read|write|delete`` on every target agent of the cron,
-plus ``task.create(<type>)`` on every target for create and edit (an edit also
-needs ``crontab.write`` on the old targets). The history (``crontab-result``)
-is guarded by cron-name patterns on a global scope.
+plus ``task.create(<type>)`` on every target for create, edit and enabling (an
+edit also needs ``crontab.write`` on the old targets). The history
+(``crontab-result``) needs ``crontab_result.<action>`` on a global scope, and is
+limited to the cron names its patterns cover.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from taskd.methods.task import MAX_QUEUE_TTL_MS
 from taskd.protocol import (
     CRON_TYPE,
     AgentCron,
+    AgentScope,
+    CronResultPermission,
     CronResultQuery,
     parse_as,
     parse_cron_result_query,
@@ -42,9 +45,14 @@ def _queue_ttl(value: Any) -> int | None:
     return value
 
 
-def _targets(stored_cron_type: Any) -> list[str]:
+def _stored(stored_cron_type: Any) -> AgentCron | None:
     definition = CRON_TYPE.validate_python(stored_cron_type)
-    return definition.uuids if isinstance(definition, AgentCron) else []
+    return definition if isinstance(definition, AgentCron) else None
+
+
+def _targets(stored_cron_type: Any) -> list[str]:
+    definition = _stored(stored_cron_type)
+    return definition.uuids if definition is not None else []
 
 
 def _authorize_targets(principal: Principal, need: Need, uuids: Sequence[str]) -> None:
@@ -181,17 +189,41 @@ async def crontab_set_enable(
         raise InvalidParams("enable: must be true or false")
 
     def may_change(current: Any) -> None:
-        _authorize_targets(principal, Need("crontab", "write"), _targets(current.cron_type))
+        definition = _stored(current.cron_type)
+        targets = definition.uuids if definition is not None else []
+        _authorize_targets(principal, Need("crontab", "write"), targets)
+        if enable and definition is not None:
+            # enabling starts tasks again: the caller must be allowed to create them
+            need = Need("task", "create", definition.task.kind)
+            _authorize_targets(principal, need, targets)
 
     row = await ctx.app.store.update_cron(cron_name, {"enable": enable}, may_change)
     await ctx.app.cron_changed(row.id)
     return {"success": True, "enabled": enable}
 
 
+def _holds_result_permission(principal: Principal, action: str) -> bool:
+    """Whether a limit with a global scope grants ``crontab_result.<action>`` for some pattern."""
+    if principal.is_super:
+        return True
+    return any(
+        any(not isinstance(scope, AgentScope) for scope in limit.scopes)
+        and any(
+            isinstance(permission, CronResultPermission)
+            and getattr(permission.crontab_result, action, None) is not None
+            for permission in limit.permissions
+        )
+        for limit in principal.limits
+    )
+
+
 async def _allowed_names(
     ctx: CallContext, principal: Principal, action: str, query: CronResultQuery
 ) -> list[str] | None:
     """The cron names a query may touch: None for all, else the readable ones (102 if none)."""
+    if not _holds_result_permission(principal, action):
+        # 102 whether or not there are results: an empty history must not look readable
+        authorize(principal, Need("crontab_result", action))  # raises, naming what is missing
     if query.cron_names:
         for cron_name in query.cron_names:
             authorize(principal, Need("crontab_result", action, cron_name))

@@ -16,7 +16,7 @@ from taskd.protocol import (
     parse_uuid,
 )
 from taskd.rpc import CallContext, method
-from taskd.store import StoredResult
+from taskd.writer import StoredResult
 
 MAX_BLOCKING_MS = 300_000
 MAX_QUEUE_TTL_MS = 30 * 24 * 3600 * 1000
@@ -128,7 +128,7 @@ async def task_register_task(ctx: CallContext, token: Any, uuid: Any) -> int:
     agent_uuid = parse_uuid(uuid, "uuid")
     authorize(principal, Need("task", "listen"), agent_uuid)
     hub = ctx.app.hub
-    sub = await hub.subscribe(agent_uuid, ctx.peer, principal.key)
+    sub = await hub.subscribe(agent_uuid, ctx.peer, principal.key, principal.timestamp_to)
 
     async def deliver() -> None:
         await hub.deliver_queued(agent_uuid)

@@ -10,12 +10,11 @@ it creates, edits, rolls or re-passwords cannot stay valid longer than it does.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
 
-from taskd.auth import Need, NewToken, Principal, authorize, hash_password, hash_secret
+from taskd.auth import Need, NewToken, Principal, authorize, hash_secret
 from taskd.errors import InvalidInput, InvalidParams, PermissionDenied
 from taskd.protocol import Limit, limits_to_wire, parse_limits
 from taskd.rpc import CallContext, method
@@ -89,11 +88,6 @@ def _max_uses(value: Any) -> int | None:
 def _window(timestamp_from: int | None, timestamp_to: int | None) -> None:
     if timestamp_from is not None and timestamp_to is not None and timestamp_from > timestamp_to:
         raise InvalidInput("timestamp_from is after timestamp_to")
-
-
-async def _hash_password(password: str) -> str:
-    # scrypt takes tens of milliseconds: keep it off the event loop
-    return await asyncio.get_running_loop().run_in_executor(None, hash_password, password)
 
 
 # --------------------------------------------------------------------------- escalation guard
@@ -262,7 +256,9 @@ async def token_create(
         "secret_hash": hash_secret(new.secret),
         "limits": limits_to_wire(parsed),
         "username": name,
-        "password_hash": None if password is None else await _hash_password(_password(password)),
+        "password_hash": None
+        if password is None
+        else await ctx.app.auth.hash_password(_password(password)),
         "timestamp_from": start,
         "timestamp_to": end,
         "max_uses": uses,
@@ -388,7 +384,7 @@ async def token_change_password(
     authorize(principal, Need("token", "write"))
     target = principal.key if key is None else _key(key)
     name = _username(username)
-    password_hash = await _hash_password(_password(password))
+    password_hash = await ctx.app.auth.hash_password(_password(password))
 
     def change(row: Any) -> dict[str, Any]:
         _may_take_over(principal, row)

@@ -11,8 +11,13 @@ import pytest
 
 from taskd.agent.tasks import TaskContext, TaskFailed, runner_for
 from taskd.agent.tasks.config import TIMEOUT_S, run_edit_config, run_read_config
-from taskd.config import load_agent_settings, quick_agent_settings
-from taskd.protocol import EditConfig, ReadConfig, parse_task_event_type
+from taskd.config import (
+    AgentSettings,
+    load_agent_settings,
+    parse_agent_config,
+    quick_agent_settings,
+)
+from taskd.protocol import TASK_TYPES, EditConfig, ReadConfig, parse_task_event_type
 
 AGENT_UUID = "0b7c4a9e-2f61-4d3b-9a8e-5c1d7e3f2a64"
 SECRET_MAIN = "KEY:main-secret-6f1a"
@@ -235,3 +240,178 @@ async def test_written_file_round_trips_through_read(config_file: Path) -> None:
     await _edit(config_file, first)
     load_agent_settings(config_file)
     assert await _read(config_file) == first
+
+
+SERVER_UUID = "5d0f2b8e-7c1a-4e3b-9f60-2a8d4c6b1e73"
+
+
+def _config(main: str = "", top: str = "", token: str = SECRET_MAIN, extra: str = "") -> str:
+    """An agent config with one server "main" carrying the lines ``main``."""
+    return (
+        f'agent_uuid = "{AGENT_UUID}"\n{top}\n[[server]]\nname = "main"\n'
+        f'ws_url = "ws://127.0.0.1:2211/"\ntoken = "{token}"\n{main}\n{extra}'
+    )
+
+
+async def _refused(path: Path, text: str) -> str:
+    """Run edit_config with ``text``, expect it to fail, and return the reason."""
+    task = parse_task_event_type({"edit_config": text})
+    assert isinstance(task, EditConfig)
+    with pytest.raises(TaskFailed) as failed:
+        await run_edit_config(task, _context(path))
+    return str(failed.value)
+
+
+async def test_token_is_not_kept_for_a_server_whose_ws_url_changed(config_file: Path) -> None:
+    """A "***" token under a changed ws_url is refused, so no edit can send a secret elsewhere."""
+    before = _bytes(config_file)
+    text = await _read(config_file)
+    to_attacker = text.replace("ws://127.0.0.1:2211/", "ws://collector.example:80/")
+    reason = await _refused(config_file, to_attacker)
+    assert reason == "edit_config: server main changed its ws_url; send its token instead of ***"
+    unnamed_moved = text.replace("ws://127.0.0.1:2212/", "ws://collector.example:80/")
+    reason = await _refused(config_file, unnamed_moved)
+    assert reason == (
+        "edit_config: server server1 changed its ws_url; send its token instead of ***"
+    )
+    assert _bytes(config_file) == before
+    assert not config_file.with_name("agent.toml.bak").exists()
+
+
+async def test_moved_server_takes_a_new_token_in_clear(config_file: Path) -> None:
+    """A server may move to a new ws_url when its token is sent in clear, with default rights."""
+    text = (await _read(config_file)).replace("allow_execute = true\n", "")
+    moved = text.replace("ws://127.0.0.1:2211/", "ws://10.0.0.5:2211/").replace(
+        'token = "***"  #', 'token = "KEY:new-host"  #', 1
+    )
+    await _edit(config_file, moved)
+    servers = load_agent_settings(config_file).servers
+    assert [(s.ws_url, s.token) for s in servers] == [
+        ("ws://10.0.0.5:2211/", "KEY:new-host"),
+        ("ws://127.0.0.1:2212/", SECRET_BACKUP),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("current", "edited", "reason"),
+    [
+        (_config(), _config("allow_execute = true"), "server main: allow_execute would be enabled"),
+        (_config("allow_ping = false"), _config(), "server main: allow_ping would be enabled"),
+        (
+            _config("allow_task = false"),
+            _config("allow_task = true"),
+            "server main: allow_task would be enabled",
+        ),
+        (
+            _config('allow_task_type = ["ping"]'),
+            _config('allow_task_type = ["ping", "execute"]'),
+            "server main: allow_task_type would allow more kinds",
+        ),
+        (
+            _config('allow_task_type = ["ping"]'),
+            _config(),
+            "server main: allow_task_type would be emptied",
+        ),
+        (
+            _config(),
+            _config('allow_task_type = ["ping", "web_shell"]'),
+            "server main: allow_task_type would allow more kinds",
+        ),
+        (
+            _config('allow_task_type = ["ping"]'),
+            _config('allow_task_type = ["ping"]\nallow_execute = true'),
+            "server main: allow_execute would be enabled",
+        ),
+        (_config(), _config("ignore_cert = true"), "server main: ignore_cert would be enabled"),
+        (
+            _config(f'server_uuid = "{SERVER_UUID}"'),
+            _config(),
+            "server main: server_uuid would change",
+        ),
+        (_config(), _config(top='terminal_shell = "/bin/bash"'), "terminal_shell would change"),
+        (
+            _config(),
+            _config(top='self_update_index_url = "https://pypi.example/simple"'),
+            "self_update_index_url would change",
+        ),
+        (
+            _config(top='self_update_find_links = "/srv/wheels"'),
+            _config(top='self_update_find_links = "/tmp/wheels"'),
+            "self_update_find_links would change",
+        ),
+        (
+            _config(),
+            _config(
+                extra='[[server]]\nname = "extra"\nws_url = "ws://10.9.9.9:1/"\ntoken = "K:S"\n'
+                "allow_execute = true\n"
+            ),
+            "new server extra: allow_execute would be enabled",
+        ),
+        (
+            _config("allow_execute = true"),
+            _config("allow_execute = true").replace("127.0.0.1:2211", "10.9.9.9:2211"),
+            "new server main: allow_execute would be enabled",
+        ),
+    ],
+)
+async def test_edit_config_cannot_widen_what_the_agent_allows(
+    tmp_path: Path, current: str, edited: str, reason: str
+) -> None:
+    """An edit that would let a server run more, or change what code runs, fails naming the key."""
+    path = tmp_path / "agent.toml"
+    path.write_text(current)
+    before = _bytes(path)
+    message = await _refused(path, edited)
+    assert message.startswith("edit_config can narrow what this agent allows but not widen it: ")
+    assert reason in message.split(": ", 1)[1].split("; ")
+    assert _bytes(path) == before
+    assert not path.with_name("agent.toml.bak").exists()
+
+
+@pytest.mark.parametrize(
+    ("current", "edited"),
+    [
+        (_config("allow_execute = true"), _config("allow_execute = false")),
+        (
+            _config("allow_execute = true\nallow_web_shell = true"),
+            _config("allow_web_shell = true"),
+        ),
+        (_config(), _config("allow_ping = false\nallow_dns = false")),
+        (_config(), _config('allow_task_type = ["ping"]')),
+        (_config('allow_task_type = ["ping", "dns"]'), _config('allow_task_type = ["dns"]')),
+        (_config("allow_execute = true"), _config("allow_task = false\nallow_execute = true")),
+        (_config("ignore_cert = true"), _config()),
+        (_config(), _config(f'server_uuid = "{SERVER_UUID}"')),
+        (_config(top="exec_timeout_ms = 60000"), _config(top="exec_timeout_ms = 5000")),
+        (
+            _config(
+                extra='[[server]]\nname = "b"\nws_url = "ws://10.1.1.1:1/"\ntoken = "K:S"\n'
+                "allow_execute = true\n"
+            ),
+            _config(),
+        ),
+    ],
+)
+async def test_edit_config_can_narrow_what_the_agent_allows(
+    tmp_path: Path, current: str, edited: str
+) -> None:
+    """Turning allowances off and changing other settings is applied; nothing new is allowed."""
+    path = tmp_path / "agent.toml"
+    path.write_text(current)
+    await _edit(path, edited.replace(SECRET_MAIN, "***"))
+    before = parse_agent_config(current)
+    after = load_agent_settings(path)
+    assert after == parse_agent_config(edited, path)
+    assert after.servers[0].token == SECRET_MAIN
+    for kind in TASK_TYPES:
+        if after.servers[0].allows(kind):
+            assert before.servers[0].allows(kind), kind
+
+
+def test_example_config_shows_the_defaults() -> None:
+    """agent.example.toml parses, and every setting it shows is the built-in default."""
+    example = Path(__file__).parents[2] / "agent.example.toml"
+    settings = load_agent_settings(example)
+    defaults = AgentSettings(agent_uuid="auto_gen", servers=settings.servers, config_path=example)
+    assert settings == defaults
+    assert settings.terminal_shell == "/bin/sh"

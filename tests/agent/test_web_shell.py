@@ -10,6 +10,7 @@ import shutil
 import ssl
 import subprocess
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from taskd.agent.tasks import TaskContext, TaskFailed, runner_for
 from taskd.agent.tasks.web_shell import run, session_url
 from taskd.config import parse_agent_config
 from taskd.protocol import WebShell, WebShellResult, WebShellSpec
-from tests.helpers import free_port, scaled
+from tests.agent.test_client import running_agent, wait_online
+from tests.helpers import Server, free_port, scaled
 
 AGENT_UUID = "6f1c1a52-8c43-4d4e-9a51-6c4a3f0e2b10"
 TERMINAL_ID = "0b7e5a8e-2f1d-4c55-b1f9-3a2d6c7e8f90"
@@ -95,11 +97,60 @@ async def gone(pid: int, timeout: float = 10) -> bool:
     return True
 
 
-def test_interface_finds_runner_without_a_timeout() -> None:
-    """The task-kind interface maps web_shell to this runner with no hard limit."""
+def test_interface_finds_runner_with_a_limit_beyond_the_longest_session() -> None:
+    """web_shell maps to this runner; the client's hard limit leaves the session its full length."""
     runner, limit = runner_for("web_shell", context().settings)
     assert runner is run
-    assert limit is None
+    assert limit > 24 * 3600
+    runner, limit = runner_for(
+        "web_shell", context(extra="terminal_max_session_ms = 1000").settings
+    )
+    assert 1 < limit < 60
+
+
+async def test_session_is_killed_at_terminal_max_session_ms() -> None:
+    """A session open at terminal_max_session_ms fails saying so; its shell and jobs are killed."""
+    pids: list[int] = []
+
+    async def script(ws: ServerConnection) -> None:
+        await ws.send("sleep 1000 & echo PIDS $$ $!\n")
+        output = await read_until(ws, rb"PIDS \d+ \d+\r\n")
+        pids.extend(map(int, re.findall(rb"PIDS (\d+) (\d+)\r\n", output)[-1]))
+        with contextlib.suppress(ConnectionClosed):
+            await ws.wait_closed()  # the user stays: only the limit ends the session
+
+    limit_ms = int(scaled(1.0) * 1000)
+    ctx = context(extra=f"terminal_max_session_ms = {limit_ms}")
+    started = time.monotonic()
+    async with relay(script) as (base, _):
+        with pytest.raises(TaskFailed) as failed:
+            await asyncio.wait_for(run(shell_task(f"{base}/t"), ctx), scaled(20))
+    assert time.monotonic() - started >= limit_ms / 1000
+    assert str(failed.value) == (
+        f"the session reached terminal_max_session_ms ({limit_ms / 1000:g} s); shell killed"
+    )
+    shell_pid, job_pid = pids
+    assert await gone(shell_pid), "the shell outlived its session"
+    assert await gone(job_pid), "a background job outlived its session"
+
+
+async def test_session_limit_result_is_uploaded_through_a_real_server(
+    server: Server, tmp_path: Path
+) -> None:
+    """Through a real server's /terminal, a session cut at its limit is answered success false."""
+    agent_uuid = str(uuid.uuid4())
+    config = parse_agent_config(
+        f'agent_uuid = "{agent_uuid}"\nterminal_shell = "/bin/sh"\n'
+        f"terminal_max_session_ms = {int(scaled(1.0) * 1000)}\n"
+        f'[[server]]\nname = "s0"\nws_url = "{server.ws_url}"\n'
+        f'token = "{server.super_token}"\nallow_web_shell = true\n'
+    )
+    task = {"web_shell": {"url": server.ws_url + "auto_gen", "terminal_id": str(uuid.uuid4())}}
+    async with running_agent(config, tmp_path):
+        await wait_online(server, agent_uuid)
+        result = await server.su("task_create_task_blocking", agent_uuid, task, 30_000)
+    assert result["success"] is False, result
+    assert "reached terminal_max_session_ms" in result["error_message"]
 
 
 def test_auto_gen_url_goes_to_the_servers_terminal_endpoint() -> None:

@@ -4,7 +4,7 @@ A runner returns the typed result on success and raises ``TaskFailed`` with a
 readable reason on failure; the client uploads that as ``success: false``.
 Runners never enforce the allow-list (the client does) but do enforce their
 own limits; the client adds a hard timeout on top (``TIMEOUT_S`` seconds, or
-``timeout_s(settings)``; None means the kind runs until it ends by itself).
+``timeout_s(settings)``), so no task runs forever.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ MODULES: dict[str, str] = {
 """Task kind → module under taskd.agent.tasks that runs it."""
 
 
-def runner_for(kind: str, settings: AgentSettings) -> tuple[Runner, float | None]:
-    """The runner of a task kind and the client's hard timeout for it (None: no limit).
+def runner_for(kind: str, settings: AgentSettings) -> tuple[Runner, float]:
+    """The runner of a task kind and the client's hard timeout for it in seconds.
 
     A module that serves several kinds names its runners ``run_<kind>``; a module
     whose limit depends on the settings defines ``timeout_s(settings)``.
@@ -60,7 +60,5 @@ def runner_for(kind: str, settings: AgentSettings) -> tuple[Runner, float | None
     module = importlib.import_module(f"taskd.agent.tasks.{MODULES[kind]}")
     runner: Runner = getattr(module, f"run_{kind}", None) or module.run
     limit = getattr(module, "timeout_s", None)
-    timeout: float | None = (
-        limit(settings) if limit is not None else getattr(module, "TIMEOUT_S", 60.0)
-    )
+    timeout: float = limit(settings) if limit is not None else getattr(module, "TIMEOUT_S", 60.0)
     return runner, timeout

@@ -4,7 +4,8 @@ PTY output goes out as binary frames; incoming frames (text or binary) are
 typed into the PTY, except the control frames ``{"type": "resize", ...}``
 (resize the PTY) and ``{"error_id": ..., "error_message": ...}`` (the relay
 refused the session). When either side ends, the shell's whole session is
-killed. A session lasts as long as its user wants, so the kind has no timeout.
+killed. A session lasts as long as its user wants, up to
+``terminal_max_session_ms``: then it is killed and the task fails saying so.
 """
 
 from __future__ import annotations
@@ -29,17 +30,23 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from taskd.agent.tasks import TaskContext, TaskFailed
-from taskd.config import AgentServer
+from taskd.config import AgentServer, AgentSettings
 from taskd.protocol import WebShell, WebShellResult
 
-TIMEOUT_S = None
 MAX_MESSAGE_BYTES = 1 << 20
 READ_CHUNK = 64 * 1024
 KILL_GRACE_S = 2.0
+WIND_DOWN_S = KILL_GRACE_S + 10.0 + 1.0
+"""Killing the shell, then closing the WebSocket (websockets' 10 s close timeout), plus slack."""
 EXIT_DRAIN_S = 0.5
 """How long output still in the PTY is passed on after the shell exited."""
 
 _sessions: set[object] = set()
+
+
+def timeout_s(settings: AgentSettings) -> float:
+    """The client's hard limit: connecting, the longest session, then winding down."""
+    return (settings.connect_timeout_ms + settings.terminal_max_session_ms) / 1000 + WIND_DOWN_S
 
 
 class _WithoutDebug(logging.LoggerAdapter[logging.Logger]):
@@ -99,8 +106,8 @@ async def _session(task: WebShell, ctx: TaskContext) -> None:
         ws = await websockets.connect(
             url,
             open_timeout=ctx.settings.connect_timeout_ms / 1000,
-            ping_interval=20,
-            ping_timeout=20,
+            ping_interval=ctx.settings.ping_interval_ms / 1000,
+            ping_timeout=ctx.settings.ping_timeout_ms / 1000,
             max_size=MAX_MESSAGE_BYTES,
             ssl=_ssl_context(url, ctx.server),
             proxy=None,
@@ -114,8 +121,12 @@ async def _session(task: WebShell, ctx: TaskContext) -> None:
             shell = await Shell.spawn(argv)
         except OSError as exc:
             raise TaskFailed(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
+        limit = ctx.settings.terminal_max_session_ms / 1000
         try:
-            failure = await _relay(ws, shell)
+            async with asyncio.timeout(limit):
+                failure = await _relay(ws, shell)
+        except TimeoutError:
+            failure = f"the session reached terminal_max_session_ms ({limit:g} s); shell killed"
         finally:
             await shell.kill()
     if failure is not None:

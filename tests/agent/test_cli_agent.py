@@ -1,0 +1,135 @@
+"""`taskd agent` as a real process against a real server: the quick form and a config file."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tomllib
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from taskd.protocol import canonical_uuid
+from tests.agent.test_client import wait_online
+from tests.helpers import Server, scaled
+
+START_S = 30
+"""How long a fresh Python process may take to import taskd and subscribe."""
+
+
+@contextlib.asynccontextmanager
+async def agent_process(tmp_path: Path, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Run ``taskd agent ARGS`` in ``tmp_path`` (its output in agent.log) until the block ends."""
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "xdg")}
+    env.pop("TASKD_AGENT_CONFIG", None)
+    with (tmp_path / "agent.log").open("ab") as log:
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "taskd", "agent", *args),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp_path,
+        )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def stop(process: asyncio.subprocess.Process) -> int:
+    """Send SIGTERM and return the exit status."""
+    process.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(process.wait(), scaled(15))
+
+
+def _exists(path: Path) -> bool:
+    return path.exists()
+
+
+async def wait_for_file(path: Path, process: asyncio.subprocess.Process) -> None:
+    """Wait until ``path`` exists, failing early if the process died."""
+    for _ in range(int(scaled(START_S) / 0.05)):
+        if _exists(path):
+            return
+        assert process.returncode is None, f"taskd agent exited with {process.returncode}"
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{path} was not written")
+
+
+async def test_quick_form_runs_the_allowed_kinds_only(server: Server, tmp_path: Path) -> None:
+    """--server, --token, --uuid and --allow start an agent that runs exactly the listed kinds."""
+    agent_uuid = str(uuid.uuid4())
+    async with agent_process(
+        tmp_path,
+        *("--server", server.ws_url, "--token", server.super_token, "--uuid", agent_uuid),
+        *("--allow", "version,execute", "--state-dir", str(tmp_path / "state")),
+    ) as process:
+        await wait_online(server, agent_uuid, timeout=START_S)
+        version = await server.su("task_create_task_blocking", agent_uuid, "version", 10_000)
+        echo = {"execute": {"cmd": "echo", "args": ["from the cli"]}}
+        executed = await server.su("task_create_task_blocking", agent_uuid, echo, 10_000)
+        ping = {"tcp_ping": f"127.0.0.1:{server.port}"}
+        refused = await server.su("task_create_task_blocking", agent_uuid, ping, 10_000)
+        assert await stop(process) == 0
+    assert version["success"] is True and "taskd" in version["task_event_result"]["version"]
+    assert executed["task_event_result"] == {"execute": "from the cli\n"}
+    assert refused["success"] is False
+    assert refused["error_message"] == (
+        "permission denied: task type tcp_ping is not allowed on this agent"
+    )
+    log = (tmp_path / "agent.log").read_text()
+    assert f"agent {agent_uuid} starting (1 server(s))" in log
+    assert server.super_token not in log
+
+
+async def test_quick_form_generates_a_uuid_and_keeps_it(server: Server, tmp_path: Path) -> None:
+    """Without --uuid the agent makes one up, stores it in its state directory and reuses it."""
+    state = tmp_path / "state"
+    args = ("--server", server.url, "--token", server.super_token, "--state-dir", str(state))
+    uuid_file = state / "taskd-agent" / "agent_uuid"
+    async with agent_process(tmp_path, *args) as process:
+        await wait_for_file(uuid_file, process)
+        agent_uuid = canonical_uuid(uuid_file.read_text().strip())
+        await wait_online(server, agent_uuid, timeout=START_S)
+        assert await stop(process) == 0
+    async with agent_process(tmp_path, *args) as process:
+        await wait_online(server, agent_uuid, timeout=START_S)
+        result = await server.su("task_create_task_blocking", agent_uuid, "version", 10_000)
+        assert await stop(process) == 0
+    assert result["success"] is True
+    assert uuid_file.read_text().strip() == agent_uuid
+
+
+async def test_auto_gen_uuid_is_written_back_into_the_config(
+    server: Server, tmp_path: Path
+) -> None:
+    """Started with --config, an agent_uuid of "auto_gen" is replaced in the file on first start."""
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        "# managed by hand\n"
+        'agent_uuid = "auto_gen"  # filled in on first start\n'
+        f'[[server]]\nname = "main"\nws_url = "{server.ws_url}"\n'
+        f'token = "{server.super_token}"\n'
+    )
+    async with agent_process(tmp_path, "--config", str(path)) as process:
+        for _ in range(int(scaled(START_S) / 0.05)):
+            if "auto_gen" not in path.read_text():
+                break
+            assert process.returncode is None, f"taskd agent exited with {process.returncode}"
+            await asyncio.sleep(0.05)
+        agent_uuid = tomllib.loads(path.read_text())["agent_uuid"]
+        assert agent_uuid == canonical_uuid(agent_uuid)
+        await wait_online(server, agent_uuid, timeout=START_S)
+        result = await server.su("task_create_task_blocking", agent_uuid, "version", 10_000)
+        assert await stop(process) == 0
+    assert result["success"] is True
+    text = path.read_text()
+    assert "# managed by hand" in text and "# filled in on first start" in text
+    assert tomllib.loads(text)["server"][0]["token"] == server.super_token
+    assert (tmp_path / "agent.state" / "spool").is_dir(), "the spool lives next to the config"
