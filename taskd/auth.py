@@ -50,12 +50,42 @@ _NO_PASSWORD = f"scrypt${secrets.token_hex(16)}${secrets.token_hex(64)}"
 """Checked against for unknown usernames: the same scrypt work as a real hash, never a match."""
 
 
+class _RandomBytes:
+    """OS CSPRNG bytes drawn a page at a time: one system call serves many task tokens.
+
+    Each byte is handed out once; a forked child draws its own page.
+    """
+
+    def __init__(self, page: int = 65536) -> None:
+        self._page = page
+        self._buffer = b""
+        self._position = 0
+        self._pid = 0
+
+    def take(self, count: int) -> bytes:
+        """``count`` fresh random bytes."""
+        end = self._position + count
+        if end > len(self._buffer) or self._pid != os.getpid():
+            self._buffer = os.urandom(max(self._page, count))
+            self._pid = os.getpid()
+            self._position, end = 0, count
+        chunk = self._buffer[self._position : end]
+        self._position = end
+        return chunk
+
+
+_RANDOM = _RandomBytes()
+_TO_ALPHABET = bytes(ord(ALPHABET[b % 62]) for b in range(256))
+_UNEVEN = bytes(range(248, 256))
+"""Bytes 248-255 are dropped so every character is equally likely (248 = 4 x 62)."""
+
+
 def random_string(length: int) -> str:
-    """A random alphanumeric string from the OS CSPRNG (uniform: bytes >= 248 are redrawn)."""
-    chars: list[str] = []
-    while len(chars) < length:
-        chars.extend(ALPHABET[b % 62] for b in secrets.token_bytes(length * 2) if b < 248)
-    return "".join(chars[:length])
+    """A random alphanumeric string from the OS CSPRNG."""
+    drawn = b""
+    while len(drawn) < length:
+        drawn += _RANDOM.take(length * 2).translate(_TO_ALPHABET, _UNEVEN)
+    return drawn[:length].decode()
 
 
 def hash_secret(secret: str) -> str:
@@ -109,11 +139,13 @@ class Principal:
     timestamp_to: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Cached:
     principal: Principal
     secret_hash: str
     loaded: float
+    verified: bytes | None = None
+    """The secret once it matched ``secret_hash``: later calls compare it directly."""
 
 
 @dataclass(frozen=True)
@@ -314,7 +346,7 @@ class Authenticator:
             if missed is not None and time.monotonic() - missed <= CACHE_SECONDS:
                 raise PermissionDenied("Invalid token: unknown key or wrong secret")
             cached = await self._load(key)
-        if cached is None or not hmac.compare_digest(hash_secret(secret), cached.secret_hash):
+        if cached is None or not _secret_matches(secret, cached):
             raise PermissionDenied("Invalid token: unknown key or wrong secret")
         return cached.principal
 
@@ -377,6 +409,17 @@ async def ensure_super_token(store: Store) -> str | None:
         }
     )
     return str(token)
+
+
+def _secret_matches(secret: str, cached: _Cached) -> bool:
+    """Whether ``secret`` is the token's, in constant time (hashed only the first time)."""
+    given = secret.encode()
+    if cached.verified is not None:
+        return hmac.compare_digest(given, cached.verified)
+    if hmac.compare_digest(hash_secret(secret), cached.secret_hash):
+        cached.verified = given
+        return True
+    return False
 
 
 def principal_of(row: Any) -> Principal:

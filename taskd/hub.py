@@ -384,10 +384,10 @@ class Hub:
         for agent_uuid in late:
             self.spawn(self.deliver_queued(agent_uuid))
         if self.metrics is not None:
+            metrics = self.metrics
             for created in outcomes.values():
                 if created.task_id is not None:
-                    route = "queued" if created.queued else "pushed"
-                    self.metrics.tasks_created.labels(route).inc()
+                    (metrics.tasks_queued if created.queued else metrics.tasks_pushed).inc()
         return [outcomes[u] for u in targets if u in outcomes], waiters
 
     async def deliver_queued(self, agent_uuid: str) -> int:

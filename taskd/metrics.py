@@ -36,6 +36,11 @@ class Metrics:
             "taskd_rpc_errors", "JSON-RPC error replies, by code", ["code"], registry=r
         )
         self.auth_failures = Counter("taskd_auth_failures", "Failed authentications", registry=r)
+        # the children the hot paths bump, looked up once (labels() takes a lock and a dict)
+        self.tasks_pushed = self.tasks_created.labels("pushed")
+        self.tasks_queued = self.tasks_created.labels("queued")
+        self.results_succeeded = self.results_stored.labels("true")
+        self.results_failed = self.results_stored.labels("false")
         self.write_batch = Histogram(
             "taskd_store_write_batch_ops",
             "Operations committed per database transaction of the writer",

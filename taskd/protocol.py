@@ -70,6 +70,7 @@ DNS_RECORD_TYPES: tuple[str, ...] = (
 )
 DnsRecordType = Literal["a", "aaaa", "cname", "mx", "txt", "ns", "srv", "ptr", "soa", "caa"]
 
+_CANONICAL_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.\-:%\[\]]{1,253}$")
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
 _VERSION_RE = re.compile(r"^v\d{1,6}\.\d{1,6}\.\d{1,6}(?:-[0-9A-Za-z.]{1,32})?$")
@@ -80,6 +81,8 @@ def canonical_uuid(value: str) -> str:
     """Return the lower-case hyphenated form of a UUID string, or raise ValueError."""
     if not isinstance(value, str) or len(value) > 64:
         raise ValueError("must be a UUID string")
+    if _CANONICAL_UUID_RE.fullmatch(value):  # the usual case, without building a UUID
+        return value
     try:
         return str(uuid.UUID(value))
     except ValueError:

@@ -4,15 +4,25 @@ password logins kept off the event loop and alike for known and unknown username
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
+import string
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from sqlalchemy import event
 
-from taskd.auth import Authenticator, NewToken, RateLimiter, hash_password, hash_secret
+from taskd.auth import (
+    Authenticator,
+    NewToken,
+    RateLimiter,
+    hash_password,
+    hash_secret,
+    random_string,
+)
 from taskd.errors import PermissionDenied
 from taskd.store import Store
 from tests.helpers import scaled
@@ -124,3 +134,45 @@ async def test_unknown_usernames_take_as_long_as_known_ones(store: Store) -> Non
     # an extra scrypt for unknown users would make this about 2
     ratio = statistics.median(unknown) / statistics.median(known)
     assert 0.6 < ratio < 1.5, (known, unknown)
+
+
+def test_random_strings_are_alphanumeric_uniform_and_distinct() -> None:
+    """Keys, secrets and task tokens: exact length, only A-Za-z0-9, every character about
+    equally likely, never repeated."""
+    drawn = [random_string(32) for _ in range(20_000)]
+    assert len(set(drawn)) == len(drawn)
+    assert all(len(s) == 32 and s.isascii() and s.isalnum() for s in drawn)
+    counts = Counter("".join(drawn))
+    assert set(counts) == set(string.ascii_letters + string.digits)
+    expected = 32 * 20_000 / 62
+    assert all(abs(n - expected) < 0.1 * expected for n in counts.values()), counts
+
+
+def test_a_forked_child_draws_its_own_random_strings() -> None:
+    """A child process never hands out the random bytes its parent already holds."""
+    random_string(10)  # the parent holds a page of random bytes now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.write(write, random_string(16).encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert len(child) == 16 and child != random_string(16)
+
+
+async def test_a_verified_secret_still_refuses_every_other_secret(store: Store) -> None:
+    """After a token authenticated once, a wrong, shorter or non-ASCII secret is still refused."""
+    auth = Authenticator(store, RateLimiter(burst=1 << 30, rate_per_s=1e9))
+    token = NewToken.generate()
+    await store.insert_token(
+        {"key": token.key, "secret_hash": hash_secret(token.secret), "limits": []}
+    )
+    for _ in range(2):
+        assert (await auth.authenticate(str(token), "10.0.0.9")).key == token.key
+    wrong = "x" if token.secret[0] != "x" else "y"
+    for secret in (wrong + token.secret[1:], token.secret[:-1], token.secret[:-1] + "é", ""):
+        with pytest.raises(PermissionDenied):
+            await auth.authenticate(f"{token.key}:{secret}", "10.0.0.9")

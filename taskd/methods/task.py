@@ -161,7 +161,8 @@ async def task_upload_task_result(
     task_type = await ctx.app.task_type_of(upload.task_id, upload.agent_uuid, upload.task_token)
     authorize(principal, Need("task", "write", task_type), upload.agent_uuid)
     stored = await ctx.app.store.complete_task(upload, ctx.app.node_id)
-    ctx.app.metrics.results_stored.labels(str(upload.success).lower()).inc()
+    metrics = ctx.app.metrics
+    (metrics.results_succeeded if upload.success else metrics.results_failed).inc()
     hub.mark_seen(upload.agent_uuid)
     hub.resolve([stored])
     return {"id": upload.task_id}
