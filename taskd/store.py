@@ -23,7 +23,6 @@ from sqlalchemy import (
     Row,
     Select,
     bindparam,
-    case,
     delete,
     event,
     func,
@@ -66,10 +65,12 @@ from taskd.writer import (
     InsertTasksOp,
     NewTask,
     Op,
+    QueuedTask,
     Raw,
     RawPostgres,
     RawSqlite,
     StoredResult,
+    TakeQueuedOp,
     Writer,
     bad_value,
     describe,
@@ -362,40 +363,10 @@ class Store:
 
         return await self.write(remove)
 
-    async def take_queued(self, agent_uuid: str, deadline_ms: int) -> list[Row[Any]]:
-        """Mark every queued task of an agent as running and return them."""
-
-        async def take(conn: AsyncConnection) -> list[Row[Any]]:
-            now = now_ms()
-            rows = (
-                await conn.execute(
-                    select(task_t.c.id, task_t.c.task_token, task_t.c.task_event_type)
-                    .where(
-                        task_t.c.uuid == agent_uuid,
-                        task_t.c.state == TaskState.QUEUED,
-                        task_t.c.deadline > now,
-                    )
-                    .order_by(task_t.c.id)
-                    .with_for_update(skip_locked=True)
-                )
-            ).all()
-            if rows:
-                await conn.execute(
-                    update(task_t)
-                    .where(task_t.c.id.in_([r.id for r in rows]))
-                    # a task routed here from another node keeps its creator's deadline
-                    # (a blocking call's timeout); one that waited with a TTL starts afresh
-                    .values(
-                        state=TaskState.RUNNING,
-                        deadline=case(
-                            (task_t.c.queue_ttl_ms.is_(None), task_t.c.deadline),
-                            else_=now + deadline_ms,
-                        ),
-                    )
-                )
-            return list(rows)
-
-        return await self.write(take)
+    async def take_queued(self, agent_uuid: str, deadline_ms: int) -> list[QueuedTask]:
+        """Mark every queued task of an agent as running and return them (see TakeQueuedOp)."""
+        taken: list[QueuedTask] = await self._submit(TakeQueuedOp(agent_uuid, deadline_ms))
+        return taken
 
     async def requeue(self, ids: Sequence[int]) -> None:
         """Put taken tasks back in the queue (their agent went away before delivery)."""

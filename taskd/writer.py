@@ -16,7 +16,7 @@ import logging
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import asyncpg  # type: ignore[import-untyped]
 import orjson
@@ -24,6 +24,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from taskd.clock import now_ms
 from taskd.errors import AlreadyUploaded, DatabaseError, InvalidInput, NotFound, TaskdError
 from taskd.models import TaskState
 from taskd.protocol import RESULT_KIND, TaskResponse
@@ -498,6 +499,72 @@ class CompleteOp(HotOp):
                 raise _Retry("a result row changed under the batch")
         for channel, task_ids in waiting.items():
             await _notify_raw(raw, channel, task_ids, "r:")
+        return outcomes
+
+
+class QueuedTask(NamedTuple):
+    """A queued task handed to its agent's node for delivery."""
+
+    id: int
+    task_token: str
+    task_event_type: Any
+
+
+@dataclass(eq=False)
+class TakeQueuedOp(HotOp):
+    """Mark an agent's queued tasks as running and return them, oldest first.
+
+    Every agent's take in a batch is one SELECT and one UPDATE. A task routed here
+    from another node keeps its creator's deadline (a blocking call's timeout); one
+    that waited with a TTL gets ``deadline_ms`` from now.
+    """
+
+    agent_uuid: str
+    deadline_ms: int
+
+    @classmethod
+    async def run_all(cls, raw: Raw, ops: Sequence[Any]) -> list[Any]:
+        now = now_ms()
+        uuids = sorted({op.agent_uuid for op in ops})
+        columns = "id, uuid, task_token, task_event_type FROM task"
+        # literal state values: the partial index on queued tasks serves only a constant
+        if raw.postgres:
+            rows = await raw.fetch(
+                f"SELECT {columns} WHERE uuid = ANY($1::text[]) AND state = 0 AND deadline > $2 "
+                "ORDER BY id FOR UPDATE SKIP LOCKED",
+                uuids,
+                now,
+            )
+        else:
+            marks = ",".join("?" * len(uuids))
+            rows = await raw.fetch(
+                f"SELECT {columns} WHERE uuid IN ({marks}) AND state = 0 AND deadline > ? "
+                "ORDER BY id",
+                *uuids,
+                now,
+            )
+        taken: dict[str, list[QueuedTask]] = {}
+        for task_id, agent_uuid, task_token, event in rows:
+            taken.setdefault(agent_uuid, []).append(
+                QueuedTask(task_id, task_token, orjson.loads(event))
+            )
+        updates = [
+            (now + op.deadline_ms, task.id)
+            for op in {op.agent_uuid: op for op in ops}.values()
+            for task in taken.get(op.agent_uuid, [])
+        ]
+        if updates:
+            await raw.execute_many(
+                _sql(
+                    raw,
+                    "UPDATE task SET state = 1, deadline = CASE WHEN queue_ttl_ms IS NULL "
+                    "THEN deadline ELSE ? END WHERE id = ?",
+                ),
+                updates,
+            )
+        outcomes: list[Any] = []
+        for op in ops:  # the first take of an agent in the batch gets its tasks
+            outcomes.append(taken.pop(op.agent_uuid, []))
         return outcomes
 
 
