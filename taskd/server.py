@@ -397,11 +397,11 @@ def _tune_gc() -> None:
     Under load the default thresholds ran a collection every few hundred
     allocations, each walking every live request, future and task: about a
     fifth of the server's CPU. What exists at start-up (modules, schemas,
-    tables) is frozen out of collections, and young objects are collected
-    after 50,000 allocations instead of 700; almost everything taskd allocates
-    is freed by reference counting anyway.
+    tables) is frozen out of collections (without a collection first: that took
+    a second of a restart), and young objects are collected after 50,000
+    allocations instead of 700; almost everything taskd allocates is freed by
+    reference counting anyway.
     """
-    gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
 

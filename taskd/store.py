@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -121,7 +122,7 @@ class _RunNow:
 
 
 class InlineSqlite(aiosqlite.Connection):
-    """aiosqlite's interface, with every call run at once on the event loop thread.
+    """aiosqlite's interface, with every call run at once on the calling thread's loop.
 
     The writer's statements touch a local file for microseconds, while handing each
     to aiosqlite's thread and back costs two wake-ups (a millisecond or more where
@@ -136,6 +137,45 @@ class InlineSqlite(aiosqlite.Connection):
 
     def __await__(self) -> Generator[Any, None, aiosqlite.Connection]:
         return self._connect().__await__()  # no thread to start
+
+
+class _ReadLoop:
+    """A thread with its own event loop and one SQLite connection, used inline there.
+
+    A read runs there whole (check-out, BEGIN, statements, fetch, roll back): one
+    hand-over from the server's event loop and one back, where aiosqlite makes
+    about eight, each waiting for a turn of a busy server loop. SQLAlchemy's work
+    for the read runs on this thread too, and SQLite releases the GIL while it reads.
+    """
+
+    def __init__(self, engine: AsyncEngine, name: str) -> None:
+        self.engine = engine
+        self.pending = 0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    async def read(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Run ``fn`` on this thread's connection."""
+        self.pending += 1
+        try:
+            return await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(self._read(fn), self.loop)
+            )
+        finally:
+            self.pending -= 1
+
+    async def _read(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        async with self.engine.connect() as conn:
+            return await fn(conn)
+
+    async def close(self) -> None:
+        """Close the connection and end the thread."""
+        done = asyncio.run_coroutine_threadsafe(self.engine.dispose(), self.loop)
+        await asyncio.wrap_future(done)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        await asyncio.to_thread(self.thread.join)
+        self.loop.close()
 
 
 def _json(options: dict[str, Any]) -> dict[str, Any]:
@@ -155,6 +195,9 @@ class Store:
         self._echo = echo
         self.batch_observer: Callable[[int], None] | None = None
         self.engine: AsyncEngine
+        self.read_engines: list[AsyncEngine] = []
+        """Every engine reads run on (SQLite: one per read thread)."""
+        self._readers: list[_ReadLoop] = []
         self.writer: Writer
 
     async def __aenter__(self) -> Store:
@@ -163,16 +206,13 @@ class Store:
             "json_deserializer": orjson.loads,
             "echo": self._echo,
         }
-        if self.is_sqlite:
-            options["pool_size"] = self._pool_size
-            options["connect_args"] = {"timeout": 30}
-        else:
+        if not self.is_sqlite:
             options["pool_size"] = self._pool_size
             options["max_overflow"] = self._pool_size
             options["pool_timeout"] = 10
             options["connect_args"] = {"timeout": 5, "command_timeout": 30}
-        self.engine = create_async_engine(self.url, **options)
-        if not self.is_sqlite:
+            self.engine = create_async_engine(self.url, **options)
+            self.read_engines = [self.engine]
             # the writer keeps a connection of its own: a flood of reads queued on the
             # pool must never hold back the commits that acknowledge tasks and results
             single = options | {"pool_size": 1, "max_overflow": 0}
@@ -187,8 +227,19 @@ class Store:
             self.write_engine = create_async_engine(
                 self.url, async_creator=inline, pool_size=1, max_overflow=0, **_json(options)
             )
-            self._prepare_sqlite(self.engine, busy_timeout_ms=30_000)
-            self._prepare_sqlite(self.write_engine, busy_timeout_ms=100)
+            self._prepare_sqlite(self.write_engine, busy_timeout_ms=100, writer=True)
+
+            async def reader() -> aiosqlite.Connection:
+                return await InlineSqlite(lambda: sqlite3.connect(path, timeout=30))
+
+            for index in range(max(self._pool_size, 1)):
+                engine = create_async_engine(
+                    self.url, async_creator=reader, pool_size=1, max_overflow=0, **_json(options)
+                )
+                self._prepare_sqlite(engine, busy_timeout_ms=30_000, writer=False)
+                self._readers.append(_ReadLoop(engine, f"taskd-sqlite-reader-{index}"))
+            self.read_engines = [r.engine for r in self._readers]
+            self.engine = self.read_engines[0]
         self.writer = Writer(self.write_engine, self._connect_writer, self._observe_batch)
         self.writer.start()
         return self
@@ -206,7 +257,10 @@ class Store:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.writer.close()
-        await self.engine.dispose()
+        for reader in self._readers:
+            await reader.close()
+        if not self._readers:
+            await self.engine.dispose()
         if self.write_engine is not self.engine:
             await self.write_engine.dispose()
 
@@ -223,13 +277,12 @@ class Store:
 
             await self.read(run)
 
-    def _prepare_sqlite(self, engine: AsyncEngine, busy_timeout_ms: int) -> None:
+    def _prepare_sqlite(self, engine: AsyncEngine, *, busy_timeout_ms: int, writer: bool) -> None:
         path = self.url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             if not Path(path).exists():
                 Path(path).touch(mode=0o600)
-        writer = engine is not self.engine
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
@@ -280,8 +333,15 @@ class Store:
         return result
 
     async def read(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """Run ``fn`` on a pooled read connection; database failures become DatabaseError."""
+        """Run ``fn`` on a read connection; database failures become DatabaseError.
+
+        On SQLite ``fn`` runs on a read thread's own event loop (see _ReadLoop): it must
+        use only its connection and plain values.
+        """
         try:
+            if self._readers:
+                reader = min(self._readers, key=lambda r: r.pending)
+                return await reader.read(fn)
             async with self.engine.connect() as conn:
                 return await fn(conn)
         except TaskdError:

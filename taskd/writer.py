@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -586,7 +587,7 @@ class AgentConnectedOp(HotOp):
     @classmethod
     async def run_all(cls, raw: Raw, ops: Sequence[Any]) -> list[Any]:
         latest = {op.values["uuid"]: op.values for op in ops}
-        columns = (
+        row = operator.itemgetter(
             "uuid",
             "first_seen",
             "last_seen",
@@ -595,7 +596,7 @@ class AgentConnectedOp(HotOp):
             "node_id",
             "token_key",
         )
-        rows = [tuple(v[c] for c in columns) for v in latest.values()]
+        rows = [row(values) for values in latest.values()]
         await raw.execute_many(_sql(raw, _AGENT_CONNECTED), rows)
         items = [f"{u} {v['node_id']}" for u, v in latest.items()]
         await _notify_raw(raw, AGENTS_CHANNEL, items)

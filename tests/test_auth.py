@@ -43,7 +43,8 @@ def _count_token_reads(store: Store) -> list[str]:
         if "FROM token" in statement:
             reads.append(statement)
 
-    event.listen(store.engine.sync_engine, "before_cursor_execute", seen)
+    for engine in store.read_engines:
+        event.listen(engine.sync_engine, "before_cursor_execute", seen)
     return reads
 
 

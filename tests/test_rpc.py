@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import event
 
 from taskd import rpc
-from tests.helpers import Server
+from tests.helpers import Server, make_settings, running_server
 
 
 @pytest.fixture
@@ -80,21 +81,33 @@ async def test_metrics_count_what_happened(server: Server) -> None:
     assert "taskd_agents_connected 0.0" in text
 
 
-async def test_a_large_batch_is_answered_in_order_a_window_at_a_time(server: Server) -> None:
-    """Every item of a batch bigger than the window is answered, in order; at most
-    BATCH_WINDOW of them hold a database connection at once."""
-    pool = server.service.store.engine.sync_engine.pool
+@pytest.fixture
+async def roomy_server(database_url: str) -> AsyncIterator[Server]:
+    """A server whose read pool could serve far more than a batch window at once."""
+    async with running_server(make_settings(database_url, db_pool_size=40)) as running:
+        yield running
+
+
+async def test_a_large_batch_is_answered_in_order_a_window_at_a_time(roomy_server: Server) -> None:
+    """Every item of a batch bigger than the window is answered, in order; about
+    BATCH_WINDOW of them hold a database connection at once (a background read of
+    the server's own may add one or two), not as many as the pool has."""
+    server = roomy_server
     out = [0, 0]  # connections checked out now, most at once
+    lock = threading.Lock()  # SQLite's read threads check out their own connections
 
     def checkout(*_: Any) -> None:
-        out[0] += 1
-        out[1] = max(out)
+        with lock:
+            out[0] += 1
+            out[1] = max(out)
 
     def checkin(*_: Any) -> None:
-        out[0] -= 1
+        with lock:
+            out[0] -= 1
 
-    event.listen(pool, "checkout", checkout)
-    event.listen(pool, "checkin", checkin)
+    for engine in server.service.store.read_engines:
+        event.listen(engine.sync_engine.pool, "checkout", checkout)
+        event.listen(engine.sync_engine.pool, "checkin", checkin)
     items = 12 * rpc.BATCH_WINDOW
     batch = [
         {
@@ -108,4 +121,4 @@ async def test_a_large_batch_is_answered_in_order_a_window_at_a_time(server: Ser
     replies = (await server.post(batch)).json()
     assert [r["id"] for r in replies] == [f"q{i}" for i in range(items)]
     assert all(r["result"] == [] for r in replies), replies[:3]
-    assert 1 <= out[1] <= rpc.BATCH_WINDOW, out
+    assert 1 <= out[1] <= rpc.BATCH_WINDOW + 2, out

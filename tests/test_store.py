@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -110,16 +110,25 @@ async def test_a_lookup_the_database_cannot_make_is_refused_not_a_database_error
 
 
 async def test_writes_commit_while_every_read_connection_is_taken(store: Store) -> None:
-    """A flood of reads holding the whole pool never holds back a commit (PostgreSQL too)."""
-    held = contextlib.AsyncExitStack()
-    async with held:
-        # pool_size=2 (+2 overflow on PostgreSQL): take every read connection there is
-        for _ in range(2 if store.is_sqlite else 4):
-            await held.enter_async_context(store.engine.connect())
+    """A flood of reads holding every read connection never holds back a commit."""
+    release = threading.Event()
+
+    async def hold(conn: AsyncConnection) -> None:
+        await conn.exec_driver_sql("SELECT 1")  # the connection is checked out and in use
+        await asyncio.to_thread(release.wait, 30)
+
+    # pool_size=2: two read threads on SQLite, 2 + 2 overflow connections on PostgreSQL
+    holders = [asyncio.create_task(store.read(hold)) for _ in range(2 if store.is_sqlite else 4)]
+    await asyncio.sleep(0.2)
+    try:
         now = now_ms()
         task = NewTask(str(uuid.uuid4()), "tok0000001", "version", "version", now + 60_000, now)
         async with asyncio.timeout(5):
             [task_id] = await store.insert_tasks([task])
+        assert not any(h.done() for h in holders), "the reads were holding their connections"
+    finally:
+        release.set()
+        await asyncio.gather(*holders)
     assert (await store.task_identity(task_id)) is not None
 
 
@@ -225,7 +234,8 @@ async def test_every_query_form_is_served_by_an_index(store: Store) -> None:
 
     plans: dict[str, tuple[str, Any]] = {}
     found = {}
-    event.listen(store.engine.sync_engine, "before_cursor_execute", capture)
+    for engine in store.read_engines:
+        event.listen(engine.sync_engine, "before_cursor_execute", capture)
     try:
         for name, conditions in forms.items():
             executed.clear()
@@ -233,7 +243,8 @@ async def test_every_query_form_is_served_by_an_index(store: Store) -> None:
             [(statement, parameters)] = executed
             plans[name] = statement, parameters
     finally:
-        event.remove(store.engine.sync_engine, "before_cursor_execute", capture)
+        for engine in store.read_engines:
+            event.remove(engine.sync_engine, "before_cursor_execute", capture)
     everything = await store.query_tasks(parse_task_conditions([]))
     assert {row.id for row in found["is_running"]} == {
         row.id for row in everything if row.timestamp is None
@@ -282,8 +293,10 @@ async def test_migrations_create_exactly_the_model_tables(store: Store) -> None:
         }
         return compare_metadata(context, SQLModel.metadata), reflected, declared
 
-    async with store.engine.connect() as conn:
-        diff, reflected, declared = await conn.run_sync(differences)
+    async def compare(conn: AsyncConnection) -> Any:
+        return await conn.run_sync(differences)
+
+    diff, reflected, declared = await store.read(compare)
     assert diff == []
     assert reflected == declared
 
