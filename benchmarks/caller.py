@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -22,14 +21,7 @@ import httpx
 import orjson
 import websockets
 
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) of values."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
+from benchmarks.stats import latency_report, percentile
 
 
 def read_words(path: str) -> list[str]:
@@ -139,12 +131,7 @@ async def p3(args: argparse.Namespace) -> dict[str, Any]:
         assert result["success"], result
         if i >= args.warmup:
             latencies.append(elapsed)
-    return {
-        "calls": len(latencies),
-        "p50_ms": percentile(latencies, 50) * 1000,
-        "p99_ms": percentile(latencies, 99) * 1000,
-        "mean_ms": statistics.fmean(latencies) * 1000,
-    }
+    return latency_report(latencies)
 
 
 async def p5(args: argparse.Namespace) -> dict[str, Any]:
@@ -167,11 +154,7 @@ async def p5(args: argparse.Namespace) -> dict[str, Any]:
             assert len(reply["result"]) == 100, reply
             if i >= args.warmup:
                 latencies.append(elapsed)
-    return {
-        "calls": len(latencies),
-        "p50_ms": percentile(latencies, 50) * 1000,
-        "p99_ms": percentile(latencies, 99) * 1000,
-    }
+    return latency_report(latencies)
 
 
 async def ws_rate(args: argparse.Namespace) -> dict[str, Any]:
@@ -236,24 +219,21 @@ async def ws_rate(args: argparse.Namespace) -> dict[str, Any]:
 async def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="scenario", required=True)
-    a = sub.add_parser("p2")
-    a.add_argument("--url", required=True)
-    a.add_argument("--token", required=True)
+    server = argparse.ArgumentParser(add_help=False)
+    server.add_argument("--url", required=True)
+    server.add_argument("--token", required=True)
+    a = sub.add_parser("p2", parents=[server])
     a.add_argument("--agents", required=True)
     a.add_argument("--tasks", type=int, default=20000)
     a.add_argument("--connections", type=int, default=4)
     a.add_argument("--window", type=int, default=256)
     a.add_argument("--task", default='"version"')
-    b = sub.add_parser("p3")
-    b.add_argument("--url", required=True)
-    b.add_argument("--token", required=True)
+    b = sub.add_parser("p3", parents=[server])
     b.add_argument("--agent", required=True)
     b.add_argument("--calls", type=int, default=2000)
     b.add_argument("--warmup", type=int, default=100)
     b.add_argument("--task", default='"version"', help="the task type as JSON")
-    c = sub.add_parser("p5")
-    c.add_argument("--url", required=True)
-    c.add_argument("--token", required=True)
+    c = sub.add_parser("p5", parents=[server])
     c.add_argument("--agent", required=True)
     c.add_argument("--type", default="ping")
     c.add_argument("--calls", type=int, default=500)

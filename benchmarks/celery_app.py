@@ -4,9 +4,14 @@ This is how Python users run "a task on host X" today: one queue per host
 (``host-1``), a worker on that host consuming it, results in Redis.
 
     celery -A benchmarks.celery_app worker -Q host-1 -P prefork -c 2   # the worker
-    python -m benchmarks.celery_app throughput --tasks 20000            # sent, then all fetched
+    python -m benchmarks.celery_app throughput --tasks 20000 --producers 4
     python -m benchmarks.celery_app latency --calls 1000                # apply_async().get()
     python -m benchmarks.celery_app flush                               # empty our Redis db only
+
+``throughput`` splits the tasks over ``--producers`` processes (as many as
+taskd's benchmark has callers): each connects, says "ready", and on "go" from
+stdin sends its share and then fetches every one of its results. The rate is
+all tasks over the time from the first send to the last result fetched.
 
 ``TASKD_BENCH_REDIS`` picks the Redis database (default ``redis://127.0.0.1:6379/9``).
 Each client command prints one JSON object.
@@ -17,12 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import subprocess
+import sys
 import time
 from typing import Any
 
 from celery import Celery  # type: ignore[import-untyped]
 from celery.result import ResultSet  # type: ignore[import-untyped]
+
+from benchmarks.stats import latency_report
 
 REDIS_URL = os.environ.get("TASKD_BENCH_REDIS", "redis://127.0.0.1:6379/9")
 QUEUE = "host-1"
@@ -45,27 +53,62 @@ def noop() -> None:
     """Do nothing: what is measured is the queueing, not the work."""
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) of values."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def throughput(tasks: int, timeout: float) -> dict[str, Any]:
-    """Send ``tasks`` no-ops on one producer, then fetch every result."""
-    started = time.perf_counter()
+def produce(tasks: int, timeout: float, wait_for_go: bool) -> dict[str, Any]:
+    """One producer: connect, (say "ready" and wait for "go"), send ``tasks``, fetch them all."""
     with app.producer_or_acquire() as producer:
+        producer.connection.ensure_connection()
+        app.backend.client.ping()
+        if wait_for_go:
+            print("ready", flush=True)
+            if sys.stdin.readline().strip() != "go":
+                raise SystemExit("no go")
+        # time.monotonic is system-wide on Linux: the producers' clocks compare
+        started = time.monotonic()
         results = [noop.apply_async(producer=producer) for _ in range(tasks)]
-    sent = time.perf_counter()
+    sent = time.monotonic()
     values = ResultSet(results).join_native(timeout=timeout)
-    finished = time.perf_counter()
+    finished = time.monotonic()
     if len(values) != tasks:
         raise SystemExit(f"fetched {len(values)} results of {tasks}")
+    return {"tasks": tasks, "started": started, "sent": sent, "finished": finished}
+
+
+def throughput(tasks: int, timeout: float, producers: int) -> dict[str, Any]:
+    """``tasks`` no-ops over ``producers`` processes started together; every result fetched."""
+    if producers == 1:
+        reports = [produce(tasks, timeout, wait_for_go=False)]
+    else:
+        shares = [tasks // producers + (i < tasks % producers) for i in range(producers)]
+        argv = [sys.executable, "-m", "benchmarks.celery_app", "produce", "--timeout", str(timeout)]
+        procs = [
+            subprocess.Popen(
+                [*argv, "--tasks", str(share)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            )
+            for share in shares
+        ]
+        for proc in procs:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != b"ready":
+                raise SystemExit(f"a producer failed to start (exit {proc.wait()})")
+        for proc in procs:  # all connected: start them together
+            assert proc.stdin is not None
+            proc.stdin.write(b"go\n")
+            proc.stdin.close()
+        reports = []
+        for proc in procs:
+            assert proc.stdout is not None
+            out = proc.stdout.read()
+            if proc.wait() != 0:
+                raise SystemExit(f"a producer failed (exit {proc.returncode})")
+            reports.append(json.loads(out))
+    started = min(r["started"] for r in reports)
+    seconds = max(r["finished"] for r in reports) - started
     return {
-        "tasks": tasks,
-        "seconds": finished - started,
-        "tasks_per_s": tasks / (finished - started),
-        "send_phase_s": sent - started,
+        "tasks": sum(r["tasks"] for r in reports),
+        "producers": producers,
+        "seconds": seconds,
+        "tasks_per_s": sum(r["tasks"] for r in reports) / seconds,
+        "send_phase_s": max(r["sent"] for r in reports) - started,
     }
 
 
@@ -78,12 +121,7 @@ def latency(calls: int, warmup: int, timeout: float) -> dict[str, Any]:
         elapsed = time.perf_counter() - started
         if i >= warmup:
             latencies.append(elapsed)
-    return {
-        "calls": len(latencies),
-        "p50_ms": percentile(latencies, 50) * 1000,
-        "p99_ms": percentile(latencies, 99) * 1000,
-        "mean_ms": statistics.fmean(latencies) * 1000,
-    }
+    return latency_report(latencies)
 
 
 def wait_for_worker(timeout: float) -> dict[str, Any]:
@@ -113,6 +151,10 @@ def main() -> None:
     a = sub.add_parser("throughput")
     a.add_argument("--tasks", type=int, default=20000)
     a.add_argument("--timeout", type=float, default=300)
+    a.add_argument("--producers", type=int, default=1, help="producer processes")
+    p = sub.add_parser("produce", help="one producer of throughput (reads go from stdin)")
+    p.add_argument("--tasks", type=int, required=True)
+    p.add_argument("--timeout", type=float, default=300)
     b = sub.add_parser("latency")
     b.add_argument("--calls", type=int, default=1000)
     b.add_argument("--warmup", type=int, default=50)
@@ -122,7 +164,9 @@ def main() -> None:
     sub.add_parser("flush")
     args = parser.parse_args()
     if args.command == "throughput":
-        report = throughput(args.tasks, args.timeout)
+        report = throughput(args.tasks, args.timeout, args.producers)
+    elif args.command == "produce":
+        report = produce(args.tasks, args.timeout, wait_for_go=True)
     elif args.command == "latency":
         report = latency(args.calls, args.warmup, args.timeout)
     elif args.command == "wait":

@@ -6,7 +6,9 @@ A full run (``make faults``) injects every fault at full scale and holds
 scenarios to their timing targets as well as their invariants; ``--quick``
 runs the short CI version (invariants only). Results go to
 ``benchmarks/results/faults.json`` and ``faults.md`` (``faults-quick.*``); a full
-run of every scenario also rewrites the table in the README.
+run of every scenario also rewrites the table in the README. Ctrl-C, SIGTERM
+and SIGHUP (to this driver, or to ``make faults``) stop the running scenario
+and all its processes, write no results and exit with 128 + the signal.
 """
 
 from __future__ import annotations
@@ -14,10 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,13 +25,15 @@ from typing import Any
 
 import orjson
 
+from benchmarks import shutdown
 from benchmarks.faults_abuse import r4_adversarial_input, r5_unauthorized
-from benchmarks.faults_common import CI, FULL, ROOT, Outcome, Scale
+from benchmarks.faults_common import Outcome
 from benchmarks.faults_crash import r1_server_kill, r2_connection_cut
 from benchmarks.faults_database import r6_database_restart
 from benchmarks.faults_storm import r3_reconnect_storm
-from benchmarks.procs import raise_open_files_limit
-from benchmarks.report import MAIN_README, update_readme
+from benchmarks.procs import raise_open_files_limit, work_directory
+from benchmarks.report import MAIN_README, ROOT, update_readme
+from benchmarks.scale import FULL, QUICK, Scale
 
 Scenario = Callable[[Scale, Path], Awaitable[Outcome]]
 
@@ -142,19 +144,20 @@ def machine() -> dict[str, Any]:
 
 
 async def run(scale: Scale, only: set[str] | None, workdir: Path) -> list[Outcome]:
-    """Run the chosen scenarios one after the other."""
+    """Run the chosen scenarios one after the other; a stop signal cancels the one running."""
     outcomes = []
-    for name, scenario in scenarios(scale).items():
-        if only and name not in only:
-            continue
-        print(f"[faults] {name} ...", file=sys.stderr, flush=True)
-        directory = workdir / name
-        directory.mkdir()
-        outcome = await scenario(scale, directory)
-        verdict = "pass" if outcome.passed else f"FAIL\n{outcome.explain()}"
-        took = outcome.figures.get("duration_s")
-        print(f"[faults] {name} ({took} s): {verdict}", file=sys.stderr, flush=True)
-        outcomes.append(outcome)
+    async with shutdown.cancelled_on_signal():
+        for name, scenario in scenarios(scale).items():
+            if only and name not in only:
+                continue
+            print(f"[faults] {name} ...", file=sys.stderr, flush=True)
+            directory = workdir / name
+            directory.mkdir()
+            outcome = await scenario(scale, directory)
+            verdict = "pass" if outcome.passed else f"FAIL\n{outcome.explain()}"
+            took = outcome.figures.get("duration_s")
+            print(f"[faults] {name} ({took} s): {verdict}", file=sys.stderr, flush=True)
+            outcomes.append(outcome)
     return outcomes
 
 
@@ -166,21 +169,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
     args = parser.parse_args(argv)
-    scale = CI if args.quick else FULL
+    scale = QUICK if args.quick else FULL
     only = {s.strip() for s in args.only.split(",")} if args.only else None
     unknown = (only or set()) - set(scenarios(scale))
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    shutdown.install()
     raise_open_files_limit()
-    workdir = Path(tempfile.mkdtemp(prefix="taskd-faults-"))
     started = time.time()
     try:
-        outcomes = asyncio.run(run(scale, only, workdir))
-    finally:
-        if args.keep:
-            print(f"[faults] work directory kept: {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        with work_directory("taskd-faults-", keep=args.keep) as workdir:
+            outcomes = asyncio.run(run(scale, only, workdir))
+    except shutdown.Interrupted as exc:
+        return shutdown.stopped("faults", exc)
     table = markdown(outcomes)
     report = {
         "scale": scale.name,

@@ -20,16 +20,7 @@ import httpx
 import orjson
 import websockets
 
-from benchmarks.faults_common import (
-    Outcome,
-    RssSampler,
-    Scale,
-    TaskdProcess,
-    ms,
-    percentile,
-    scenario,
-    shared_postgres_database,
-)
+from benchmarks.faults_common import Outcome, RssSampler, ms, scenario, scenario_database
 from benchmarks.faults_inputs import (
     MAX_MESSAGE,
     Attack,
@@ -49,6 +40,14 @@ from benchmarks.faults_inputs import (
     wrong_typed_calls,
 )
 from benchmarks.procs import PYTHON, Child, Children
+from benchmarks.scale import Scale
+from benchmarks.services import (
+    TaskdServer,
+    agent_limits,
+    now_ms,
+    start_load_agents,
+)
+from benchmarks.stats import percentile
 
 REPLY_TIMEOUT_S = 60.0
 READER_REQUESTS = 10_000
@@ -105,7 +104,7 @@ class Tally:
 class Attacker:
     """Sends inputs over HTTP and WebSocket and judges every reply."""
 
-    def __init__(self, server: TaskdProcess) -> None:
+    def __init__(self, server: TaskdServer) -> None:
         self.server = server
         self.tallies: dict[str, Tally] = {}
         self.accepted_examples: list[str] = []
@@ -341,7 +340,7 @@ def build_attacks(
     return fixed + attacks + [Attack("oversize", b"[" + b"0," * MAX_MESSAGE + b"0]")]
 
 
-async def _poisoned_uploads(server: TaskdProcess, tally: Tally) -> dict[str, Any]:
+async def _poisoned_uploads(server: TaskdServer, tally: Tally) -> dict[str, Any]:
     """Uploads of adversarial results for real tasks, each beside an innocent upload.
 
     Both go in one batch, so they reach the store together: a bad result must be
@@ -418,38 +417,39 @@ async def r4_adversarial_input(scale: Scale, workdir: Path, database: str = "sql
         "the limits, adversarial results for real tasks, slow loris, never-reading clients",
     )
     async with scenario(outcome, workdir) as children, contextlib.AsyncExitStack() as stack:
-        database_url = None
-        if database == "postgresql":
-            database_url = await stack.enter_async_context(shared_postgres_database())
-        server = TaskdProcess(
+        server = TaskdServer(
             children,
             workdir / "server",
-            database_url=database_url,
+            database_url=await scenario_database(stack, database),
             # the failed-auth limit would refuse most inputs before they reach the parsers
             env={"TASKD_AUTH_BURST": "1000000000", "TASKD_AUTH_RATE_PER_S": "1000000"},
         )
-        await asyncio.to_thread(server.init)
-        server.start()
-        await server.wait_ready()
+        await server.launch()
         pid = server.pid
         async with server.rpc() as rpc:
-            victim = await rpc.su("token_create", [])
+            victim = await rpc.su(
+                "token_create",
+                {"token_limit": [], "username": "victim", "password": "victim password"},
+            )
             throwaway = await rpc.su(
-                "token_create", [{"scopes": ["global"], "permissions": [{"token": "write"}]}]
+                "token_create",
+                {"token_limit": [{"scopes": ["global"], "permissions": [{"token": "write"}]}]},
             )
             # every right but deleting tasks: a super token could delete the normal
             # client's task under it, which is the caller's right, not a server fault
             attacker = await rpc.su(
-                "token_create", [{"scopes": ["global"], "permissions": ATTACKER}]
+                "token_create", {"token_limit": [{"scopes": ["global"], "permissions": ATTACKER}]}
             )
             prober = await rpc.su(
                 "token_create",
-                [
-                    {
-                        "scopes": ["global"],
-                        "permissions": [{"task": {"create": "*"}}, {"task": {"read": "*"}}],
-                    }
-                ],
+                {
+                    "token_limit": [
+                        {
+                            "scopes": ["global"],
+                            "permissions": [{"task": {"create": "*"}}, {"task": {"read": "*"}}],
+                        }
+                    ]
+                },
             )
         probe_token = f"{prober['key']}:{prober['secret']}"
         probe_agent, probe = await asyncio.to_thread(
@@ -503,27 +503,11 @@ async def r4_adversarial_input(scale: Scale, workdir: Path, database: str = "sql
 
 
 def _start_probe(
-    children: Children, server: TaskdProcess, workdir: Path, token: str
+    children: Children, server: TaskdServer, workdir: Path, token: str
 ) -> tuple[Child, Child]:
-    agents_file = workdir / "probe-agent.txt"
-    agent = children.start(
-        "probe-loadagent",
-        [
-            PYTHON,
-            "-m",
-            "benchmarks.loadagent",
-            "--url",
-            server.ws_url,
-            "--token",
-            server.token,
-            "--count",
-            "1",
-            "--uuid-file",
-            str(agents_file),
-        ],
-        pipe_stdout=True,
+    (agent,) = start_load_agents(
+        children, server.ws_url, server.token, 1, workdir, name="probe-loadagent"
     )
-    agent.wait_line("ready", timeout=60)
     probe = children.start(
         "probe",
         [
@@ -535,7 +519,7 @@ def _start_probe(
             "--token",
             token,
             "--agent",
-            agents_file.read_text().split()[0],
+            agent.uuids()[0],
             "--out",
             str(workdir / "probe.json"),
             "--local-address",
@@ -544,7 +528,7 @@ def _start_probe(
         pipe_stdout=True,
     )
     probe.wait_line("ready", timeout=60)
-    return agent, probe
+    return agent.child, probe
 
 
 def _stop_probe(children: Children, probe: Child, workdir: Path) -> list[dict[str, Any]]:
@@ -565,7 +549,7 @@ def _r4_checks(
     rss: RssSampler,
     baseline: float | None,
     alive: bool,
-    server: TaskdProcess,
+    server: TaskdServer,
     poison: dict[str, Any],
 ) -> None:
     tallies = attacker.tallies
@@ -678,10 +662,6 @@ class Attempts:
             self.odd.append(f"{where}: {reply['error']}")
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 async def r5_unauthorized(scale: Scale, workdir: Path) -> Outcome:
     """R5: the security matrix against a live server, forged uploads and terminals: 0 in."""
     from tests.helpers import ScriptedAgent, WsClient
@@ -698,28 +678,27 @@ async def r5_unauthorized(scale: Scale, workdir: Path) -> Outcome:
         "task ids and task tokens, mismatched variants, replays, terminals without permission",
     )
     async with scenario(outcome, workdir) as children:
-        server = TaskdProcess(
+        server = TaskdServer(
             children,
             workdir / "server",
             env={"TASKD_AUTH_BURST": "1000000000", "TASKD_AUTH_RATE_PER_S": "1000000"},
         )
-        await asyncio.to_thread(server.init)
-        server.start()
-        await server.wait_ready()
+        await server.launch()
         rpc = server.rpc()
         async with rpc:
             agent_uuid, other_uuid, elsewhere = (str(uuid.uuid4()) for _ in range(3))
             every = [{"scopes": ["global"], "permissions": EVERYTHING}]
 
             async def token(limits: list[Any], **fields: Any) -> str:
-                created = await rpc.call("token_create", server.token, limits, *_window(fields))
+                creation = {"token_limit": limits, **fields}
+                created = await rpc.call("token_create", server.token, creation)
                 return f"{created['key']}:{created['secret']}"
 
-            agent_token = await token(_agent_limits(agent_uuid))
-            other_token = await token(_agent_limits(other_uuid))
+            agent_token = await token(agent_limits(agent_uuid))
+            other_token = await token(agent_limits(other_uuid))
             tokens = {
-                "expired": await token(every, timestamp_to=_now_ms() - 60_000),
-                "not yet valid": await token(every, timestamp_from=_now_ms() + 3_600_000),
+                "expired": await token(every, timestamp_to=now_ms() - 60_000),
+                "not yet valid": await token(every, timestamp_from=now_ms() + 3_600_000),
                 "scoped to another agent": await token(
                     [{"scopes": [{"agent_uuid": elsewhere}], "permissions": EVERYTHING}]
                 ),
@@ -736,7 +715,9 @@ async def r5_unauthorized(scale: Scale, workdir: Path) -> Outcome:
                 ),
             }
             victim = await rpc.call(
-                "token_create", server.token, [], "victim", "the right password"
+                "token_create",
+                server.token,
+                {"token_limit": [], "username": "victim", "password": "the right password"},
             )
             cases: list[tuple[str, Any]] = [
                 ("no token", None),
@@ -802,21 +783,7 @@ async def r5_unauthorized(scale: Scale, workdir: Path) -> Outcome:
     return outcome
 
 
-def _window(fields: dict[str, Any]) -> list[Any]:
-    """token_create's optional params up to the validity window (positional)."""
-    return [None, None, fields.get("timestamp_from"), fields.get("timestamp_to")]
-
-
-def _agent_limits(agent_uuid: str) -> list[dict[str, Any]]:
-    return [
-        {
-            "scopes": [{"agent_uuid": agent_uuid}],
-            "permissions": [{"task": "listen"}, {"task": {"write": "*"}}],
-        }
-    ]
-
-
-async def _snapshot(server: TaskdProcess) -> dict[str, list[str]]:
+async def _snapshot(server: TaskdServer) -> dict[str, list[str]]:
     from taskd.store import Store
     from tests.test_security import snapshot
 
@@ -829,10 +796,20 @@ async def _snapshot(server: TaskdProcess) -> dict[str, list[str]]:
         return await snapshot(store)
 
 
+MALFORMED_CREDENTIALS = {
+    "no token": -32602,
+    "not a string": -32602,
+    "empty token": 101,
+    "malformed token": 101,
+}
+"""Credential cases that are not a credential string: a params error, or NodeGet's parse error."""
+
+
 async def _matrix(
     table: list[Any], cases: list[tuple[str, Any]], world: Any, ws: Any, rpc: Any
 ) -> Attempts:
     from taskd.rpc import REGISTRY
+    from tests.test_security import SELF_SERVICE, VALID
 
     attempts = Attempts()
     for name, params, lists in table:
@@ -844,10 +821,21 @@ async def _matrix(
             for transport, send in transports:
                 reply = await send(name, [token, *rest])
                 where = f"{name} over {transport} with {case}"
-                if lists and case == "scoped to another agent" and reply.get("result") == []:
+                if (
+                    lists
+                    and case == "scoped to another agent"
+                    and reply.get("result")
+                    in (
+                        [],
+                        {"uuids": []},
+                    )
+                ):
                     attempts.made += 1  # answered with nothing it may not see
                     continue
-                attempts.refused(where, reply, 102)
+                if name in SELF_SERVICE and case in VALID and "result" in reply:
+                    attempts.made += 1  # a valid token reading itself, as in NodeGet
+                    continue
+                attempts.refused(where, reply, MALFORMED_CREDENTIALS.get(case, 102))
         missing = await ws.request(name, {})
         attempts.refused(f"{name} without a token param", missing, -32602)
     return attempts
@@ -889,19 +877,19 @@ async def _forged_uploads(
         "task_id": mine_too["task_id"],
         "agent_uuid": agent.uuid,
         "task_token": mine_too["task_token"],
-        "timestamp": _now_ms(),
+        "timestamp": now_ms(),
         "success": True,
         "task_event_result": result,
     }
-    for case, token in [
-        ("no token", None),
-        ("a malformed token", "junk"),
-        ("an expired token", tokens["expired"]),
-        ("a token scoped elsewhere", tokens["scoped to another agent"]),
-        ("a token for other task types", tokens["type patterns miss the task"]),
+    for case, token, code in [
+        ("no token", None, -32602),
+        ("a malformed token", "junk", 101),
+        ("an expired token", tokens["expired"], 102),
+        ("a token scoped elsewhere", tokens["scoped to another agent"], 102),
+        ("a token for other task types", tokens["type patterns miss the task"], 102),
     ]:
         reply = await rpc.request("task_upload_task_result", [token, response])
-        attempts.refused(f"upload with {case}", reply, 102)
+        attempts.refused(f"upload with {case}", reply, code)
     real = {"version": {"taskd": "real"}}
     stored = await agent.upload(mine, real)
     if "error" in stored:
@@ -944,7 +932,7 @@ async def _terminal(url: str) -> tuple[bool, str]:
 
 
 async def _forged_terminals(
-    server: TaskdProcess, rpc: Any, agent: Any, tokens: dict[str, str], agent_token: str
+    server: TaskdServer, rpc: Any, agent: Any, tokens: dict[str, str], agent_token: str
 ) -> Attempts:
     attempts = Attempts()
     base = f"ws://127.0.0.1:{server.port}/terminal?"
@@ -1001,7 +989,7 @@ async def _forged_terminals(
 
 
 async def _positive_controls(
-    table: list[Any], positive_errors: dict[str, int], world: Any, ws: Any, server: TaskdProcess
+    table: list[Any], positive_errors: dict[str, int], world: Any, ws: Any, server: TaskdServer
 ) -> list[str]:
     failed = []
     for name, params, _ in table:

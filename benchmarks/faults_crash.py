@@ -18,21 +18,18 @@ from typing import Any
 import httpx
 
 from benchmarks.faults_common import (
-    DONE_STATES,
-    AgentProcess,
     Outcome,
-    Rpc,
-    RpcFailure,
-    Scale,
-    TaskdProcess,
-    agent_token,
+    check_stored,
     metric,
     ms,
     scenario,
-    shared_postgres_database,
+    scenario_database,
     wait_for,
 )
 from benchmarks.faults_relay import Recorded, TcpProxy, WsRecorder
+from benchmarks.rpc import Rpc, RpcFailure
+from benchmarks.scale import Scale
+from benchmarks.services import AgentProcess, TaskdServer
 
 EXECUTE_TRUE = {"execute": {"cmd": "true", "args": []}}
 EXECUTE_SLEEP = {"execute": {"cmd": "sleep", "args": ["0.5"]}}
@@ -47,7 +44,7 @@ class Creator:
     with the server got none and counts as not acknowledged (it may still exist).
     """
 
-    def __init__(self, server: TaskdProcess, agents: list[str], total: int, window: int) -> None:
+    def __init__(self, server: TaskdServer, agents: list[str], total: int, window: int) -> None:
         self.server = server
         self.agents = agents
         self.total = total
@@ -105,7 +102,7 @@ class Creator:
                 self.acked[int(created["id"])] = agent_uuid
 
 
-async def connected(server: TaskdProcess) -> int:
+async def connected(server: TaskdServer) -> int:
     """Agents subscribed to the server right now."""
     value = await metric(server.url, "taskd_agents_connected")
     return int(value or 0)
@@ -113,7 +110,7 @@ async def connected(server: TaskdProcess) -> int:
 
 async def start_agents(
     children: Any,
-    server: TaskdProcess,
+    server: TaskdServer,
     workdir: Path,
     count: int,
     via: str,
@@ -121,13 +118,12 @@ async def start_agents(
 ) -> list[AgentProcess]:
     """Start ``count`` real agents connecting through ``via``; wait until all subscribed."""
     agents = []
-    async with server.rpc() as rpc:
-        for index in range(count):
-            agent_uuid = str(uuid.uuid4())
-            token = await agent_token(rpc, agent_uuid)
-            agent = AgentProcess(children, workdir / f"agent{index}", via, token, agent_uuid, allow)
-            agent.start()
-            agents.append(agent)
+    for index in range(count):
+        agent_uuid = str(uuid.uuid4())
+        token = await server.agent_token(agent_uuid)
+        agent = AgentProcess(children, workdir / f"agent{index}", via, token, agent_uuid, allow)
+        agent.start()
+        agents.append(agent)
 
     async def all_in() -> bool:
         return await connected(server) >= count
@@ -155,21 +151,16 @@ async def r1_server_kill(scale: Scale, workdir: Path, database: str = "sqlite") 
         f"port and database; task deadline {scale.r1_deadline_ms / 1000:g} s",
     )
     async with scenario(outcome, workdir) as children, contextlib.AsyncExitStack() as stack:
-        database_url = None
-        if database == "postgresql":
-            database_url = await stack.enter_async_context(shared_postgres_database())
-        server = TaskdProcess(
+        server = TaskdServer(
             children,
             workdir / "server",
-            database_url=database_url,
+            database_url=await scenario_database(stack, database),
             env={
                 "TASKD_TASK_DEADLINE_MS": str(scale.r1_deadline_ms),
                 "TASKD_REAPER_INTERVAL_MS": "500",
             },
         )
-        await asyncio.to_thread(server.init)
-        server.start()
-        await server.wait_ready()
+        await server.launch()
         recorder = await stack.enter_async_context(WsRecorder(server.ws_url))
         agents = await start_agents(
             children, server, workdir, scale.r1_agents, recorder.url, "version,execute"
@@ -255,39 +246,11 @@ def _r1_checks(
     kills: list[dict[str, Any]],
     settled: bool,
 ) -> dict[str, Any]:
-    missing = [i for i in creator.acked if i not in rows]
-    outcome.check(
-        "every task whose create got a reply exists",
-        not missing,
-        f"{len(missing)} of {len(creator.acked)} missing, e.g. {missing[:5]}",
-    )
-    wrong = []
-    for task_id, upload in record.acked.items():
-        row = rows.get(task_id)
-        if (
-            row is None
-            or row["state"] != 2
-            or row["success"] != upload["success"]
-            or row["result"] != upload.get("task_event_result")
-            or row["timestamp"] != upload["timestamp"]
-        ):
-            wrong.append(task_id)
-    outcome.check(
-        "every result whose upload got a reply is stored, as uploaded",
-        not wrong,
-        f"{len(wrong)} of {len(record.acked)} acknowledged results not stored as sent, "
-        f"e.g. {wrong[:5]}",
-    )
+    lost = check_stored(outcome, creator.acked, record.acked, rows, settled)
     outcome.check(
         "no result was accepted twice",
         not record.double_acks,
         f"accepted twice: {record.double_acks[:5]}",
-    )
-    open_rows = [i for i, r in rows.items() if r["state"] not in DONE_STATES]
-    outcome.check(
-        "every task ended: completed by its agent or failed by the server",
-        settled and not open_rows,
-        f"{len(open_rows)} still without a result, e.g. {open_rows[:5]}",
     )
     reasonless = [i for i, r in rows.items() if r["success"] is False and not r["error_message"]]
     outcome.check(
@@ -318,6 +281,7 @@ def _r1_checks(
         "agent_connections": record.connections,
         "agent_connections_refused_while_down": record.refused,
         "first_kill_after_s": first_kill,
+        "lost": lost,
     }
 
 
@@ -339,10 +303,8 @@ async def r2_connection_cut(scale: Scale, workdir: Path) -> Outcome:
         "stop relaying without closing)",
     )
     async with scenario(outcome, workdir) as children, contextlib.AsyncExitStack() as stack:
-        server = TaskdProcess(children, workdir / "server", env={"TASKD_WS_PING_INTERVAL_S": "5"})
-        await asyncio.to_thread(server.init)
-        server.start()
-        await server.wait_ready()
+        server = TaskdServer(children, workdir / "server", env={"TASKD_WS_PING_INTERVAL_S": "5"})
+        await server.launch()
         proxy = await stack.enter_async_context(TcpProxy(server.port))
         [agent] = await start_agents(children, server, workdir, 1, proxy.url, "execute")
         rpc = await stack.enter_async_context(server.rpc())
@@ -363,7 +325,7 @@ async def r2_connection_cut(scale: Scale, workdir: Path) -> Outcome:
 async def _r2_variant(
     outcome: Outcome,
     variant: str,
-    server: TaskdProcess,
+    server: TaskdServer,
     rpc: Rpc,
     proxy: TcpProxy,
     agent: AgentProcess,

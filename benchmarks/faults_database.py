@@ -28,22 +28,14 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 import httpx
 
-from benchmarks.faults_common import (
-    DONE_STATES,
-    AgentProcess,
-    Outcome,
-    RpcFailure,
-    Scale,
-    TaskdProcess,
-    agent_token,
-    metric,
-    ms,
-    percentile,
-    scenario,
-    wait_for,
-)
+from benchmarks.faults_common import Outcome, check_stored, metric, ms, scenario, wait_for
 from benchmarks.faults_relay import WsRecorder
-from benchmarks.procs import PYTHON, Children, free_port
+from benchmarks.procs import Children, free_port
+from benchmarks.rpc import RpcFailure
+from benchmarks.scale import Scale
+from benchmarks.services import AgentProcess, TaskdServer, start_load_agents
+from benchmarks.shutdown import completed
+from benchmarks.stats import percentile
 
 CALLERS = 6
 BLOCKING_TIMEOUT_MS = 3_000
@@ -78,13 +70,17 @@ class PrivatePostgres:
             [*prefix, *argv], capture_output=True, text=True, timeout=120, check=check
         )
 
+    async def _command(self, *argv: str) -> None:
+        """A cluster command in a thread, always to its end: a cluster started after its
+        cleanup ran would outlive the run."""
+        await completed(asyncio.to_thread(self._run, *argv))
+
     async def create(self) -> None:
         """initdb, start, and create the taskd database."""
         if self.as_postgres:
             account = pwd.getpwnam("postgres")
             os.chown(self.root, account.pw_uid, account.pw_gid)
-        await asyncio.to_thread(
-            self._run,
+        await self._command(
             str(self.bindir / "initdb"),
             "-D",
             str(self.data),
@@ -108,8 +104,7 @@ class PrivatePostgres:
     async def start(self) -> None:
         """Start the cluster and wait until it accepts connections."""
         options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root}"
-        await asyncio.to_thread(
-            self._run,
+        await self._command(
             str(self.bindir / "pg_ctl"),
             "-D",
             str(self.data),
@@ -125,8 +120,8 @@ class PrivatePostgres:
 
     async def stop(self, mode: str = "fast") -> None:
         """Stop the cluster (``fast``: roll back and disconnect; ``immediate``: crash)."""
-        await asyncio.to_thread(
-            self._run, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"
+        await self._command(
+            str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"
         )
 
     def destroy(self) -> None:
@@ -159,7 +154,7 @@ class Call:
 class Load:
     """Callers creating, waiting and querying, recording every call and acknowledgement."""
 
-    server: TaskdProcess
+    server: TaskdServer
     agents: list[str]
     calls: list[Call] = field(default_factory=list)
     acked: dict[int, str] = field(default_factory=dict)
@@ -225,15 +220,13 @@ async def r6_database_restart(scale: Scale, workdir: Path) -> Outcome:
     try:
         async with scenario(outcome, workdir) as children, contextlib.AsyncExitStack() as stack:
             await pg.create()
-            server = TaskdProcess(
+            server = TaskdServer(
                 children,
                 workdir / "server",
                 database_url=pg.url,
                 env={"TASKD_TASK_DEADLINE_MS": "10000", "TASKD_REAPER_INTERVAL_MS": "500"},
             )
-            await asyncio.to_thread(server.init)
-            server.start()
-            await server.wait_ready()
+            await server.launch()
             pid = server.pid
             recorder = await stack.enter_async_context(WsRecorder(server.ws_url))
             agents, real = await _agents(children, server, recorder.url, workdir, scale)
@@ -279,34 +272,16 @@ async def r6_database_restart(scale: Scale, workdir: Path) -> Outcome:
 
 
 async def _agents(
-    children: Children, server: TaskdProcess, url: str, workdir: Path, scale: Scale
+    children: Children, server: TaskdServer, url: str, workdir: Path, scale: Scale
 ) -> tuple[list[str], AgentProcess | None]:
-    uuids_file = workdir / "agents.txt"
-    child = children.start(
-        "loadagents",
-        [
-            PYTHON,
-            "-m",
-            "benchmarks.loadagent",
-            "--url",
-            url,
-            "--token",
-            server.token,
-            "--count",
-            str(scale.r6_agents),
-            "--uuid-file",
-            str(uuids_file),
-            "--reconnect",
-        ],
-        pipe_stdout=True,
+    (loadagent,) = await asyncio.to_thread(
+        start_load_agents, children, url, server.token, scale.r6_agents, workdir, reconnect=True
     )
-    await asyncio.to_thread(child.wait_line, "ready", 60)
-    agents = uuids_file.read_text().split()
+    agents = loadagent.uuids()
     real = None
     if scale.enforce_targets:
         real_uuid = str(uuid.uuid4())
-        async with server.rpc() as rpc:
-            token = await agent_token(rpc, real_uuid)
+        token = await server.agent_token(real_uuid)
         real = AgentProcess(children, workdir / "agent", url, token, real_uuid, "version")
         real.start()
         agents.append(real_uuid)
@@ -401,23 +376,7 @@ def _r6_checks(
         f"recovered after {recoveries} s",
         target=True,
     )
-    missing = [i for i in load.acked if i not in rows]
-    outcome.check(
-        "every task whose create got a reply exists",
-        not missing,
-        f"{len(missing)} of {len(load.acked)} missing, e.g. {missing[:5]}",
-    )
-    wrong = [
-        task_id
-        for task_id, upload in record.acked.items()
-        if rows.get(task_id, {}).get("result") != upload.get("task_event_result")
-        or rows[task_id]["timestamp"] != upload["timestamp"]
-    ]
-    outcome.check(
-        "every result whose upload got a reply is stored, as uploaded",
-        not wrong,
-        f"{len(wrong)} of {len(record.acked)} not stored as sent, e.g. {wrong[:5]}",
-    )
+    lost = check_stored(outcome, load.acked, record.acked, rows, settled)
     lost_blocking = [
         task_id
         for task_id, result in load.blocking_results.items()
@@ -427,12 +386,6 @@ def _r6_checks(
         "every result a blocking caller received is stored",
         not lost_blocking,
         f"{len(lost_blocking)} not stored, e.g. {lost_blocking[:5]}",
-    )
-    open_rows = [i for i, r in rows.items() if r["state"] not in DONE_STATES]
-    outcome.check(
-        "every task ended: completed by its agent or failed by the server",
-        settled and not open_rows,
-        f"{len(open_rows)} still without a result",
     )
     all_calls = Counter(c.outcome for c in load.calls)
     outcome.figures.update(
@@ -452,6 +405,6 @@ def _r6_checks(
             "uploads_acknowledged": len(record.acked),
             "blocking_results": len(load.blocking_results),
             "task_rows": len(rows),
-            "lost": len(missing) + len(wrong) + len(lost_blocking),
+            "lost": lost + len(lost_blocking),
         }
     )

@@ -24,7 +24,7 @@ import orjson
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from benchmarks.faults_common import ROOT
+from benchmarks.services import ROOT
 
 MAX_MESSAGE = 10 * 1024 * 1024
 MAX_BATCH = 10_000
@@ -483,7 +483,8 @@ def deep_nesting(token: str, offline: str) -> Iterator[Attack]:
         value: Any = "leaf"
         for _ in range(depth):
             value = {"k": value}
-        yield Attack("deep nesting", encode(request("token_create", [token, [value]], depth)))
+        nested_limit = {"token_limit": [value]}
+        yield Attack("deep nesting", encode(request("token_create", [token, nested_limit], depth)))
         yield Attack(
             "deep nesting",
             encode(request("task_create_task", [token, offline, {"version": value}], depth)),
@@ -607,8 +608,8 @@ def method_bases(
         "task_register_task": [token, listener],
         "task_unregister_task": [1],
         "task_upload_task_result": [token, response],
-        "token_change_password": [throwaway, "another long password", victim_key],
-        "token_create": [token, limit],
+        "token_change_password": [throwaway, victim_key, "another long password"],
+        "token_create": [token, {"token_limit": limit}],
         "token_delete": [token, "fxNoSuchKey00000"],
         "token_edit": [token, victim_key, limit],
         "token_get": [token],

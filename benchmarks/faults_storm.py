@@ -22,19 +22,12 @@ from typing import Any
 import httpx
 import orjson
 
-from benchmarks.faults_common import (
-    Outcome,
-    RpcFailure,
-    Scale,
-    TaskdProcess,
-    histogram,
-    ms,
-    percentile,
-    scenario,
-    wait_for,
-)
+from benchmarks.faults_common import Background, Outcome, histogram, ms, scenario, wait_for
 from benchmarks.faults_crash import connected
-from benchmarks.procs import PYTHON, Child, Children
+from benchmarks.rpc import RpcFailure
+from benchmarks.scale import Scale
+from benchmarks.services import LoadAgent, TaskdServer, start_load_agents
+from benchmarks.stats import percentile
 
 RESUBSCRIBE_TARGET_S = 30.0
 QUERY_P99_TARGET_MS = 200.0
@@ -43,14 +36,13 @@ BACKOFF_MIN = (0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 48.0, 48.0, 48.0)
 """The real agent's shortest possible waits (1 s doubling, -20% jitter, 60 s cap)."""
 
 
-class QueryProbe:
+class QueryProbe(Background):
     """A caller timing ``task_query_task`` back to back, server down or up."""
 
-    def __init__(self, server: TaskdProcess) -> None:
+    def __init__(self, server: TaskdServer) -> None:
         self.server = server
         self.samples: list[tuple[float, float, bool]] = []
         """(sent at, seconds taken, answered with a result) per call."""
-        self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         query = {"condition": [{"limit": 10}]}
@@ -62,14 +54,6 @@ class QueryProbe:
                     ok = len(await rpc.su("task_query_task", query)) > 0
                 self.samples.append((sent, time.monotonic() - sent, ok))
                 await asyncio.sleep(PROBE_INTERVAL_S)
-
-    def __enter__(self) -> QueryProbe:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
 
     def between(self, start: float, end: float) -> list[tuple[float, float, bool]]:
         """Calls sent in [start, end]."""
@@ -87,52 +71,20 @@ def max_attempts(window_s: float) -> int:
     return attempts
 
 
-def start_load_agents(
-    children: Children, server: TaskdProcess, workdir: Path, count: int, processes: int
-) -> list[tuple[Child, Path]]:
-    """Start the reconnecting load agents; wait until every subscription stands."""
-    shares = [count // processes + (i < count % processes) for i in range(processes)]
-    started = []
-    for index, share in enumerate(shares):
-        stats = workdir / f"loadagent{index}.json"
-        argv = [
-            PYTHON,
-            "-m",
-            "benchmarks.loadagent",
-            "--url",
-            server.ws_url,
-            "--token",
-            server.token,
-            "--count",
-            str(share),
-            "--uuid-file",
-            str(workdir / f"agents{index}.txt"),
-            "--reconnect",
-            "--stats",
-            str(stats),
-        ]
-        child = children.start(f"loadagent{index}", argv, pipe_stdout=True)
-        started.append((child, stats))
-    for (child, _), share in zip(started, shares, strict=True):
-        line = child.wait_line("ready", timeout=120 + share / 20)
-        if line.split()[1:] != [str(share)]:
-            raise RuntimeError(f"{child.name}: {line!r}, wanted {share} subscriptions")
-    return started
-
-
-async def read_stats(agents: list[tuple[Child, Path]]) -> dict[str, Any]:
+async def read_stats(agents: list[LoadAgent]) -> dict[str, Any]:
     """Ask every load agent for its connection stats (SIGUSR1) and merge them."""
-    before = {path: path.stat().st_mtime_ns if path.exists() else 0 for _, path in agents}
-    for child, _ in agents:
-        os.kill(child.pid, signal.SIGUSR1)
+    paths = [agent.stats_file for agent in agents if agent.stats_file is not None]
+    before = {path: path.stat().st_mtime_ns if path.exists() else 0 for path in paths}
+    for agent in agents:
+        os.kill(agent.child.pid, signal.SIGUSR1)
 
     async def written() -> bool:
-        return all(p.exists() and p.stat().st_mtime_ns != before[p] for _, p in agents)
+        return all(p.exists() and p.stat().st_mtime_ns != before[p] for p in paths)
 
     if not await wait_for(written, 30, interval=0.05):
         raise TimeoutError("the load agents did not write their stats")
     merged: dict[str, Any] = {"cpu_s": 0.0, "agents": {}}
-    for _, path in agents:
+    for path in paths:
         data = orjson.loads(path.read_bytes())
         merged["cpu_s"] += data["cpu_s"]
         merged["agents"].update(data["agents"])
@@ -151,14 +103,20 @@ async def r3_reconnect_storm(scale: Scale, workdir: Path) -> Outcome:
         faults="SIGKILL of taskd serve, restarted at once on the same port and database",
     )
     async with scenario(outcome, workdir) as children:
-        server = TaskdProcess(children, workdir / "server")
-        await asyncio.to_thread(server.init)
-        server.start()
-        await server.wait_ready()
+        server = TaskdServer(children, workdir / "server")
+        await server.launch()
         agents = await asyncio.to_thread(
-            start_load_agents, children, server, workdir, scale.r3_agents, scale.r3_processes
+            start_load_agents,
+            children,
+            server.ws_url,
+            server.token,
+            scale.r3_agents,
+            workdir,
+            processes=scale.r3_processes,
+            reconnect=True,
+            stats=True,
         )
-        uuids = [u for i in range(scale.r3_processes) for u in _words(workdir, i)]
+        uuids = [u for agent in agents for u in agent.uuids()]
         async with server.rpc() as rpc:
             for agent_uuid in uuids[:200]:
                 await rpc.su("task_create_task", agent_uuid, "version")
@@ -228,12 +186,8 @@ async def r3_reconnect_storm(scale: Scale, workdir: Path) -> Outcome:
     return outcome
 
 
-def _words(workdir: Path, index: int) -> list[str]:
-    return (workdir / f"agents{index}.txt").read_text().split()
-
-
 async def _storm_figures(
-    agents: list[tuple[Child, Path]],
+    agents: list[LoadAgent],
     calm: dict[str, Any],
     probe: QueryProbe,
     killed_wall: float,

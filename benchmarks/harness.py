@@ -1,4 +1,4 @@
-"""What the scenarios stand on: the run's scale, fresh taskd servers, load agents, HTTP load."""
+"""What the benchmark scenarios stand on: fresh taskd servers, load agents, callers, HTTP load."""
 
 from __future__ import annotations
 
@@ -8,203 +8,30 @@ import os
 import re
 import shutil
 import signal
-import sqlite3
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import tomlkit
 
-from benchmarks.procs import PYTHON, BenchError, Child, Children, free_port, wait_until
+from benchmarks import shutdown
+from benchmarks.procs import PYTHON, BenchError, Children, died, flags
 from benchmarks.report import ROOT, Row
+from benchmarks.scale import Scale
+from benchmarks.services import (
+    LoadAgent,
+    TaskdServer,
+    create_database,
+    database_url,
+    drop_database,
+    start_load_agents,
+)
 
-PG_ADMIN_DSN = os.environ.get("TASKD_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 HELLO = '{"jsonrpc": "2.0", "method": "server_hello", "id": 1}'
 PROFILE_RATE = 200
-
-
-@dataclass(frozen=True)
-class Scale:
-    """How much of each scenario a run does."""
-
-    http_seconds: float
-    http_rounds: int
-    http_connections: int
-    ws_seconds: float
-    p2_tasks: int
-    p2_agents: int
-    celery_tasks: int
-    celery_calls: int
-    p3_calls: int
-    agent_calls: int
-    p4_agents: int
-    p4_processes: int
-    p5_rows: int
-    p5_calls: int
-    p6_idle_fires: int
-    p6_load_seconds: float
-
-
-FULL = Scale(
-    http_seconds=5,
-    http_rounds=2,
-    http_connections=100,
-    ws_seconds=5,
-    p2_tasks=30_000,
-    p2_agents=100,
-    celery_tasks=5_000,
-    celery_calls=500,
-    p3_calls=2_000,
-    agent_calls=300,
-    p4_agents=10_000,
-    p4_processes=4,
-    p5_rows=1_000_000,
-    p5_calls=500,
-    p6_idle_fires=30,
-    p6_load_seconds=20,
-)
-QUICK = Scale(
-    http_seconds=2,
-    http_rounds=1,
-    http_connections=32,
-    ws_seconds=1,
-    p2_tasks=2_000,
-    p2_agents=100,
-    celery_tasks=300,
-    celery_calls=50,
-    p3_calls=200,
-    agent_calls=30,
-    p4_agents=600,
-    p4_processes=2,
-    p5_rows=100_000,
-    p5_calls=50,
-    p6_idle_fires=3,
-    p6_load_seconds=3,
-)
-
-
-def flags(**options: Any) -> list[str]:
-    """Command-line flags: ``agent_file=x`` → ``--agent-file x``; True is a bare flag."""
-    argv = []
-    for key, value in options.items():
-        if value is None or value is False:
-            continue
-        argv.append("--" + key.replace("_", "-"))
-        if value is not True:
-            argv.append(str(value))
-    return argv
-
-
-def now_ms() -> int:
-    """Wall-clock milliseconds, the clock taskd stamps its rows with."""
-    return time.time_ns() // 1_000_000
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) of values; NaN for none."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def check_alive(child: Child) -> bool:
-    """True while ``child`` runs; BenchError with its log once it has exited."""
-    if not child.alive():
-        raise BenchError(f"{child.name} exited: {child.last_words()}\n{child.tail()}")
-    return True
-
-
-def died(child: Child) -> str:
-    """How a child that should still run ended: its exit status or the signal that killed it."""
-    code = child.popen.returncode
-    how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-    return f"{child.name} died ({how}): {child.last_words()}"
-
-
-@dataclass
-class Taskd:
-    """A running ``taskd serve``."""
-
-    name: str
-    child: Child
-    port: int
-    token: str
-    directory: Path
-    db_file: Path | None
-    env: dict[str, str] = field(default_factory=dict)
-    http: httpx.Client = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.http = httpx.Client(base_url=self.url, timeout=60)
-
-    @property
-    def url(self) -> str:
-        """HTTP URL of the RPC endpoint."""
-        return f"http://127.0.0.1:{self.port}/"
-
-    @property
-    def ws_url(self) -> str:
-        """WebSocket URL of the RPC endpoint."""
-        return f"ws://127.0.0.1:{self.port}/"
-
-    def rpc(self, method: str, *params: Any) -> Any:
-        """One JSON-RPC call over HTTP with the super token; BenchError on an error reply."""
-        body = {"jsonrpc": "2.0", "method": method, "params": [self.token, *params], "id": 1}
-        reply = self.http.post("/", json=body).json()
-        if "error" in reply:
-            raise BenchError(f"{method} failed: {reply['error']}")
-        return reply["result"]
-
-    def sql(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
-        """Read the SQLite database directly (WAL: a reader never blocks the server)."""
-        assert self.db_file is not None, "direct reads need SQLite"
-        db = sqlite3.connect(f"file:{self.db_file}?mode=ro", uri=True, timeout=30)
-        try:
-            return db.execute(query, args).fetchall()
-        finally:
-            db.close()
-
-
-async def pg_admin(statement: str) -> None:
-    """Run one statement on the PostgreSQL admin database."""
-    import asyncpg  # type: ignore[import-untyped]
-
-    admin = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
-    try:
-        await admin.execute(statement)
-    finally:
-        await admin.close()
-
-
-async def insert_agent_token(database_url: str, agent_uuid: str) -> str:
-    """An agent token (listen, write results) for one agent, stored before the server starts."""
-    from taskd.auth import NewToken, hash_secret
-    from taskd.config import normalize_database_url
-    from taskd.store import Store
-
-    token = NewToken.generate()
-    limits = [
-        {
-            "scopes": [{"agent_uuid": agent_uuid}],
-            "permissions": [{"task": "listen"}, {"task": {"write": "*"}}],
-        }
-    ]
-    async with Store(normalize_database_url(database_url, Path.cwd()), pool_size=1) as store:
-        await store.insert_token(
-            {
-                "key": token.key,
-                "secret_hash": hash_secret(token.secret),
-                "limits": limits,
-                "description": "benchmark agent",
-            }
-        )
-    return str(token)
 
 
 class Run:
@@ -221,18 +48,11 @@ class Run:
         self.profile_dir: Path | None = None
         self._template: tuple[Path, str] | None = None
 
-    def _init(self, name: str, directory: Path, env: dict[str, str] | None = None) -> str:
-        """``taskd init`` in ``directory``; the super token."""
-        argv = [PYTHON, "-m", "taskd", "init", "--config", str(directory / "taskd.toml"), "--json"]
-        report = self.children.run_json(name, argv, timeout=60, env=env, cwd=directory)
-        return str(report["super_token"])
-
     def _sqlite_template(self) -> tuple[Path, str]:
         """A database made once by ``taskd init``; each SQLite server starts from a copy."""
         if self._template is None:
-            directory = self.workdir / "template"
-            directory.mkdir()
-            self._template = (directory, self._init("taskd-init", directory))
+            template = TaskdServer(self.children, self.workdir / "template", name="taskd")
+            self._template = (template.directory, template.init())
         return self._template
 
     @contextlib.contextmanager
@@ -240,128 +60,88 @@ class Run:
         self,
         name: str,
         database: str = "sqlite",
-        prepare: Callable[[Path, str], None] | None = None,
-    ) -> Iterator[Taskd]:
-        """A fresh ``taskd serve``; ``prepare(directory, database_url)`` runs before it starts."""
+        prepare: Callable[[TaskdServer], None] | None = None,
+    ) -> Iterator[TaskdServer]:
+        """A fresh ``taskd serve``; ``prepare(server)`` runs before it starts."""
         directory = self.workdir / name
-        env = {"TASKD_LOG_LEVEL": "warning"}
-        db_file: Path | None = None
         pg_name = None
         if database == "sqlite":
             template, token = self._sqlite_template()
             shutil.copytree(template, directory)
-            db_file = directory / "taskd.db"
-            database_url = f"sqlite:///{db_file}"
+            server = TaskdServer(self.children, directory, name=name, token=token)
         else:
-            pg_name = f"taskd_bench_{uuid.uuid4().hex[:12]}"
-            try:
-                asyncio.run(pg_admin(f'CREATE DATABASE "{pg_name}"'))
-            except Exception as exc:
-                raise BenchError(f"PostgreSQL not reachable at {PG_ADMIN_DSN}: {exc}") from None
-            self.pg_databases.append(pg_name)
-            database_url = f"postgresql://postgres@127.0.0.1:5432/{pg_name}"
-            env["TASKD_DATABASE_URL"] = database_url
-            directory.mkdir()
-            token = self._init(f"{name}-init", directory, env)
-        child: Child | None = None
-        server: Taskd | None = None
+            with shutdown.held():  # recorded as soon as it exists, so the cleanup drops it
+                pg_name = asyncio.run(create_database())
+                self.pg_databases.append(pg_name)
+            server = TaskdServer(
+                self.children, directory, database_url=database_url(pg_name), name=name
+            )
         try:
+            if pg_name is not None:
+                server.init()
             if prepare is not None:
-                prepare(directory, database_url)
-            port = free_port()
-            child = self.children.start(
-                f"{name}-server",
-                [PYTHON, "-m", "taskd", "serve", "--config", str(directory / "taskd.toml")],
-                env=env | {"TASKD_PORT": str(port)},
-                cwd=directory,
-            )
-            server = Taskd(name, child, port, token, directory, db_file, env)
-            up = server
-            wait_until(
-                lambda: check_alive(up.child) and up.http.get("/healthz").status_code == 200,
-                f"{name}: server up",
-                60,
-            )
+                prepare(server)
+            server.start()
+            asyncio.run(server.wait_ready())
             try:
                 yield server
             except BenchError as exc:
-                if not child.alive():
-                    raise BenchError(f"{died(child)}; then: {exc}") from exc
+                if not server.alive():
+                    raise BenchError(f"{died(server.child)}; then: {exc}") from exc
                 raise
             # figures measured against a server that crashed on the way are not figures
-            if not child.alive():
-                raise BenchError(died(child))
+            if not server.alive():
+                raise BenchError(died(server.child))
         finally:
-            if server is not None:
-                server.http.close()
-            if child is not None:
-                self.children.stop(child)
+            server.stop()
             if pg_name is not None:
-                with contextlib.suppress(Exception):
-                    asyncio.run(pg_admin(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)'))
+                with contextlib.suppress(BenchError):
+                    asyncio.run(drop_database(pg_name))
                 self.pg_databases.remove(pg_name)
 
     @contextlib.contextmanager
-    def node(self, first: Taskd, name: str) -> Iterator[Taskd]:
+    def node(self, first: TaskdServer, name: str) -> Iterator[TaskdServer]:
         """Another ``taskd serve`` node of ``first``'s cluster (its PostgreSQL database)."""
         directory = self.workdir / name
         directory.mkdir()
-        document = tomlkit.parse((first.directory / "taskd.toml").read_text())
-        document["server"].pop("node_id", None)  # type: ignore[union-attr]
+        document = tomlkit.parse(first.config.read_text())
+        document["server"].pop("node_id", None)
         (directory / "taskd.toml").write_text(tomlkit.dumps(document))
-        port = free_port()
-        child = self.children.start(
-            f"{name}-server",
-            [PYTHON, "-m", "taskd", "serve", "--config", str(directory / "taskd.toml")],
-            env=first.env | {"TASKD_PORT": str(port)},
-            cwd=directory,
+        server = TaskdServer(
+            self.children,
+            directory,
+            database_url=first.database_url,
+            env=first.env,
+            name=name,
+            token=first.token,
         )
-        server = Taskd(name, child, port, first.token, directory, None, first.env)
         try:
-            wait_until(
-                lambda: check_alive(child) and server.http.get("/healthz").status_code == 200,
-                f"{name}: server up",
-                60,
-            )
+            server.start()
+            asyncio.run(server.wait_ready())
             yield server
-            if not child.alive():
-                raise BenchError(died(child))
+            if not server.alive():
+                raise BenchError(died(server.child))
         finally:
-            server.http.close()
-            self.children.stop(child)
+            server.stop()
 
     def load_agents(
-        self, server: Taskd, count: int, processes: int = 1, batch: bool = False
-    ) -> tuple[list[Child], list[str], Path]:
-        """``count`` subscriptions over ``processes`` load-agent processes; their UUIDs."""
-        shares = [count // processes + (i < count % processes) for i in range(processes)]
-        started: list[tuple[Child, int, Path]] = []
-        for share in shares:
-            uuid_file = server.directory / f"agents-{uuid.uuid4().hex[:8]}.txt"
-            argv = [
-                PYTHON,
-                "-m",
-                "benchmarks.loadagent",
-                *flags(
-                    url=server.ws_url,
-                    token=server.token,
-                    count=share,
-                    uuid_file=uuid_file,
-                    batch=batch,
-                ),
-            ]
-            child = self.children.start(
-                f"{server.name}-loadagent", argv, pipe_stdout=True, cwd=ROOT
-            )
-            started.append((child, share, uuid_file))
-        for child, share, _ in started:
-            line = child.wait_line("ready", timeout=60 + share / 50)
-            if line.split()[1:] != [str(share)]:
-                raise BenchError(f"{child.name}: {line!r}, wanted {share} subscriptions")
-        uuids = [u for _, _, path in started for u in path.read_text().split()]
+        self, server: TaskdServer, count: int, processes: int = 1, batch: bool = False
+    ) -> tuple[list[LoadAgent], list[str], Path]:
+        """``count`` subscriptions over ``processes`` load-agent processes; their UUIDs and file."""
+        agents = start_load_agents(
+            self.children,
+            server.ws_url,
+            server.token,
+            count,
+            server.directory,
+            processes=processes,
+            batch=batch,
+            name=f"{server.name}-loadagent",
+        )
+        uuids = [u for agent in agents for u in agent.uuids()]
         joined = server.directory / f"agents-{uuid.uuid4().hex[:8]}-all.txt"
         joined.write_text("\n".join(uuids) + "\n")
-        return [child for child, _, _ in started], uuids, joined
+        return agents, uuids, joined
 
     def caller(self, name: str, scenario: str, timeout: float = 900, **options: Any) -> Any:
         """Run one ``benchmarks.caller`` scenario and return its report."""
@@ -369,7 +149,7 @@ class Run:
         return self.children.run_json(name, argv, timeout=timeout, cwd=ROOT)
 
     @contextlib.contextmanager
-    def profiled(self, server: Taskd, name: str) -> Iterator[None]:
+    def profiled(self, server: TaskdServer, name: str) -> Iterator[None]:
         """With --profile: py-spy samples the server (GIL holders only) while the block runs."""
         if self.profile_dir is None:
             yield

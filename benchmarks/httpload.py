@@ -28,13 +28,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-
-def percentile(values: Any, q: float) -> float:
-    """The q-th percentile (0..100) of values; NaN for none."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    return float(ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))])
+from benchmarks.stats import percentile
 
 
 class Stats:

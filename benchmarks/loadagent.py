@@ -39,8 +39,8 @@ from taskd.agent.client import backoff_delays
 
 RESULTS: dict[str, Any] = {
     "ping": {"ping": 0.5},
-    "tcp_ping": {"ping": 0.5},
-    "http_ping": {"ping": 0.5},
+    "tcp_ping": {"tcp_ping": 0.5},
+    "http_ping": {"http_ping": 0.5},
     "http_request": {"http_request": {"status": 200, "headers": [], "body": ""}},
     "dns": {"dns": [{"record_type": "a", "time": 0.5, "data": "127.0.0.1"}]},
     "web_shell": {"web_shell": True},

@@ -1,7 +1,10 @@
-"""Child processes of a benchmark run: start, watch (CPU, RSS), stop, and always clean up.
+"""Child processes of a run (benchmarks and fault suite): start, watch (CPU, RSS), stop, clean up.
 
 Every child starts in its own session, so stopping it stops whatever it
 forked (a Celery worker's pool, the httpload workers) by its process group.
+A child is recorded the moment it starts, with stop signals held off
+meanwhile (``shutdown.held``), and once ``stop_all`` has begun nothing new
+starts, whatever thread asks: no process outlives its run.
 """
 
 from __future__ import annotations
@@ -9,16 +12,21 @@ from __future__ import annotations
 import contextlib
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
+
+from benchmarks import shutdown
 
 PYTHON = sys.executable
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -140,6 +148,8 @@ class Children:
         self.workdir = workdir
         self.children: list[Child] = []
         self._logs: list[IO[bytes]] = []
+        self._lock = threading.Lock()
+        self._closed = False
 
     def start(
         self,
@@ -151,24 +161,27 @@ class Children:
         pipe_stdout: bool = False,
     ) -> Child:
         """Start ``argv`` in its own session, stderr (and stdout unless piped) to a log file."""
-        log_path = self.workdir / f"{name}.log"
-        counter = 1
-        while log_path.exists():
-            counter += 1
-            log_path = self.workdir / f"{name}-{counter}.log"
-        log = log_path.open("wb")
-        self._logs.append(log)
-        popen = subprocess.Popen(
-            list(argv),
-            stdout=subprocess.PIPE if pipe_stdout else log,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
-            cwd=cwd,
-            start_new_session=True,
-        )
-        child = Child(name, popen, log_path)
-        self.children.append(child)
+        with shutdown.held(), self._lock:
+            if self._closed:
+                raise BenchError(f"{name} not started: the run is stopping")
+            log_path = self.workdir / f"{name}.log"
+            counter = 1
+            while log_path.exists():
+                counter += 1
+                log_path = self.workdir / f"{name}-{counter}.log"
+            log = log_path.open("wb")
+            self._logs.append(log)
+            popen = subprocess.Popen(
+                list(argv),
+                stdout=subprocess.PIPE if pipe_stdout else log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+                cwd=cwd,
+                start_new_session=True,
+            )
+            child = Child(name, popen, log_path)
+            self.children.append(child)
         return child
 
     def run_text(
@@ -189,8 +202,8 @@ class Children:
             raise BenchError(
                 f"{name} did not finish within {timeout:.0f} s:\n{child.tail()}"
             ) from None
-        finally:
-            self.forget(child)
+        # interrupted meanwhile, it stays recorded: stop_all ends it
+        self.forget(child)
         if child.popen.returncode != 0:
             raise BenchError(
                 f"{name} exited with {child.popen.returncode}: {child.last_words()}\n{child.tail()}"
@@ -234,7 +247,9 @@ class Children:
             self.children.remove(child)
 
     def stop_all(self) -> None:
-        """Stop every child still tracked, newest first."""
+        """Refuse new children, then stop every child still tracked, newest first."""
+        with self._lock:
+            self._closed = True
         for child in reversed(list(self.children)):
             self.stop(child, timeout=5)
         for log in self._logs:
@@ -247,6 +262,25 @@ class Children:
             yield child
         finally:
             self.stop(child)
+
+
+@contextlib.contextmanager
+def work_directory(prefix: str, keep: bool = False) -> Iterator[Path]:
+    """A fresh temporary directory for a run's files and logs, removed at the end unless kept.
+
+    Stop signals wait while it is made and removed: it never outlives the run unseen.
+    """
+    path: Path | None = None
+    try:
+        with shutdown.held():
+            path = Path(tempfile.mkdtemp(prefix=prefix))
+        yield path
+    finally:
+        with shutdown.held():
+            if path is not None and keep:
+                print(f"work directory kept: {path}", file=sys.stderr)
+            elif path is not None:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def wait_until(check: Any, what: str, timeout: float, interval: float = 0.05) -> Any:
@@ -263,3 +297,29 @@ def wait_until(check: Any, what: str, timeout: float, interval: float = 0.05) ->
                 return value
         time.sleep(interval)
     raise BenchError(f"{what} not reached within {timeout:.0f} s (last error: {last_error})")
+
+
+def flags(**options: Any) -> list[str]:
+    """Command-line flags: ``agent_file=x`` → ``--agent-file x``; True is a bare flag."""
+    argv = []
+    for key, value in options.items():
+        if value is None or value is False:
+            continue
+        argv.append("--" + key.replace("_", "-"))
+        if value is not True:
+            argv.append(str(value))
+    return argv
+
+
+def died(child: Child) -> str:
+    """How a child that should still run ended: its exit status or the signal that killed it."""
+    code = child.popen.returncode
+    how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+    return f"{child.name} died ({how}): {child.last_words()}"
+
+
+def check_alive(child: Child) -> bool:
+    """True while ``child`` runs; BenchError with its log once it has exited."""
+    if not child.alive():
+        raise BenchError(f"{child.name} exited: {child.last_words()}\n{child.tail()}")
+    return True

@@ -1,7 +1,7 @@
 """The benchmark driver: every scenario of the performance table, side by side in one run.
 
     python -m benchmarks.run            # full run, a few minutes; rewrites the README table
-    python -m benchmarks.run --quick    # every scenario at small scale, under a minute
+    python -m benchmarks.run --quick    # every scenario at small scale, about 1.5 minutes
     python -m benchmarks.run --only P1,P3 --results-dir /tmp/x --no-readme
 
 It starts everything itself as separate processes on free loopback ports:
@@ -10,7 +10,9 @@ agents, callers, the Starlette echo floor, a Celery worker on Redis, the real
 ``taskd agent``. It writes ``benchmarks/results/latest.json`` and ``latest.md``
 (``quick.*`` for a quick run, ``*-partial.*`` with ``--only``) with every figure, target,
 pass/fail and the machine facts, and prints the markdown table. Every child is
-stopped on exit, whatever happened (Ctrl-C included).
+stopped on exit, whatever happened: Ctrl-C, SIGTERM and SIGHUP (to this
+driver, or to ``make bench``) unwind alike, write no results and exit with
+128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -23,9 +25,7 @@ import functools
 import json
 import os
 import shutil
-import signal
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -35,9 +35,9 @@ from typing import Any
 
 import httpx
 
-from benchmarks import scenarios
-from benchmarks.harness import FULL, QUICK, Run, pg_admin
-from benchmarks.procs import BenchError, Children, raise_open_files_limit
+from benchmarks import scenarios, shutdown
+from benchmarks.harness import Run
+from benchmarks.procs import BenchError, Children, raise_open_files_limit, work_directory
 from benchmarks.report import (
     MAIN_README,
     ROOT,
@@ -47,6 +47,8 @@ from benchmarks.report import (
     markdown,
     update_readme,
 )
+from benchmarks.scale import FULL, QUICK
+from benchmarks.services import drop_database
 
 SCENARIOS = ("P1", "P2", "P3", "P4", "P5", "P6")
 
@@ -94,6 +96,14 @@ def measure_all(run: Run, only: list[str]) -> None:
             measure(run, scenario_id, functools.partial(body, run))
 
 
+def cleanup(run: Run) -> None:
+    """Stop every child and drop every database still left."""
+    run.children.stop_all()
+    for name in list(run.pg_databases):
+        with contextlib.suppress(BenchError):
+            asyncio.run(drop_database(name))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the scenarios, write the results, print the table; 1 if a scenario failed to run."""
     parser = argparse.ArgumentParser(description="taskd benchmarks: every scenario in one run")
@@ -115,39 +125,27 @@ def main(argv: list[str] | None = None) -> int:
     if http_load == "auto":
         http_load = "wrk" if shutil.which("wrk") else "httpload"
 
-    # SIGTERM / SIGHUP unwind like Ctrl-C does, through the cleanup below
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
+    shutdown.install()
     open_files = raise_open_files_limit()
-    workdir = Path(tempfile.mkdtemp(prefix="taskd-bench-"))
-    children = Children(workdir)
     scale = QUICK if args.quick else FULL
-    run = Run(scale, workdir, children, http_load)
     results_dir: Path = args.results_dir
     results_dir.mkdir(parents=True, exist_ok=True)
-    if args.profile:
-        run.profile_dir = results_dir / "profiles"
-        run.profile_dir.mkdir(exist_ok=True)
     started_at = datetime.datetime.now(datetime.UTC)
     load_start = os.getloadavg()
     started = time.monotonic()
-    interrupted = False
     try:
-        measure_all(run, only)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the cleanup
-        children.stop_all()
-        for name in list(run.pg_databases):
-            with contextlib.suppress(Exception):
-                asyncio.run(pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if interrupted:
-        print("[bench] interrupted: every child stopped, no results written", file=sys.stderr)
-        return 130
+        with work_directory("taskd-bench-", keep=args.keep) as workdir:
+            run = Run(scale, workdir, Children(workdir), http_load)
+            if args.profile:
+                run.profile_dir = results_dir / "profiles"
+                run.profile_dir.mkdir(exist_ok=True)
+            try:
+                measure_all(run, only)
+            finally:
+                with shutdown.held():  # a signal now waits until everything is cleaned up
+                    cleanup(run)
+    except shutdown.Interrupted as exc:
+        return shutdown.stopped("bench", exc)
     meta = {
         "mode": "quick" if args.quick else "full",
         "scenarios_run": only,
@@ -158,9 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": {"start": list(load_start), "end": list(os.getloadavg())},
         "open_files_limit": open_files,
         "http_load_generator": http_load,
-        "celery": {"pool": scenarios.CELERY_POOL, "broker": scenarios.REDIS_URL},
+        "celery": {
+            "pools": [f"-P {pool} -c {n}" for pool, n in scenarios.celery_pools()],
+            "producers": scale.p2_callers,
+            "broker": scenarios.REDIS_URL,
+        },
         "scale": asdict(scale),
-        "work_dir": str(workdir) if args.keep else None,
+        "work_dir": str(run.workdir) if args.keep else None,
     }
     table = markdown(run.rows, meta)
     # a run of some scenarios only never replaces the results of a whole run

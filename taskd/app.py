@@ -17,11 +17,10 @@ from typing import Any
 from taskd.auth import Authenticator, Principal, RateLimiter
 from taskd.clock import now_ms
 from taskd.cluster import Cluster
-from taskd.config import ServerSettings, parse_agent_config
-from taskd.errors import InvalidInput, NotFound, PermissionDenied
+from taskd.config import ServerSettings
+from taskd.errors import NotFound, PermissionDenied
 from taskd.hub import Hub, Subscription
 from taskd.metrics import Metrics
-from taskd.protocol import EditConfig, TaskVariant
 from taskd.scheduler import Scheduler
 from taskd.store import Store
 from taskd.writer import CRONS_CHANNEL, TOKENS_CHANNEL
@@ -81,8 +80,10 @@ class App:
         await self._stack.enter_async_context(self.store)
         try:
             await self.store.migrate()
-            await self.store.reset_node_agents(self.node_id)
+            # the cluster first: it refuses a node_id that another live node runs with,
+            # before anything is written under that id
             await self._stack.enter_async_context(self.cluster)
+            await self.store.reset_node_agents(self.node_id)
             if self.cluster.enabled:
                 # several nodes: only the leader fires crons (see cluster.py)
                 self.cluster.on_leadership = self._leadership
@@ -114,6 +115,8 @@ class App:
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
         await self.hub.drain()
+        with contextlib.suppress(Exception):
+            await self.hub.flush_seen()  # the calls of the last seconds
         seen = {u: now_ms() for u in self.hub.connected_agents()}
         with contextlib.suppress(Exception):
             await self.store.agents_disconnected(seen, self.node_id)
@@ -203,14 +206,6 @@ class App:
         except PermissionDenied:
             self.metrics.auth_failures.inc()
             raise
-
-    def validate_task(self, task: TaskVariant) -> None:
-        """Checks that need more than the wire type: an edited agent config must parse."""
-        if isinstance(task, EditConfig):
-            try:
-                parse_agent_config(task.edit_config)
-            except InvalidInput as exc:
-                raise InvalidInput(f"task_event_type.edit_config: {exc.message}") from None
 
     async def task_type_of(self, task_id: int, agent_uuid: str, task_token: str) -> str:
         """The type of the task an upload answers; 105 unless id, agent and token match."""

@@ -20,21 +20,28 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from taskd.clock import now_ms
-from taskd.errors import PermissionDenied
+from taskd.errors import InvalidParams, PermissionDenied, SerializationError
 from taskd.protocol import (
     TASK_TYPES,
     AgentPermission,
     AgentScope,
     CronResultPermission,
     CrontabPermission,
+    DynamicMonitoringPermission,
+    DynamicMonitoringSummaryPermission,
+    KvNamespaceScope,
+    KvPermission,
     Limit,
+    MonitoringUuidPermission,
+    NodeGetPermission,
     Permission,
+    StaticMonitoringPermission,
     TaskPermission,
     TerminalPermission,
     TokenPermission,
     parse_limits,
 )
-from taskd.store import Store
+from taskd.store import SUPER_USERNAME, Store
 
 logger = logging.getLogger(__name__)
 
@@ -150,9 +157,26 @@ class _Cached:
 
 @dataclass(frozen=True)
 class Need:
-    """One permission a call needs: a category, an action and what it applies to."""
+    """One permission a call needs: a category, an action and what it applies to.
 
-    category: Literal["task", "crontab", "crontab_result", "terminal", "agent", "token"]
+    The subject is a task type, a cron name, a KV key (or key pattern) or a
+    monitoring field, matched against the permission's own name or pattern.
+    """
+
+    category: Literal[
+        "task",
+        "crontab",
+        "crontab_result",
+        "terminal",
+        "agent",
+        "token",
+        "kv",
+        "node_get",
+        "monitoring_uuid",
+        "static_monitoring",
+        "dynamic_monitoring",
+        "dynamic_monitoring_summary",
+    ]
     action: str
     subject: str | None = None
 
@@ -186,25 +210,81 @@ def _grants(permission: Permission, need: Need) -> bool:
             return need.category == "agent" and action == need.action
         case TokenPermission(token=action):
             return need.category == "token" and action == need.action
+        case KvPermission(kv=action) if need.category == "kv":
+            if isinstance(action, str):
+                return action == need.action
+            pattern = getattr(action, need.action, None)
+            return pattern is not None and _pattern_matches(pattern, need.subject or "")
+        case NodeGetPermission(node_get=action):
+            return need.category == "node_get" and action == need.action
+        case MonitoringUuidPermission(monitoring_uuid=action):
+            return need.category == "monitoring_uuid" and action == need.action
+        case StaticMonitoringPermission(static_monitoring=action):
+            return need.category == "static_monitoring" and _monitoring_grants(action, need)
+        case DynamicMonitoringPermission(dynamic_monitoring=action):
+            return need.category == "dynamic_monitoring" and _monitoring_grants(action, need)
+        case DynamicMonitoringSummaryPermission(dynamic_monitoring_summary=action):
+            return need.category == "dynamic_monitoring_summary" and _monitoring_grants(
+                action, need
+            )
     return False
 
 
-def _scope_matches(scope: Any, agent_uuid: str | None) -> bool:
+def _monitoring_grants(action: Any, need: Need) -> bool:
+    """``"write"``/``"delete"`` (and a summary's ``"read"``: every field) or ``{"read": field}``."""
+    if isinstance(action, str):
+        return action == need.action
+    return need.action == "read" and action.read == need.subject
+
+
+_LIST_AGENTS: tuple[Permission, ...] = (
+    AgentPermission(agent="list"),
+    MonitoringUuidPermission(monitoring_uuid="list"),
+)
+"""taskd's ``{"agent": "list"}`` and NodeGet's ``{"monitoring_uuid": "list"}`` are one."""
+_LIST_NEEDS = (Need("agent", "list"), Need("monitoring_uuid", "list"))
+
+
+def _grants_or_lists(permission: Permission, need: Need) -> bool:
+    if need in _LIST_NEEDS:
+        return permission in _LIST_AGENTS
+    return _grants(permission, need)
+
+
+def lists_agents(permission: Permission) -> bool:
+    """Whether a permission lists agent UUIDs: ``{"agent": "list"}``, ``{"monitoring_uuid":
+    "list"}`` or NodeGet's older ``{"node_get": "list_all_agent_uuid"}``."""
+    return permission in _LIST_AGENTS or permission == NodeGetPermission(
+        node_get="list_all_agent_uuid"
+    )
+
+
+def is_global_scope(scope: Any) -> bool:
+    """Whether a limit's scope is the global one (``"global"`` or ``{"global": null}``)."""
+    return not isinstance(scope, AgentScope | KvNamespaceScope)
+
+
+def _scope_matches(scope: Any, agent_uuid: str | None, namespace: str | None) -> bool:
     if isinstance(scope, AgentScope):
         return agent_uuid is not None and scope.agent_uuid == agent_uuid
+    if isinstance(scope, KvNamespaceScope):
+        return namespace is not None and scope.kv_namespace == namespace
     return True  # "global" or {"global": null}
 
 
-def allows(principal: Principal, need: Need, agent_uuid: str | None) -> bool:
-    """Whether one limit of the token holds both a scope covering ``agent_uuid`` and ``need``.
+def allows(
+    principal: Principal, need: Need, agent_uuid: str | None, *, namespace: str | None = None
+) -> bool:
+    """Whether one limit of the token holds both a scope covering the target and ``need``.
 
-    ``agent_uuid`` None means the call is not about one agent: only a global scope covers it.
+    The target is the agent ``agent_uuid`` or the KV ``namespace``; with neither the
+    call is not about one of them and only a global scope covers it.
     """
     if principal.is_super:
         return True
     return any(
-        any(_scope_matches(scope, agent_uuid) for scope in limit.scopes)
-        and any(_grants(permission, need) for permission in limit.permissions)
+        any(_scope_matches(scope, agent_uuid, namespace) for scope in limit.scopes)
+        and any(_grants_or_lists(permission, need) for permission in limit.permissions)
         for limit in principal.limits
     )
 
@@ -216,10 +296,17 @@ def allows_any_type(principal: Principal, action: str, agent_uuid: str | None) -
     )
 
 
-def authorize(principal: Principal, need: Need, agent_uuid: str | None = None) -> None:
+def authorize(
+    principal: Principal, need: Need, agent_uuid: str | None = None, *, namespace: str | None = None
+) -> None:
     """The one permission check: raise PermissionDenied unless ``principal`` holds ``need``."""
-    if not allows(principal, need, agent_uuid):
-        where = f" on agent {agent_uuid}" if agent_uuid else " with global scope"
+    if not allows(principal, need, agent_uuid, namespace=namespace):
+        if agent_uuid:
+            where = f" on agent {agent_uuid}"
+        elif namespace is not None:
+            where = f" on KV namespace {namespace!r}"
+        else:
+            where = " with global scope"
         raise PermissionDenied(f"Permission denied: token {principal.key} lacks {need}{where}")
 
 
@@ -310,23 +397,27 @@ class Authenticator:
         self._passwords.clear()
 
     async def authenticate(self, token: Any, address: str = "") -> Principal:
-        """Check credentials and the validity window; raise PermissionDenied on any failure."""
-        if not isinstance(token, str) or not token or len(token) > 512:
-            raise PermissionDenied(
-                "Invalid token: expected a string KEY:SECRET or USERNAME|PASSWORD"
+        """Check credentials and the validity window; raise PermissionDenied on any failure.
+
+        A token that is not a string is a params error (-32602) and a string that is
+        neither ``KEY:SECRET`` nor ``USERNAME|PASSWORD`` a parse error (101), as in NodeGet.
+        """
+        if not isinstance(token, str):
+            raise InvalidParams("token: must be a string KEY:SECRET or USERNAME|PASSWORD")
+        key, sep, secret = token.partition(":")
+        username, bar, password = ("", "", "") if sep else token.partition("|")
+        if not sep and not bar:
+            raise SerializationError(
+                "Invalid token format: expected KEY:SECRET or USERNAME|PASSWORD"
             )
+        if len(token) > 512:
+            raise PermissionDenied("Invalid token: longer than 512 characters")
         if self.limiter.blocked(address):
             raise PermissionDenied("Too many failed authentications from this address; retry later")
-        key, sep, secret = token.partition(":")
         try:
             if sep:
                 principal = await self._by_key(key, secret)
             else:
-                username, bar, password = token.partition("|")
-                if not bar:
-                    raise PermissionDenied(
-                        "Invalid token: expected KEY:SECRET or USERNAME|PASSWORD"
-                    )
                 principal = await self._by_password(username, password)
         except PermissionDenied as exc:
             self.limiter.failed(address)
@@ -404,6 +495,7 @@ async def ensure_super_token(store: Store) -> str | None:
             "key": token.key,
             "secret_hash": hash_secret(token.secret),
             "is_super": True,
+            "username": SUPER_USERNAME,
             "limits": [],
             "description": "super token",
         }

@@ -393,19 +393,18 @@ def _all_kinds() -> tuple[str, ...]:
 # --------------------------------------------------------------------------- call
 
 
-def _with_token(method: str, params: Any, token: str | None) -> Any:
+def _token_param(method: str) -> str | None:
+    """The name of the param that carries the caller's token, if ``method`` takes one."""
     import inspect
 
     import taskd.methods  # noqa: F401
     from taskd.rpc import REGISTRY
 
     info = REGISTRY.get(method)
-    takes_token = info is not None and "token" in inspect.signature(info.fn).parameters
-    if not takes_token or token is None:
-        return params
-    if isinstance(params, dict):
-        return {"token": token, **params}
-    return [token, *params]
+    if info is None:
+        return None
+    names = list(inspect.signature(info.fn).parameters)[1:2]  # after the call context
+    return names[0] if names and names[0] in ("token", "father_token") else None
 
 
 def cmd_call(args: argparse.Namespace) -> int:
@@ -419,7 +418,15 @@ def cmd_call(args: argparse.Namespace) -> int:
         print("PARAMS_JSON must be a JSON array or object", file=sys.stderr)
         return 2
     token = args.token or os.environ.get("TASKD_TOKEN")
-    params = _with_token(args.method, params, token)
+    name = _token_param(args.method)
+    if name is not None and token:
+        params = {name: token, **params} if isinstance(params, dict) else [token, *params]
+    elif name is not None and not (isinstance(params, dict) and name in params):
+        print(
+            f"{args.method} needs a token: pass --token KEY:SECRET or set TASKD_TOKEN",
+            file=sys.stderr,
+        )
+        return 2
     try:
         result = _post_rpc(_server_url(args), args.method, params, args.timeout)
     except _CallFailed as exc:
@@ -447,12 +454,14 @@ class _CallFailed(Exception):
         self.error = error
 
 
-def _rpc(args: argparse.Namespace, method: str, params: dict[str, Any]) -> Any:
-    """One JSON-RPC call with the token; the result, or _CallFailed."""
+def _rpc(
+    args: argparse.Namespace, method: str, params: dict[str, Any], *, as_param: str = "token"
+) -> Any:
+    """One JSON-RPC call with the token (as the param ``as_param``); the result, or _CallFailed."""
     token = args.token or os.environ.get("TASKD_TOKEN")
     if not token:
         raise _CallFailed("no token: pass --token or set TASKD_TOKEN", 2)
-    return _post_rpc(_server_url(args), method, {"token": token, **params}, args.timeout)
+    return _post_rpc(_server_url(args), method, {as_param: token, **params}, args.timeout)
 
 
 def _json_arg(text: str, flag: str) -> Any:
@@ -696,9 +705,14 @@ def _token_limits(args: argparse.Namespace) -> Any:
         raise _CallFailed(exc.message, 2) from None
 
 
+def _issued(result: dict[str, Any]) -> dict[str, Any]:
+    """A create or roll reply with the ready KEY:SECRET string added."""
+    return {**result, "token": f"{result['key']}:{result['secret']}"}
+
+
 def cmd_token_create(args: argparse.Namespace) -> int:
     """Create a token from a role preset or explicit limits; its secret is shown once."""
-    params: dict[str, Any] = {"limits": _token_limits(args)}
+    creation: dict[str, Any] = {"token_limit": _token_limits(args)}
     for name, value in (
         ("description", args.description),
         ("timestamp_from", args.valid_from),
@@ -706,13 +720,14 @@ def cmd_token_create(args: argparse.Namespace) -> int:
         ("max_uses", args.max_uses),
     ):
         if value is not None:
-            params[name] = value
+            creation[name] = value
     if args.username is not None:
         if not args.password_stdin:
             raise _CallFailed("--username needs --password-stdin", 2)
-        params["username"] = args.username
-        params["password"] = sys.stdin.readline().rstrip("\n")
-    result = _rpc(args, "token_create", params)
+        creation["username"] = args.username
+        creation["password"] = sys.stdin.readline().rstrip("\n")
+    params = {"token_creation": creation}
+    result = _issued(_rpc(args, "token_create", params, as_param="father_token"))
     return _emit(
         args,
         result,
@@ -724,13 +739,13 @@ def cmd_token_list(args: argparse.Namespace) -> int:
     """Show every token: key, role, validity window, uses, description (never a secret)."""
     from taskd.roles import describe_limits
 
-    tokens = _rpc(args, "token_list_all_tokens", {})
+    tokens = _rpc(args, "token_list_all_tokens", {})["tokens"]
     if args.json:
         return _emit(args, tokens, "")
     rows = [
         [
-            t["key"],
-            describe_limits(t["limits"], t["is_super"]),
+            t["token_key"],
+            describe_limits(t["token_limit"], t["is_super"]),
             t["username"] or "-",
             _ms_time(t["timestamp_from"]),
             _ms_time(t["timestamp_to"]),
@@ -745,13 +760,13 @@ def cmd_token_list(args: argparse.Namespace) -> int:
 
 def cmd_token_delete(args: argparse.Namespace) -> int:
     """Revoke a token at once."""
-    result = _rpc(args, "token_delete", {"key": args.key})
+    result = _rpc(args, "token_delete", {"target_token": args.key})
     return _emit(args, result, f"deleted token {args.key}")
 
 
 def cmd_token_roll(args: argparse.Namespace) -> int:
     """Give a token a new secret; the old one stops working at once."""
-    result = _rpc(args, "token_roll_token_secret", {"key": args.key})
+    result = _issued(_rpc(args, "token_roll_token_secret", {"target_token": args.key}))
     return _emit(args, result, f"new secret for token {args.key} (shown once):\n{result['token']}")
 
 
@@ -797,7 +812,7 @@ def _add_token_commands(sub: Any) -> None:
         ("roll", cmd_token_roll, "give a token a new secret"),
     ):
         command = commands.add_parser(verb, parents=[client], help=what)
-        command.add_argument("key")
+        command.add_argument("key", help="the token's key or username")
         command.set_defaults(func=_client_command("taskd token", handler))
 
 

@@ -11,6 +11,12 @@
   each agent is, and a node whose agent reconnected elsewhere drops it at once.
 - One node leads (a session-level advisory lock) and runs the cron scheduler;
   when it dies its lock is released with its session and another takes over.
+- A node holds its ``node_id`` the same way, for as long as it runs: two
+  processes given one id (one config file, or a copy with the generated id in
+  it) would split its agents and routing between them, so the second is
+  refused. A heartbeat cannot tell that apart from a restart, a lock can: the
+  session of a stopped or killed process ends with it, so a restart (even
+  within the grace, its old heartbeat still fresh) finds the id free.
 
 On SQLite there is one node: every method here is a cheap no-op.
 """
@@ -19,14 +25,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.engine import make_url
 
 from taskd.clock import now_ms
+from taskd.errors import InvalidInput
 from taskd.store import Store
 from taskd.writer import (
     AGENTS_CHANNEL,
@@ -42,6 +52,41 @@ LEADER_LOCK = 7_205_759_403_792_793  # any fixed 64-bit key; the same on every n
 HEARTBEAT_S = 2.0
 LEADER_POLL_S = 1.0
 SWEEP_S = 10.0
+CLAIM_PATIENCE_S = 3.0
+"""How long a starting node waits for a live node's lock on its id before refusing (the session
+of a just-killed predecessor ends within a round trip)."""
+STALE_HOLDER_WAIT_S = 30.0
+"""How long it waits for the lock of a session whose node stopped beating: PostgreSQL ends the
+session of a vanished host within about 25 s, by the keepalives below."""
+KEEPALIVES = {
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "5",
+    "tcp_keepalives_count": "3",
+}
+"""For the sessions that hold locks: a host that vanished must not keep them for hours."""
+
+
+class NodeIdInUse(InvalidInput):
+    """Another live process runs with this node's ``node_id``."""
+
+
+def node_lock_key(node_id: str) -> int:
+    """The advisory lock key a node holds for as long as it runs with ``node_id``."""
+    digest = hashlib.sha256(b"taskd node " + node_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _when(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
+
+
+_LOCK_HOLDER = """
+SELECT a.pid, host(a.client_addr) AS client_addr, a.backend_start
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.classid::bigint = ($1::bigint >> 32) & 4294967295
+  AND l.objid::bigint = $1::bigint & 4294967295
+"""
 
 
 class Cluster:
@@ -69,6 +114,8 @@ class Cluster:
         self._dsn = ""
         self._listener: asyncpg.Connection | None = None
         self._lock_conn: asyncpg.Connection | None = None
+        self._identity: asyncpg.Connection | None = None
+        self._id_contested = False
         self._loops: list[asyncio.Task[None]] = []
         self._listening = asyncio.Event()
 
@@ -77,8 +124,14 @@ class Cluster:
             return self
         url = make_url(self.store.url).set(drivername="postgresql")
         self._dsn = url.render_as_string(hide_password=False)
-        await self.store.node_heartbeat(self.node_id, self.address, started=True)
-        await self._refresh_nodes()
+        # before anything is written under this id: a duplicate must change nothing
+        self._identity = await self._claim_node_id()
+        try:
+            await self.store.node_heartbeat(self.node_id, self.address, started=True)
+            await self._refresh_nodes()
+        except BaseException:
+            await self._identity.close()
+            raise
         self._loops = [
             asyncio.create_task(self._listen_loop(), name="taskd-cluster-listen"),
             asyncio.create_task(self._heartbeat_loop(), name="taskd-cluster-heartbeat"),
@@ -112,6 +165,9 @@ class Cluster:
         if self.enabled:
             with contextlib.suppress(Exception):
                 await self.store.node_left(self.node_id)
+        if self._identity is not None:  # last: the id is free once this node is gone
+            with contextlib.suppress(Exception):
+                await self._identity.close()
 
     # ------------------------------------------------------------------ queries
 
@@ -162,6 +218,98 @@ class Cluster:
             entry = self.nodes.get(node_id)
         return entry[0] if entry else None
 
+    # ------------------------------------------------------------------ node id
+
+    async def _connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self._dsn, timeout=5, server_settings=KEEPALIVES)
+
+    async def _claim_node_id(self) -> asyncpg.Connection:
+        """Take this node's id lock on a session of its own; NodeIdInUse if a live node holds it."""
+        key = node_lock_key(self.node_id)
+        conn = await self._connect()
+        began = time.monotonic()
+        waiting = False
+        try:
+            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+                waited = time.monotonic() - began
+                if waited >= CLAIM_PATIENCE_S:
+                    problem = await self._id_holder(conn, key, waited)
+                    if problem is not None:
+                        logger.error("%s", problem)
+                        raise NodeIdInUse(problem)
+                if not waiting:
+                    logger.warning("node id %s is locked by another session; waiting", self.node_id)
+                    waiting = True
+                await asyncio.sleep(0.2)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.close()
+            raise
+        return conn
+
+    async def _id_holder(self, conn: asyncpg.Connection, key: int, waited: float) -> str | None:
+        """Why this node may not start (another process holds its id); None to wait on."""
+        row = await conn.fetchrow(
+            "SELECT address, started_at, heartbeat FROM node WHERE id = $1", self.node_id
+        )
+        session = await conn.fetchrow(_LOCK_HOLDER, key)
+        fix = (
+            "Every `taskd serve` process needs its own node_id: give this one its own config "
+            "file without a node_id line (a new id is generated and written into it on start), "
+            "or set TASKD_NODE_ID to a new UUID for it."
+        )
+        origin = ""
+        if session is not None:
+            origin = (
+                f" (PostgreSQL session {session['pid']} from "
+                f"{session['client_addr'] or 'a local socket'}, since "
+                f"{session['backend_start'].isoformat(timespec='seconds')})"
+            )
+        since_beat = now_ms() - row["heartbeat"] if row is not None else None
+        if since_beat is not None and since_beat <= self.grace_ms:
+            return (
+                f"node_id {self.node_id} is in use by a running node at "
+                f"{row['address'] or 'an unpublished address'}, started "
+                f"{_when(row['started_at'])}, last heartbeat {since_beat} ms ago{origin}. {fix}"
+            )
+        if waited < CLAIM_PATIENCE_S + STALE_HOLDER_WAIT_S:
+            return None  # a session whose node stopped beating: PostgreSQL ends it soon
+        end = (
+            f"If that process is gone, end its session (SELECT pg_terminate_backend"
+            f"({session['pid']})) and start again; if it is another taskd serve: "
+            if session is not None
+            else "If it is another taskd serve: "
+        )
+        return (
+            f"node_id {self.node_id} is locked by another process{origin} although no node "
+            f"with this id has sent a heartbeat for over {STALE_HOLDER_WAIT_S:.0f} s. {end}{fix}"
+        )
+
+    async def _keep_node_id(self) -> None:
+        """Take the id lock again if its session ended (a database restart)."""
+        if self._identity is not None and not self._identity.is_closed():
+            return
+        self._identity = None
+        try:
+            conn = await self._connect()
+        except Exception as exc:
+            logger.warning("node id lock not taken again yet: %s", exc)
+            return
+        if await conn.fetchval("SELECT pg_try_advisory_lock($1)", node_lock_key(self.node_id)):
+            self._identity = conn
+            self._id_contested = False
+            logger.info("node %s holds its node id lock again", self.node_id)
+            return
+        await conn.close()
+        if not self._id_contested:
+            self._id_contested = True
+            logger.error(
+                "node_id %s is locked by another session: this node's lost one (until "
+                "PostgreSQL ends it) or another process with the same id, which breaks routing "
+                "between them; retrying",
+                self.node_id,
+            )
+
     # ------------------------------------------------------------------ loops
 
     async def _refresh_nodes(self) -> None:
@@ -172,6 +320,7 @@ class Cluster:
         while True:
             await asyncio.sleep(self.heartbeat_s)
             try:
+                await self._keep_node_id()
                 await self.store.node_heartbeat(self.node_id, self.address)
                 await self._refresh_nodes()
             except Exception as exc:
@@ -252,7 +401,7 @@ class Cluster:
             try:
                 if self._lock_conn is None or self._lock_conn.is_closed():
                     await self._set_leader(False)
-                    self._lock_conn = await asyncpg.connect(self._dsn, timeout=5)
+                    self._lock_conn = await self._connect()
                 if not self.is_leader:
                     got = await self._lock_conn.fetchval(
                         "SELECT pg_try_advisory_lock($1)", LEADER_LOCK

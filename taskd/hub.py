@@ -61,6 +61,8 @@ class Subscription:
     expires_at: int | None = None
     """When the token it was made with stops being valid (ms); None if never."""
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    renewed: bool = False
+    """Made on the connection that already held the agent's subscription (a refresh)."""
 
     def expired(self) -> bool:
         """Whether the token it was made with is past its validity window."""
@@ -115,6 +117,10 @@ class Hub:
         self._by_peer: dict[int, set[int]] = {}
         self._waiters: dict[int, list[asyncio.Future[StoredResult]]] = {}
         self._seen: dict[str, int] = {}
+        self._known: set[str] = set()
+        """Agents whose row this node has written since it started (or their soft delete)."""
+        self._active: dict[str, int] = {}
+        """Agents that called since the last flush, and when (see agent_called)."""
         # tasks pushed from here and not answered yet: id -> (agent, task_token, type)
         self.in_flight: dict[int, tuple[str, str, str]] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -144,26 +150,50 @@ class Hub:
 
         A subscription is authorised once, when it is made: it ends at ``expires_at``
         (ms), when the token it was made with stops being valid.
+
+        NodeGet agents subscribe again every minute on the same connection. That is
+        a renewal, not a new connection: the new id replaces the old one (pushes carry
+        the new id; the old one stops receiving), but the agent stays connected since
+        its first subscription, nothing is logged at INFO, and nothing is written
+        unless the token changed.
         """
         sub_id = secrets.randbits(52) or 1
         while sub_id in self._by_id:
             sub_id = secrets.randbits(52) or 1
-        sub = Subscription(sub_id, agent_uuid, peer, token_key, expires_at=expires_at)
+        old = self._by_agent.get(agent_uuid)
+        renewed = old is not None and old.peer is peer and not peer.closed
+        sub = Subscription(
+            sub_id,
+            agent_uuid,
+            peer,
+            token_key,
+            since=old.since if old is not None and renewed else now_ms(),
+            expires_at=expires_at,
+            renewed=renewed,
+        )
         if expires_at is not None:
             delay = max(0.0, (expires_at + 1 - now_ms()) / 1000)
             sub.timer = asyncio.get_running_loop().call_later(delay, self._expire, sub)
-        old = self._by_agent.get(agent_uuid)
         if old is not None:
             self._drop(old)
-            logger.info(
-                "agent %s subscribed again; older subscription %d replaced", agent_uuid, old.id
-            )
+            if not renewed:
+                logger.info(
+                    "agent %s subscribed again; older subscription %d replaced", agent_uuid, old.id
+                )
         self._by_agent[agent_uuid] = sub
         self._by_id[sub_id] = sub
         self._by_peer.setdefault(id(peer), set()).add(sub_id)
-        self._seen[agent_uuid] = sub.since
-        await self.store.agent_connected(agent_uuid, peer.remote, self.node_id, token_key)
-        logger.info("agent %s subscribed from %s", agent_uuid, peer.remote or "?")
+        self._seen[agent_uuid] = now_ms()
+        if old is not None and renewed:
+            logger.debug("agent %s renewed its subscription (%d -> %d)", agent_uuid, old.id, sub_id)
+            if old.token_key == token_key:
+                return sub
+        await self.store.agent_connected(
+            agent_uuid, peer.remote, self.node_id, token_key, since=sub.since
+        )
+        self._known.add(agent_uuid)
+        if not renewed:
+            logger.info("agent %s subscribed from %s", agent_uuid, peer.remote or "?")
         return sub
 
     def unsubscribe(self, subscription_id: int, peer: Peer) -> bool:
@@ -235,18 +265,39 @@ class Hub:
             self._drop(sub)
             logger.info("agent %s subscribed on another node; dropped here", agent_uuid)
 
-    def mark_seen(self, agent_uuid: str) -> None:
-        """Note activity from an agent (flushed to the store periodically)."""
-        self._seen[agent_uuid] = now_ms()
+    async def agent_called(self, agent_uuid: str) -> None:
+        """Record an authenticated call made as the agent (a result upload, a metrics report).
+
+        The agent is known (listed) from its first call on, even if it never subscribes,
+        and one soft-deleted before the call is listed again. Only its first call to this
+        node waits for a write; later ones are written together by ``flush_seen``.
+        """
+        now = now_ms()
+        self._seen[agent_uuid] = now
+        self._active[agent_uuid] = now
+        if agent_uuid not in self._known:
+            await self.store.agents_seen({agent_uuid: now})
+            self._known.add(agent_uuid)
+
+    def agent_deleted(self, agent_uuid: str) -> None:
+        """The agent was soft-deleted: its next call here records it again at once."""
+        self._known.discard(agent_uuid)
 
     def last_seen(self, agent_uuid: str) -> int | None:
         """When this node last heard from the agent, if it did."""
         return self._seen.get(agent_uuid)
 
     async def flush_seen(self) -> None:
-        """Write agents' last-seen times."""
+        """Write agents' last-seen times, and record the calls made since the last flush."""
         seen = {u: t for u, t in self._seen.items() if u in self._by_agent}
         await self.store.touch_agents(seen)
+        active, self._active = self._active, {}
+        try:
+            await self.store.agents_seen(active)
+        except BaseException:
+            for agent_uuid, at in active.items():  # tried again at the next flush
+                self._active.setdefault(agent_uuid, at)
+            raise
 
     def spawn(self, coro: Any) -> None:
         """Run a coroutine in the background, logging its failure."""

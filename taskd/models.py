@@ -1,15 +1,45 @@
-"""SQLModel tables: tasks, tokens, agents, crons and their fire history, cluster nodes."""
+"""SQLModel tables: tasks, tokens, agents, crons and their fire history, cluster nodes, KV."""
 
 from __future__ import annotations
 
 from enum import IntEnum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, Integer, Text, UniqueConstraint, text
+import orjson
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Dialect,
+    Index,
+    Integer,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
 
 JsonColumn = JSON().with_variant(JSONB(), "postgresql")
+
+
+class JsonText(TypeDecorator[Any]):
+    """Any JSON value, kept as TEXT: SQLite gives its JSON columns numeric affinity, so a
+    bare number stored there (a KV value such as 12.5) would come back as a number, not JSON."""
+
+    impl = Text
+    cache_ok = True
+    should_evaluate_none = True  # None is the JSON value null, not SQL NULL
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str:
+        return orjson.dumps(value).decode()
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> Any:
+        return None if value is None else orjson.loads(value)
+
+
+AnyJsonColumn = JsonText().with_variant(JSONB(none_as_null=False), "postgresql")
 IdType = BigInteger().with_variant(Integer(), "sqlite")
 
 
@@ -102,7 +132,11 @@ class Token(SQLModel, table=True):
 
 
 class Agent(SQLModel, table=True):
-    """Every agent UUID ever seen, and where it is connected now."""
+    """Every agent UUID ever seen, and where it is connected now.
+
+    ``deleted_at`` marks a soft delete: the agent is left out of the lists (its
+    history stays) until it calls in after that time.
+    """
 
     __tablename__ = "agent"
 
@@ -113,6 +147,19 @@ class Agent(SQLModel, table=True):
     remote_addr: str | None = Field(default=None, max_length=128)
     node_id: str | None = Field(default=None, max_length=64)
     token_key: str | None = Field(default=None, max_length=64)
+    deleted_at: int | None = _ms(nullable=True)
+
+
+class Kv(SQLModel, table=True):
+    """One key of a KV namespace; a namespace exists while it has a key (see methods/kv.py)."""
+
+    __tablename__ = "kv"
+    __table_args__ = (UniqueConstraint("namespace", "key", name="uq_kv_namespace_key"),)
+
+    id: int | None = _id()
+    namespace: str = Field(max_length=128)
+    key: str = Field(max_length=512)
+    value: Any = Field(default=None, sa_column=Column(AnyJsonColumn, nullable=False))
 
 
 class Cron(SQLModel, table=True):

@@ -12,12 +12,14 @@ import base64
 import binascii
 import ipaddress
 import re
+import tomllib
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar, Union
 from urllib.parse import urlsplit
 
+import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -27,14 +29,18 @@ from pydantic import (
     Tag,
     TypeAdapter,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_serializer,
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema
+from pydantic_core import CoreSchema, PydanticCustomError
 
-from taskd.errors import InvalidParams
+from taskd.errors import InvalidInput, InvalidParams
+
+_INVALID_INPUT = "invalid_input"
+"""Error type of a well-formed value that is not acceptable: parse_as answers it with 108."""
 
 TASK_TYPES: tuple[str, ...] = (
     "ping",
@@ -50,11 +56,6 @@ TASK_TYPES: tuple[str, ...] = (
     "version",
     "self_update",
 )
-RESULT_KIND: dict[str, str] = {kind: kind for kind in TASK_TYPES} | {
-    "tcp_ping": "ping",
-    "http_ping": "ping",
-}
-"""The TaskEventResult variant each TaskEventType variant must be answered with."""
 
 DNS_RECORD_TYPES: tuple[str, ...] = (
     "a",
@@ -149,13 +150,33 @@ class TaskVariant(WireModel):
         return self.model_dump(mode="json", exclude_none=True)
 
 
+def _null_form(name: str) -> dict[str, Any]:
+    """The JSON Schema of a unit variant's object form ``{"<name>": null}``."""
+    return {
+        "type": "object",
+        "properties": {name: {"type": "null"}},
+        "required": [name],
+        "additionalProperties": False,
+    }
+
+
+def _is_unit(value: Any, name: str) -> bool:
+    """Whether ``value`` is the unit variant ``name``: the bare string or ``{"<name>": null}``.
+
+    serde accepts both forms; NodeGet-board sends the object form.
+    """
+    if isinstance(value, str):
+        return value == name
+    return isinstance(value, dict) and len(value) == 1 and name in value and value[name] is None
+
+
 class _UnitVariant(TaskVariant):
     @model_validator(mode="before")
     @classmethod
     def _from_tag(cls, value: Any) -> Any:
-        if value == cls.kind:
+        if _is_unit(value, cls.kind):
             return {}
-        raise ValueError(f"expected the string {cls.kind!r}")
+        raise ValueError(f"expected the string {cls.kind!r} or {{{cls.kind!r}: null}}")
 
     @model_serializer
     def _to_tag(self) -> str:
@@ -165,7 +186,10 @@ class _UnitVariant(TaskVariant):
     def __get_pydantic_json_schema__(
         cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
     ) -> JsonSchemaValue:
-        return {"const": cls.kind, "type": "string", "title": cls.__name__}
+        return {
+            "title": cls.__name__,
+            "anyOf": [{"const": cls.kind, "type": "string"}, _null_form(cls.kind)],
+        }
 
     def to_wire(self) -> Any:
         """The bare tag string."""
@@ -353,7 +377,8 @@ class ExecuteSpec(WireModel):
     @classmethod
     def _cmd(cls, value: str) -> str:
         if not value.strip():
-            raise ValueError("cmd must not be empty or blank")
+            # well-formed, so 108 as in NodeGet, not a params error
+            raise PydanticCustomError(_INVALID_INPUT, "must not be empty or blank")
         if "\x00" in value:
             raise ValueError("cmd contains a NUL byte")
         return value
@@ -384,6 +409,19 @@ class EditConfig(TaskVariant):
 
     kind: ClassVar[str] = "edit_config"
     edit_config: str = Field(max_length=_MAX_TEXT)
+
+    @field_validator("edit_config")
+    @classmethod
+    def _toml(cls, value: str) -> str:
+        # only the syntax: the agent that receives it applies its own schema (a NodeGet
+        # agent's keys differ from taskd's), and taskd's agent refuses what it cannot apply
+        try:
+            tomllib.loads(value)
+        except tomllib.TOMLDecodeError as exc:
+            raise PydanticCustomError(
+                _INVALID_INPUT, "not a TOML document: {reason}", {"reason": str(exc)}
+            ) from None
+        return value
 
 
 class Ip(_UnitVariant):
@@ -474,10 +512,24 @@ class ResultVariant(WireModel):
 
 
 class PingResult(ResultVariant):
-    """Round-trip or connect time in milliseconds (ping, tcp_ping, http_ping)."""
+    """ICMP round-trip time in milliseconds."""
 
     kind: ClassVar[str] = "ping"
     ping: float = Field(ge=0, allow_inf_nan=False)
+
+
+class TcpPingResult(ResultVariant):
+    """TCP connect time in milliseconds."""
+
+    kind: ClassVar[str] = "tcp_ping"
+    tcp_ping: float = Field(ge=0, allow_inf_nan=False)
+
+
+class HttpPingResult(ResultVariant):
+    """Time to the response headers of a GET, in milliseconds."""
+
+    kind: ClassVar[str] = "http_ping"
+    http_ping: float = Field(ge=0, allow_inf_nan=False)
 
 
 class HttpResponse(WireModel):
@@ -605,6 +657,8 @@ class SelfUpdateResult(ResultVariant):
 
 RESULT_VARIANTS: tuple[type[ResultVariant], ...] = (
     PingResult,
+    TcpPingResult,
+    HttpPingResult,
     HttpRequestResult,
     DnsResult,
     WebShellResult,
@@ -743,8 +797,13 @@ class LimitCondition(WireModel):
 
 
 _FLAGS = ("is_success", "is_failure", "is_running", "last")
+# schema only (conditions are parsed by _parse_conditions): {"last": null} and the like
+_TaskFlagObject = Annotated[
+    dict[str, None], WithJsonSchema({"anyOf": [_null_form(name) for name in _FLAGS]})
+]
 TaskCondition = Union[  # noqa: UP007
     Literal["is_success", "is_failure", "is_running", "last"],
+    _TaskFlagObject,
     TaskIdCondition,
     UuidCondition,
     TimestampFromToCondition,
@@ -802,13 +861,17 @@ _M = TypeVar("_M")
 
 
 def parse_as(adapter: TypeAdapter[_M] | Callable[[Any], _M], field: str, value: Any) -> _M:
-    """Validate ``value`` for the param ``field``; raise InvalidParams naming the field."""
+    """Validate ``value`` for the param ``field``; raise InvalidParams naming the field.
+
+    A value whose only faults are well-formed but unacceptable raises InvalidInput.
+    """
     try:
         if isinstance(adapter, TypeAdapter):
             return adapter.validate_python(value)
         return adapter(value)
     except ValidationError as exc:
-        raise InvalidParams(_format_error(field, exc)) from None
+        unacceptable = all(error["type"] == _INVALID_INPUT for error in exc.errors())
+        raise (InvalidInput if unacceptable else InvalidParams)(_format_error(field, exc)) from None
     except ValueError as exc:
         raise InvalidParams(f"{field}: {exc}") from None
 
@@ -828,7 +891,7 @@ def parse_task_event_type(value: Any, field: str = "task_event_type") -> TaskVar
 def parse_task_event_result(value: Any, field: str = "task_event_result") -> ResultVariant:
     """Parse a TaskEventResult; unknown variants and bad fields raise InvalidParams."""
     tag = variant_tag(value)
-    if tag not in RESULT_KIND.values():
+    if tag not in TASK_TYPES:
         raise InvalidParams(f"{field}: unknown result type {tag!r}")
     return parse_as(TASK_EVENT_RESULT, field, value)
 
@@ -848,12 +911,16 @@ def _parse_conditions(
     parsed: list[str | WireModel] = []
     for index, item in enumerate(value):
         where = f"{field}.{index}"
-        if isinstance(item, str):
-            if item not in flags:
-                raise InvalidParams(f"{where}: unknown condition {item!r}")
-            parsed.append(item)
-            continue
         tag = variant_tag(item)
+        if tag is not None and tag in flags:
+            if not _is_unit(item, tag):
+                raise InvalidParams(
+                    f"{where}: {tag!r} takes no value; write {tag!r} or {{{tag!r}: null}}"
+                )
+            parsed.append(tag)  # the bare string, whichever form was sent
+            continue
+        if isinstance(item, str):
+            raise InvalidParams(f"{where}: unknown condition {item!r}")
         model = known.get(tag) if tag is not None and isinstance(item, dict) else None
         if model is None:
             expected = ", ".join([*flags, *known])
@@ -954,7 +1021,7 @@ class AgentCronTask(WireModel):
 
 
 class AgentCron(WireModel):
-    """``{"agent": [["<uuid>", ...], {"task": ...}]}``"""
+    """``{"agent": [["<uuid>", ...], {"task": ...}]}``; the list may be empty (fires nothing)."""
 
     kind: ClassVar[str] = "agent"
     agent: tuple[list[str], AgentCronTask] = Field(strict=False)
@@ -963,8 +1030,7 @@ class AgentCron(WireModel):
     @classmethod
     def _uuids(cls, value: tuple[list[str], AgentCronTask]) -> tuple[list[str], AgentCronTask]:
         uuids, task = value
-        if not uuids:
-            raise ValueError("needs at least one agent UUID")
+        # empty is how NodeGet-board drops a deleted agent from a cron that had only it
         if len(uuids) > 100_000:
             raise ValueError("more than 100000 agents")
         canonical = list(dict.fromkeys(canonical_uuid(u) for u in uuids))
@@ -1038,8 +1104,14 @@ class RunTimeToCondition(WireModel):
     run_time_to: int
 
 
+_CRON_RESULT_FLAGS = ("is_success", "is_failure", "last")
+_CronResultFlagObject = Annotated[
+    dict[str, None],
+    WithJsonSchema({"anyOf": [_null_form(name) for name in _CRON_RESULT_FLAGS]}),
+]
 CronResultCondition = Union[  # noqa: UP007
     Literal["is_success", "is_failure", "last"],
+    _CronResultFlagObject,
     CronIdCondition,
     CronRefCondition,
     CronNameCondition,
@@ -1070,6 +1142,7 @@ class CronResultQuery(WireModel):
     is_success: bool = False
     is_failure: bool = False
     limit: int | None = None
+    condition_count: int = 0
 
 
 def parse_cron_result_query(value: Any, field: str = "query") -> CronResultQuery:
@@ -1080,7 +1153,7 @@ def parse_cron_result_query(value: Any, field: str = "query") -> CronResultQuery
         value["condition"],
         f"{field}.condition",
         _CRON_RESULT_CONDITIONS,
-        ("is_success", "is_failure", "last"),
+        _CRON_RESULT_FLAGS,
     )
     gathered = _Gathered.of(conditions)
     return CronResultQuery(
@@ -1090,8 +1163,85 @@ def parse_cron_result_query(value: Any, field: str = "query") -> CronResultQuery
         run_time_from=gathered.low,
         run_time_to=gathered.high,
         limit=gathered.final_limit,
+        condition_count=len(value["condition"]),
         **gathered.flags,
     )
+
+
+# --------------------------------------------------------------------------- kv
+
+KV_NAMESPACE_MAX = 128
+KV_KEY_MAX = 512
+KV_VALUE_MAX_BYTES = 1 << 20
+KV_MULTI_MAX = 10_000
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _kv_text(value: Any, field: str, longest: int) -> str:
+    if not isinstance(value, str):
+        raise InvalidParams(f"{field}: must be a string")
+    if not value:
+        raise InvalidInput(f"{field}: must not be empty")
+    if len(value) > longest:
+        raise InvalidInput(f"{field}: longer than {longest} characters")
+    if _CONTROL_RE.search(value):
+        raise InvalidInput(f"{field}: must not contain control characters")
+    return value
+
+
+def parse_kv_namespace(value: Any, field: str = "namespace") -> str:
+    """A KV namespace name: 1-128 characters, no control characters."""
+    return _kv_text(value, field, KV_NAMESPACE_MAX)
+
+
+def parse_kv_key(value: Any, field: str = "key") -> str:
+    """A KV key: 1-512 characters, no control characters and no ``*``."""
+    key = _kv_text(value, field, KV_KEY_MAX)
+    if "*" in key:
+        raise InvalidInput(f"{field}: a key cannot contain '*'")
+    return key
+
+
+def parse_kv_key_pattern(value: Any, field: str = "key") -> str:
+    """A KV key, or a prefix ending in one ``*`` (``metadata_*``, ``*``)."""
+    pattern = _kv_text(value, field, KV_KEY_MAX)
+    if "*" in pattern[:-1]:
+        raise InvalidInput(f"{field}: a wildcard key has exactly one '*', at its end")
+    return pattern
+
+
+def parse_kv_value(value: Any, field: str = "value") -> Any:
+    """Any JSON value up to 1 MiB and 32 levels deep."""
+    try:
+        _check_free_json(value, 1)
+        size = len(orjson.dumps(value))
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"{field}: {exc}") from None
+    if size > KV_VALUE_MAX_BYTES:
+        raise InvalidInput(
+            f"{field}: {size} bytes of JSON exceed the {KV_VALUE_MAX_BYTES}-byte limit"
+        )
+    return value
+
+
+def parse_kv_namespace_keys(value: Any, field: str = "namespace_key") -> list[tuple[str, str]]:
+    """``[{"namespace", "key"}, ...]`` as (namespace, key pattern) pairs; extra fields ignored."""
+    if not isinstance(value, list):
+        raise InvalidParams(f"{field}: must be an array of {{namespace, key}} objects")
+    if len(value) > KV_MULTI_MAX:
+        raise InvalidInput(f"{field}: {len(value)} items exceed the limit of {KV_MULTI_MAX}")
+    pairs = []
+    for index, item in enumerate(value):
+        where = f"{field}.{index}"
+        if not isinstance(item, dict) or "namespace" not in item or "key" not in item:
+            raise InvalidParams(f"{where}: must be an object {{namespace, key}}")
+        pairs.append(
+            (
+                parse_kv_namespace(item["namespace"], f"{where}.namespace"),
+                parse_kv_key_pattern(item["key"], f"{where}.key"),
+            )
+        )
+    return pairs
 
 
 # --------------------------------------------------------------------------- token limits
@@ -1119,7 +1269,49 @@ class GlobalScope(WireModel):
         return {"global": None}
 
 
-Scope = Union[Literal["global"], GlobalScope, AgentScope]  # noqa: UP007
+class KvNamespaceScope(WireModel):
+    """``{"kv_namespace": "<name>"}``: one KV namespace (only KV permissions use it)."""
+
+    kv_namespace: str
+
+    @field_validator("kv_namespace")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not 0 < len(value) <= KV_NAMESPACE_MAX or _CONTROL_RE.search(value):
+            raise ValueError(f"must be 1-{KV_NAMESPACE_MAX} characters without control characters")
+        return value
+
+
+def _scope_tag(value: Any) -> str | None:
+    if value == "global":
+        return "global_name"
+    if isinstance(value, GlobalScope):
+        return "global"
+    if isinstance(value, AgentScope | KvNamespaceScope):
+        return next(iter(type(value).model_fields))
+    if isinstance(value, dict) and len(value) == 1:
+        key = next(iter(value))
+        return key if isinstance(key, str) else None
+    return None
+
+
+if TYPE_CHECKING:
+    Scope = Union[Literal["global"], GlobalScope, AgentScope, KvNamespaceScope]  # noqa: UP007
+else:
+    Scope = Annotated[
+        Union[  # noqa: UP007
+            Annotated[Literal["global"], Tag("global_name")],
+            Annotated[GlobalScope, Tag("global")],
+            Annotated[AgentScope, Tag("agent_uuid")],
+            Annotated[KvNamespaceScope, Tag("kv_namespace")],
+        ],
+        Discriminator(
+            _scope_tag,
+            custom_error_type="unknown_scope",
+            custom_error_message='unknown scope; expected "global", {"global": null}, '
+            '{"agent_uuid": "<uuid>"} or {"kv_namespace": "<name>"}',
+        ),
+    ]
 
 _PATTERN = Annotated[str, Field(min_length=1, max_length=128)]
 
@@ -1188,14 +1380,140 @@ class TokenPermission(WireModel):
     token: Literal["read", "write", "delete"]
 
 
-Permission = Union[  # noqa: UP007
+_KV_PATTERN = Annotated[str, Field(min_length=1, max_length=KV_KEY_MAX)]
+
+
+class KvAction(WireModel):
+    """``{"read"|"write"|"delete": "<key pattern>"}``"""
+
+    read: _KV_PATTERN | None = None
+    write: _KV_PATTERN | None = None
+    delete: _KV_PATTERN | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> KvAction:
+        if sum(v is not None for v in (self.read, self.write, self.delete)) != 1:
+            raise ValueError("needs exactly one of read, write, delete")
+        return self
+
+
+class KvPermission(WireModel):
+    """``{"kv": "list_all_namespace"|"list_all_keys"}`` or ``{"kv": {"read": "metadata_*"}}``"""
+
+    kv: Literal["list_all_namespace", "list_all_keys"] | KvAction
+
+
+class NodeGetPermission(WireModel):
+    """``{"node_get": "list_all_agent_uuid"}``; NodeGet's other values parse but grant nothing."""
+
+    node_get: Literal["list_all_agent_uuid", "delete_agent_uuid", "get_rt_pool", "exec_sql"]
+
+
+class MonitoringUuidPermission(WireModel):
+    """``{"monitoring_uuid": "list"|"delete"}``: list or soft-delete agent UUIDs."""
+
+    monitoring_uuid: Literal["list", "delete"]
+
+
+StaticField = Literal["cpu", "system", "gpu"]
+DynamicField = Literal["cpu", "ram", "load", "system", "disk", "network", "gpu"]
+_SUMMARY_FIELD = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+
+
+class StaticRead(WireModel):
+    """``{"read": "cpu"|"system"|"gpu"}``"""
+
+    read: StaticField
+
+
+class StaticMonitoringPermission(WireModel):
+    """``{"static_monitoring": "write"|"delete"|{"read": "<field>"}}``"""
+
+    static_monitoring: Literal["write", "delete"] | StaticRead
+
+
+class DynamicRead(WireModel):
+    """``{"read": "cpu"|"ram"|"load"|"system"|"disk"|"network"|"gpu"}``"""
+
+    read: DynamicField
+
+
+class DynamicMonitoringPermission(WireModel):
+    """``{"dynamic_monitoring": "write"|"delete"|{"read": "<field>"}}``"""
+
+    dynamic_monitoring: Literal["write", "delete"] | DynamicRead
+
+
+class SummaryRead(WireModel):
+    """``{"read": "<summary field>"}`` (taskd extension: one field of the summary)."""
+
+    read: _SUMMARY_FIELD
+
+
+class DynamicMonitoringSummaryPermission(WireModel):
+    """``{"dynamic_monitoring_summary": "read"|"write"|"delete"}`` (``"read"``: every field),
+    or ``{"dynamic_monitoring_summary": {"read": "<field>"}}``."""
+
+    dynamic_monitoring_summary: Literal["read", "write", "delete"] | SummaryRead
+
+
+PERMISSION_KINDS: tuple[type[WireModel], ...] = (
     TaskPermission,
     CrontabPermission,
     CronResultPermission,
     TerminalPermission,
     AgentPermission,
     TokenPermission,
-]
+    KvPermission,
+    NodeGetPermission,
+    MonitoringUuidPermission,
+    StaticMonitoringPermission,
+    DynamicMonitoringPermission,
+    DynamicMonitoringSummaryPermission,
+)
+
+
+def _permission_tag(value: Any) -> str | None:
+    if isinstance(value, BaseModel):
+        return next(iter(type(value).model_fields))
+    if isinstance(value, dict) and len(value) == 1:
+        key = next(iter(value))
+        return key if isinstance(key, str) else None
+    return None
+
+
+if TYPE_CHECKING:
+    Permission = Union[  # noqa: UP007
+        TaskPermission,
+        CrontabPermission,
+        CronResultPermission,
+        TerminalPermission,
+        AgentPermission,
+        TokenPermission,
+        KvPermission,
+        NodeGetPermission,
+        MonitoringUuidPermission,
+        StaticMonitoringPermission,
+        DynamicMonitoringPermission,
+        DynamicMonitoringSummaryPermission,
+    ]
+else:
+    # tagged by the one key, so a bad permission is reported against its own kind only
+    _PERMISSION_NAMES = [next(iter(kind.model_fields)) for kind in PERMISSION_KINDS]
+    Permission = Annotated[
+        Union[  # noqa: UP007 - a runtime tuple of members
+            tuple(
+                Annotated[kind, Tag(name)]
+                for kind, name in zip(PERMISSION_KINDS, _PERMISSION_NAMES, strict=True)
+            )
+        ],
+        Discriminator(
+            _permission_tag,
+            custom_error_type="unknown_permission",
+            custom_error_message="unknown permission; expected an object with one of the keys "
+            + ", ".join(_PERMISSION_NAMES),
+        ),
+    ]
 
 
 class Limit(WireModel):

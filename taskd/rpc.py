@@ -66,7 +66,7 @@ def method(name: str, *aliases: str, websocket_only: bool = False) -> Callable[[
             try:
                 return Success(await fn(*bind(args, kwargs)))
             except TaskdError as exc:
-                return Error(exc.code, exc.message, exc.data)
+                return Error(exc.code, exc.wire_message, exc.data)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -87,7 +87,11 @@ def method(name: str, *aliases: str, websocket_only: bool = False) -> Callable[[
 
 
 def _binder(signature: inspect.Signature) -> Callable[[tuple[Any, ...], dict[str, Any]], list[Any]]:
-    """A fast params check: positional or named params → the argument list, or InvalidParams."""
+    """A fast params check: positional or named params → the argument list, or InvalidParams.
+
+    Unknown named params are ignored, as NodeGet's serde structs ignore unknown fields
+    (NodeGet-board sends extras such as ``version``).
+    """
     params = list(signature.parameters.values())
     names = [p.name for p in params[1:]]  # the first is the call context
     required = [p.name for p in params[1:] if p.default is inspect.Parameter.empty]
@@ -95,11 +99,6 @@ def _binder(signature: inspect.Signature) -> Callable[[tuple[Any, ...], dict[str
 
     def bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
         if kwargs:
-            unknown = [k for k in kwargs if k not in defaults and k not in required]
-            if unknown:
-                raise InvalidParams(
-                    f"Invalid params: got an unexpected keyword argument {unknown[0]!r}"
-                )
             missing = [n for n in required if n not in kwargs]
             if missing:
                 raise InvalidParams(f"Invalid params: missing a required argument: {missing[0]!r}")
@@ -131,44 +130,52 @@ def _error(code: int, message: str, request_id: Any = None) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "error": {"code": code, "message": message}, "id": request_id}
 
 
+def _failed(
+    context: CallContext, code: int, message: str, request_id: Any = None
+) -> dict[str, Any]:
+    """An error reply, counted in the ``taskd_rpc_errors`` metric."""
+    context.app.metrics.rpc_errors.labels(str(code)).inc()
+    return _error(code, message, request_id)
+
+
 _ID_TYPES = (str, int, float, type(None))
 _PARAM_TYPES = (list, dict)
 
 
-def _check(item: Any) -> tuple[Request | None, dict[str, Any] | None]:
+def _check(item: Any) -> Request | dict[str, Any]:
     """Validate one request object; return the request, or the error reply to send."""
     if not isinstance(item, dict):
-        return None, _error(-32600, "Invalid request: expected a JSON object")
+        return _error(-32600, "Invalid request: expected a JSON object")
     request_id = item.get("id", NOID)
     if request_id is not NOID and (
         isinstance(request_id, bool) or not isinstance(request_id, _ID_TYPES)
     ):
-        return None, _error(-32600, "Invalid request: id must be a string, number or null")
+        return _error(-32600, "Invalid request: id must be a string, number or null")
     reply_id = None if request_id is NOID else request_id
     if item.get("jsonrpc") != "2.0":
-        return None, _error(-32600, 'Invalid request: "jsonrpc" must be "2.0"', reply_id)
+        return _error(-32600, 'Invalid request: "jsonrpc" must be "2.0"', reply_id)
     name = item.get("method")
     if not isinstance(name, str):
-        return None, _error(-32600, 'Invalid request: "method" must be a string', reply_id)
+        return _error(-32600, 'Invalid request: "method" must be a string', reply_id)
     params = item.get("params", [])
     if not isinstance(params, _PARAM_TYPES):
-        return None, _error(
-            -32600, 'Invalid request: "params" must be an array or object', reply_id
-        )
+        return _error(-32600, 'Invalid request: "params" must be an array or object', reply_id)
     extra = set(item) - {"jsonrpc", "method", "params", "id"}
     if extra:
-        return None, _error(
+        return _error(
             -32600, f"Invalid request: unknown member(s) {', '.join(sorted(extra))}", reply_id
         )
-    return Request(name, params, request_id), None
+    return Request(name, params, request_id)
 
 
 async def _dispatch_one(request: Request, context: CallContext) -> dict[str, Any] | None:
     info = REGISTRY.get(request.method)
     if info is None:
-        reply = _error(-32601, f"Method not found: {request.method[:100]}", None)
+        reply = _failed(context, -32601, f"Method not found: {request.method[:100]}")
     elif info.websocket_only and context.transport != "websocket":
-        reply = _error(-32601, f"Method {request.method} is only available over WebSocket")
+        reply = _failed(
+            context, -32601, f"Method {request.method} is only available over WebSocket"
+        )
     else:
         # jsonrpcserver's own lookup and Signature.bind check cost more than most
         # methods; the registry lookup above and the method's precomputed binder
@@ -179,8 +186,7 @@ async def _dispatch_one(request: Request, context: CallContext) -> dict[str, Any
             message = err.message
             if err.code == InvalidParams.code and isinstance(err.data, str):
                 message = f"Invalid params: {err.data}"  # jsonrpcserver's binding error
-            reply = _error(err.code, message)
-            context.app.metrics.rpc_errors.labels(str(err.code)).inc()
+            reply = _failed(context, err.code, message)
             if (
                 err.data not in (None, NODATA)
                 and not isinstance(err.data, str)
@@ -208,7 +214,8 @@ async def handle(body: bytes | str, context: CallContext) -> bytes | None:
     limit = context.app.settings.max_message_bytes
     if len(body) > limit:
         return _dumps(
-            _error(
+            _failed(
+                context,
                 -32600,
                 f"Invalid request: message of {len(body)} bytes exceeds the {limit}-byte limit",
             )
@@ -216,14 +223,18 @@ async def handle(body: bytes | str, context: CallContext) -> bytes | None:
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        return _dumps(_error(-32700, f"Parse error: {str(exc)[:200]}"))
+        return _dumps(_failed(context, -32700, f"Parse error: {str(exc)[:200]}"))
     if isinstance(parsed, list):
         if not parsed:
-            return _dumps(_error(-32600, "Invalid request: empty batch"))
+            return _dumps(_failed(context, -32600, "Invalid request: empty batch"))
         max_items = context.app.settings.max_batch_items
         if len(parsed) > max_items:
             return _dumps(
-                _error(-32600, f"Invalid request: batch of {len(parsed)} exceeds {max_items} items")
+                _failed(
+                    context,
+                    -32600,
+                    f"Invalid request: batch of {len(parsed)} exceeds {max_items} items",
+                )
             )
         replies = await _handle_batch(parsed, context)
         answered = [r for r in replies if r is not None]
@@ -253,7 +264,8 @@ async def _handle_batch(items: list[Any], context: CallContext) -> list[dict[str
 
 
 async def _handle_item(item: Any, context: CallContext) -> dict[str, Any] | None:
-    request, error = _check(item)
-    if request is None:
-        return error
-    return await _dispatch_one(request, context)
+    checked = _check(item)
+    if isinstance(checked, dict):
+        context.app.metrics.rpc_errors.labels(str(checked["error"]["code"])).inc()
+        return checked
+    return await _dispatch_one(checked, context)

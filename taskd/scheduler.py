@@ -15,7 +15,8 @@ the rows could not be written) is settled with rows saying the fire was
 interrupted, at start-up and on every resync.
 
 Missed slots (downtime, a stalled event loop) collapse into one fire for the
-latest missed slot. Changes made through this node apply at once; every few
+latest missed slot. A cron with an empty agent list gets no job: it fires
+nothing and records nothing. Changes made through this node apply at once; every few
 seconds the jobs are also reconciled with the database, which picks up crons
 created, edited or removed through other nodes.
 """
@@ -237,6 +238,11 @@ class Scheduler:
         self._changed[cron.id] = time.monotonic()
         if not self._scheduler.running:
             return  # another node fires the crons; start() reloads them all from the database
+        if not _targets(cron.cron_type):
+            # no agents (NodeGet-board empties a cron whose last agent it deleted): no job,
+            # so no claims, no result rows and no last_run_time until an edit adds agents
+            self._remove_job(cron.id)
+            return
         try:
             schedule = parse_expression(cron.cron_expression, self.zone)
         except TaskdError as exc:

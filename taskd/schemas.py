@@ -40,6 +40,28 @@ _QUERY = {
     },
     "required": ["condition"],
 }
+_TARGET = {"type": "string", "minLength": 1, "description": "a token's key or username"}
+_LIMITS = {"type": "array", "items": {"$ref": "#/components/schemas/Limit"}}
+_PASSWORD = {"type": "string", "minLength": 6, "maxLength": 256}
+_USERNAME = {"type": ["string", "null"], "minLength": 1, "maxLength": 128}
+_MS = {"type": ["integer", "null"], "minimum": 0}
+_DESCRIPTION = {"type": ["string", "null"], "maxLength": 256}
+_MAX_USES = {"type": ["integer", "null"], "minimum": 1}
+TOKEN_CREATION = {
+    "type": "object",
+    "properties": {
+        "token_limit": _LIMITS,
+        "username": _USERNAME,
+        "password": {**_PASSWORD, "type": ["string", "null"]},
+        "timestamp_from": _MS,
+        "timestamp_to": _MS,
+        "version": {"type": ["integer", "null"], "description": "ignored: always 1"},
+        "description": _DESCRIPTION,
+        "max_uses": _MAX_USES,
+    },
+    "required": ["token_limit"],
+}
+_KV_NAMESPACE = {"type": "string", "minLength": 1, "maxLength": 128}
 PARAMS: dict[str, dict[str, Any]] = {
     "token": _TOKEN,
     "target_uuid": _UUID,
@@ -65,41 +87,74 @@ PARAMS: dict[str, dict[str, Any]] = {
         },
         "required": ["condition"],
     },
-    "limits": {"type": "array", "items": {"$ref": "#/components/schemas/Limit"}},
-    "key": {"type": "string", "minLength": 1, "maxLength": 64},
-    "username": {"type": ["string", "null"], "maxLength": 128, "pattern": "^[^:|]+$"},
-    "password": {"type": "string", "minLength": 8, "maxLength": 256, "pattern": "^[^:]*$"},
-    "timestamp_from": {"type": ["integer", "null"], "minimum": 0},
-    "timestamp_to": {"type": ["integer", "null"], "minimum": 0},
-    "description": {"type": ["string", "null"], "maxLength": 256},
-    "max_uses": {"type": ["integer", "null"], "minimum": 1},
+    "father_token": _TOKEN,
+    "supertoken": {**_TOKEN, "description": "KEY:SECRET or USERNAME|PASSWORD of a token reader"},
+    "token_creation": {"$ref": "#/components/schemas/TokenCreation"},
+    "target_token": _TARGET,
+    "limit": _LIMITS,
+    "new_password": _PASSWORD,
+    "username": _USERNAME,
+    "timestamp_from": _MS,
+    "timestamp_to": _MS,
+    "description": _DESCRIPTION,
+    "max_uses": _MAX_USES,
+    "agent_uuid": _UUID,
+    "namespace": _KV_NAMESPACE,
+    "key": {"type": "string", "minLength": 1, "maxLength": 512, "description": "no '*'"},
+    "value": {"description": "any JSON value, up to 1 MiB"},
+    "namespace_key": {
+        "type": "array",
+        "maxItems": 10_000,
+        "items": {
+            "type": "object",
+            "properties": {
+                "namespace": _KV_NAMESPACE,
+                "key": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": 512,
+                    "description": "a key, or a prefix ending in '*'",
+                },
+            },
+            "required": ["namespace", "key"],
+        },
+    },
+}
+_SUCCESS = {
+    "type": "object",
+    "properties": {"success": {"type": "boolean", "const": True}},
+    "required": ["success"],
 }
 _ID = {"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"]}
-_SUCCESS = {"type": "object", "properties": {"success": {"type": "boolean"}}}
 _ISSUED = {
     "type": "object",
-    "properties": {
-        "key": {"type": "string"},
-        "secret": {"type": "string"},
-        "token": {"type": "string", "description": "KEY:SECRET, shown once"},
-    },
-    "required": ["key", "secret", "token"],
+    "properties": {"key": {"type": "string"}, "secret": {"type": "string"}},
+    "required": ["key", "secret"],
 }
 _TOKEN_INFO = {
     "type": "object",
     "properties": {
-        "key": {"type": "string"},
-        "username": {"type": ["string", "null"]},
-        "is_super": {"type": "boolean"},
-        "limits": {"type": "array", "items": {"$ref": "#/components/schemas/Limit"}},
+        "version": {"type": "integer", "const": 1},
+        "token_key": {"type": "string"},
         "timestamp_from": {"type": ["integer", "null"]},
         "timestamp_to": {"type": ["integer", "null"]},
+        "token_limit": _LIMITS,
+        "username": {"type": ["string", "null"], "description": "root for the super token"},
+        "is_super": {"type": "boolean"},
+        "description": {"type": ["string", "null"]},
         "max_uses": {"type": ["integer", "null"]},
         "uses": {"type": "integer"},
-        "description": {"type": ["string", "null"]},
         "created_at": {"type": "integer"},
         "updated_at": {"type": "integer"},
     },
+    "required": [
+        "version",
+        "token_key",
+        "timestamp_from",
+        "timestamp_to",
+        "token_limit",
+        "username",
+    ],
 }
 RESULTS: dict[str, dict[str, Any]] = {
     "task_create_task": _ID,
@@ -120,16 +175,87 @@ RESULTS: dict[str, dict[str, Any]] = {
     "server_hello": {"type": "string"},
     "token_create": _ISSUED,
     "token_get": _TOKEN_INFO,
-    "token_list_all_tokens": {"type": "array", "items": _TOKEN_INFO},
-    "token_edit": _TOKEN_INFO,
-    "token_delete": _SUCCESS,
+    "token_list_all_tokens": {
+        "type": "object",
+        "properties": {"tokens": {"type": "array", "items": _TOKEN_INFO}},
+        "required": ["tokens"],
+    },
+    "token_edit": {
+        "type": "object",
+        "properties": {
+            "success": {"type": "boolean"},
+            "id": {"type": "integer"},
+            "token_key": {"type": "string"},
+        },
+        "required": ["success", "id", "token_key"],
+    },
+    "token_delete": {
+        "type": "object",
+        "properties": {
+            "message": {"type": "string"},
+            "rows_affected": {"type": "integer"},
+            "matched_by": {"enum": ["token_key", "username"]},
+        },
+        "required": ["message", "rows_affected", "matched_by"],
+    },
     "token_roll_token_secret": _ISSUED,
-    "token_change_password": _SUCCESS,
+    "token_change_password": {
+        "type": "object",
+        "properties": {"success": {"type": "boolean"}, "message": {"type": "string"}},
+        "required": ["success"],
+    },
     "agent_enroll": {
         "type": "object",
         "properties": {"uuid": _UUID, "token": {"type": "string"}},
         "required": ["uuid", "token"],
     },
+    "server_version": {
+        "type": "object",
+        "properties": {
+            "version": {"type": "string"},
+            "binary_type": {"const": "Server"},
+            "cargo_version": {"type": "string", "description": "the taskd version"},
+        },
+        "additionalProperties": {"type": "string"},
+        "required": ["version", "binary_type", "cargo_version"],
+    },
+    "nodeget-server_list_all_agent_uuid": {
+        "type": "object",
+        "properties": {"uuids": {"type": "array", "items": _UUID}},
+        "required": ["uuids"],
+    },
+    "agent-uuid_list_all": {"type": "array", "items": _UUID},
+    "agent-uuid_list_all_with_agent_mode": {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {"uuid": _UUID, "soft_delete": {"type": "boolean"}},
+            "required": ["uuid", "soft_delete"],
+        },
+    },
+    "agent-uuid_delete": {
+        "type": "object",
+        "properties": {"success": {"type": "boolean"}, "message": {"type": "string"}},
+        "required": ["success", "message"],
+    },
+    "kv_create": {
+        "type": "object",
+        "properties": {"namespace": _KV_NAMESPACE, "kv": {"type": "object"}},
+        "required": ["namespace", "kv"],
+    },
+    "kv_list_all_namespace": {"type": "array", "items": _KV_NAMESPACE},
+    "kv_get_value": {"description": "the JSON value, null if the key does not exist"},
+    "kv_get_multi_value": {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {"namespace": _KV_NAMESPACE, "key": {"type": "string"}, "value": {}},
+            "required": ["namespace", "key", "value"],
+        },
+    },
+    "kv_set_value": _SUCCESS,
+    "kv_delete_key": _SUCCESS,
+    "kv_get_all_keys": {"type": "array", "items": {"type": "string"}},
 }
 
 
@@ -153,6 +279,7 @@ def openrpc_document() -> dict[str, Any]:
         schema = _schema_of(annotation)
         components.update(schema.pop("$defs", {}))
         components[name] = schema
+    components["TokenCreation"] = TOKEN_CREATION
     methods = []
     seen: set[str] = set()
     for _, info in sorted(REGISTRY.items()):

@@ -51,7 +51,7 @@ from taskd.errors import (
     PermissionDenied,
     TaskdError,
 )
-from taskd.models import Agent, Cron, CronFire, CronResult, Node, Task, TaskState, Token
+from taskd.models import Agent, Cron, CronFire, CronResult, Kv, Node, Task, TaskState, Token
 from taskd.protocol import (
     DEFAULT_QUERY_LIMIT,
     CronResultQuery,
@@ -61,6 +61,7 @@ from taskd.protocol import (
 from taskd.writer import (
     AGENTS_CHANNEL,
     AgentConnectedOp,
+    AgentsSeenOp,
     CallOp,
     CompleteOp,
     InsertTasksOp,
@@ -91,6 +92,9 @@ node_t = Node.__table__  # type: ignore[attr-defined]
 cron_t = Cron.__table__  # type: ignore[attr-defined]
 cron_fire_t = CronFire.__table__  # type: ignore[attr-defined]
 cron_result_t = CronResult.__table__  # type: ignore[attr-defined]
+kv_t = Kv.__table__  # type: ignore[attr-defined]
+SUPER_USERNAME = "root"
+"""The username of the super token: NodeGet's clients recognise the super token by it."""
 
 TASK_RECORD_COLUMNS = (
     task_t.c.id,
@@ -615,15 +619,21 @@ class Store:
         )
 
     async def agent_connected(
-        self, agent_uuid: str, remote_addr: str | None, node_id: str, token_key: str | None
+        self,
+        agent_uuid: str,
+        remote_addr: str | None,
+        node_id: str,
+        token_key: str | None,
+        *,
+        since: int | None = None,
     ) -> None:
-        """Record that an agent subscribed here."""
+        """Record that an agent subscribed here (connected ``since`` ms, now by default)."""
         now = now_ms()
         values = {
             "uuid": agent_uuid,
             "first_seen": now,
             "last_seen": now,
-            "connected_since": now,
+            "connected_since": now if since is None else since,
             "remote_addr": remote_addr,
             "node_id": node_id,
             "token_key": token_key,
@@ -675,6 +685,170 @@ class Store:
             )
 
         await self.write(mark)
+
+    async def agents_seen(self, seen: dict[str, int]) -> None:
+        """Record agents' authenticated calls (uuid → ms): each is known from then on, and one
+        soft-deleted before its call is listed again."""
+        if seen:
+            await self._submit(AgentsSeenOp(seen))
+
+    async def soft_delete_agent(self, agent_uuid: str) -> bool:
+        """Leave an agent out of the lists from now on (its history stays); False if unknown."""
+
+        async def mark(conn: AsyncConnection) -> bool:
+            found = await conn.execute(
+                select(agent_t.c.deleted_at).where(agent_t.c.uuid == agent_uuid)
+            )
+            row = found.first()
+            if row is None:
+                return False
+            if row.deleted_at is None:
+                await conn.execute(
+                    update(agent_t).where(agent_t.c.uuid == agent_uuid).values(deleted_at=now_ms())
+                )
+            return True
+
+        return await self.write(mark)
+
+    # ------------------------------------------------------------------ kv
+
+    async def kv_namespaces(self) -> list[str]:
+        """Every KV namespace (a namespace exists while it holds a key), sorted."""
+
+        async def fetch(conn: AsyncConnection) -> list[str]:
+            rows = await conn.execute(select(kv_t.c.namespace).distinct())
+            return sorted(namespace for (namespace,) in rows)
+
+        return await self.read(fetch)
+
+    @staticmethod
+    async def _kv_exists(conn: AsyncConnection, namespace: str) -> bool:
+        statement = select(kv_t.c.id).where(kv_t.c.namespace == namespace).limit(1)
+        return (await conn.execute(statement)).first() is not None
+
+    @staticmethod
+    def _no_namespace(namespace: str) -> NotFound:
+        return NotFound(f"KV namespace {namespace!r} does not exist")
+
+    async def kv_create(self, namespace: str, marker: str) -> None:
+        """Create a KV namespace by storing its ``marker`` key (value null); 108 if it exists."""
+
+        async def create(conn: AsyncConnection) -> None:
+            if await self._kv_exists(conn, namespace):
+                raise InvalidInput(f"KV namespace {namespace!r} already exists")
+            dialect_insert = sqlite_insert if self.is_sqlite else pg_insert
+            inserted = await conn.execute(
+                dialect_insert(kv_t)
+                .values(namespace=namespace, key=marker, value=None)
+                .on_conflict_do_nothing(index_elements=["namespace", "key"])
+                .returning(kv_t.c.id)
+            )
+            if inserted.first() is None:  # created by another node meanwhile
+                raise InvalidInput(f"KV namespace {namespace!r} already exists")
+
+        await self.write(create)
+
+    async def kv_get(self, namespace: str, key: str) -> Any:
+        """The value of ``key`` (None if it has none); 105 if the namespace does not exist."""
+
+        async def fetch(conn: AsyncConnection) -> Any:
+            statement = select(kv_t.c.value).where(kv_t.c.namespace == namespace, kv_t.c.key == key)
+            row = (await conn.execute(statement)).first()
+            if row is not None:
+                return row.value
+            if not await self._kv_exists(conn, namespace):
+                raise self._no_namespace(namespace)
+            return None
+
+        return await self.read(fetch)
+
+    async def kv_keys(self, namespace: str) -> list[str]:
+        """Every key of a namespace, sorted; 105 if the namespace does not exist."""
+
+        async def fetch(conn: AsyncConnection) -> list[str]:
+            rows = await conn.execute(select(kv_t.c.key).where(kv_t.c.namespace == namespace))
+            keys = sorted(key for (key,) in rows)
+            if not keys:
+                raise self._no_namespace(namespace)
+            return keys
+
+        return await self.read(fetch)
+
+    async def kv_set(self, namespace: str, key: str, value: Any) -> None:
+        """Store ``value`` under ``key``, replacing any; 105 if the namespace does not exist."""
+
+        async def store(conn: AsyncConnection) -> None:
+            if not await self._kv_exists(conn, namespace):
+                raise self._no_namespace(namespace)
+            await conn.execute(
+                self._upsert(
+                    kv_t,
+                    {"namespace": namespace, "key": key, "value": value},
+                    ["namespace", "key"],
+                    ["value"],
+                )
+            )
+
+        await self.write(store)
+
+    async def kv_delete(self, namespace: str, key: str) -> None:
+        """Remove ``key`` (nothing if it is absent); 105 if the namespace does not exist."""
+
+        async def remove(conn: AsyncConnection) -> None:
+            if not await self._kv_exists(conn, namespace):
+                raise self._no_namespace(namespace)
+            await conn.execute(delete(kv_t).where(kv_t.c.namespace == namespace, kv_t.c.key == key))
+
+        await self.write(remove)
+
+    async def kv_get_many(
+        self, exact: Sequence[tuple[str, str]], prefixed: Sequence[tuple[str, str]]
+    ) -> tuple[dict[tuple[str, str], Any], dict[str, list[tuple[str, Any]]]]:
+        """Values of exact (namespace, key) pairs, and the sorted (key, value) pairs of each
+        namespace named with a key prefix whose key starts with one of its prefixes."""
+
+        async def fetch(
+            conn: AsyncConnection,
+        ) -> tuple[dict[tuple[str, str], Any], dict[str, list[tuple[str, Any]]]]:
+            values: dict[tuple[str, str], Any] = {}
+            wanted = set(exact)
+            spaces = sorted({namespace for namespace, _ in wanted})
+            keys = sorted({key for _, key in wanted})
+            for spaces_part in _chunks(spaces, KV_CHUNK):
+                for keys_part in _chunks(keys, KV_CHUNK):
+                    rows = await conn.execute(
+                        select(kv_t.c.namespace, kv_t.c.key, kv_t.c.value).where(
+                            kv_t.c.namespace.in_(spaces_part), kv_t.c.key.in_(keys_part)
+                        )
+                    )
+                    values.update(
+                        ((ns, key), value) for ns, key, value in rows if (ns, key) in wanted
+                    )
+            prefixes: dict[str, set[str]] = {}
+            for namespace, prefix in prefixed:
+                prefixes.setdefault(namespace, set()).add(prefix)
+            distinct = {prefix for group in prefixes.values() for prefix in group}
+            # a few prefixes narrow the read in SQL; any key still passes the check below
+            narrow = (
+                [func.substr(kv_t.c.key, 1, len(prefix)) == prefix for prefix in sorted(distinct)]
+                if "" not in distinct and len(distinct) <= KV_SQL_PREFIXES
+                else []
+            )
+            matched: dict[str, list[tuple[str, Any]]] = {}
+            for spaces_part in _chunks(sorted(prefixes), KV_CHUNK):
+                statement = select(kv_t.c.namespace, kv_t.c.key, kv_t.c.value).where(
+                    kv_t.c.namespace.in_(spaces_part)
+                )
+                if narrow:
+                    statement = statement.where(or_(*narrow))
+                for ns, key, value in await conn.execute(statement):
+                    if any(key.startswith(prefix) for prefix in prefixes[ns]):
+                        matched.setdefault(ns, []).append((key, value))
+            for pairs in matched.values():
+                pairs.sort(key=lambda pair: pair[0])
+            return values, matched
+
+        return await self.read(fetch)
 
     # ------------------------------------------------------------------ terminal relay
 
@@ -983,21 +1157,55 @@ class Store:
         statement = select(token_t.c.id).where(token_t.c.username == username, token_t.c.key != key)
         return (await conn.execute(statement)).first() is not None
 
-    async def update_token(
-        self, key: str, change: Callable[[Row[Any]], dict[str, Any]]
-    ) -> Row[Any]:
-        """Set the values ``change(row)`` returns (it may raise) on token ``key``, atomically.
+    @staticmethod
+    async def _named_token(
+        conn: AsyncConnection, names: Sequence[str]
+    ) -> tuple[Row[Any], str] | None:
+        """The token one of ``names`` (tried in order) is the key, else the username, of.
 
-        105 if there is no such token, 108 if a new username is taken; returns the new row.
+        Returns the row and ``"token_key"`` or ``"username"``. The super token answers
+        to its username even in databases made before it was given one.
+        """
+        for name in names:
+            for column, matched_by in (
+                (token_t.c.key, "token_key"),
+                (token_t.c.username, "username"),
+            ):
+                row = (await conn.execute(select(token_t).where(column == name))).first()
+                if row is not None:
+                    return row, matched_by
+            if name == SUPER_USERNAME:
+                statement = select(token_t).where(token_t.c.is_super.is_(True)).limit(1)
+                row = (await conn.execute(statement)).first()
+                if row is not None:
+                    return row, "username"
+        return None
+
+    async def find_token(self, names: Sequence[str]) -> tuple[Row[Any], str] | None:
+        """The token one of ``names`` is the key or username of, and which of the two matched."""
+
+        async def find(conn: AsyncConnection) -> tuple[Row[Any], str] | None:
+            return await self._named_token(conn, names)
+
+        return await self.read(find)
+
+    async def update_token(
+        self, names: Sequence[str], change: Callable[[Row[Any]], dict[str, Any]]
+    ) -> Row[Any]:
+        """Set the values ``change(row)`` returns (it may raise) on the named token, atomically.
+
+        ``names`` as for ``find_token``. 105 if there is no such token, 108 if a new
+        username is taken; returns the new row.
         """
 
         async def apply(conn: AsyncConnection) -> Row[Any]:
-            row = (await conn.execute(select(token_t).where(token_t.c.key == key))).first()
-            if row is None:
-                raise NotFound(f"No token with key {key}")
+            found = await self._named_token(conn, names)
+            if found is None:
+                raise NotFound(f"No token with key or username {_shown(names)}")
+            row = found[0]
             values = change(row) | {"updated_at": now_ms()}
             username = values.get("username")
-            if username is not None and await self._username_taken(conn, username, key):
+            if username is not None and await self._username_taken(conn, username, row.key):
                 raise InvalidInput(f"Username {username!r} is already taken")
             await conn.execute(update(token_t).where(token_t.c.id == row.id).values(**values))
             statement = select(token_t).where(token_t.c.id == row.id)
@@ -1005,17 +1213,23 @@ class Store:
 
         return await self.write(apply)
 
-    async def delete_token(self, key: str, check: Callable[[Row[Any]], None]) -> None:
-        """Delete token ``key`` unless ``check(row)`` raises; 105 if there is no such token."""
+    async def delete_token(
+        self, names: Sequence[str], check: Callable[[Row[Any]], None]
+    ) -> tuple[Row[Any], str]:
+        """Delete the named token unless ``check(row)`` raises; 105 if there is no such token.
 
-        async def remove(conn: AsyncConnection) -> None:
-            row = (await conn.execute(select(token_t).where(token_t.c.key == key))).first()
-            if row is None:
-                raise NotFound(f"No token with key {key}")
-            check(row)
-            await conn.execute(delete(token_t).where(token_t.c.id == row.id))
+        ``names`` as for ``find_token``; returns the deleted row and what matched.
+        """
 
-        await self.write(remove)
+        async def remove(conn: AsyncConnection) -> tuple[Row[Any], str]:
+            found = await self._named_token(conn, names)
+            if found is None:
+                raise NotFound(f"No token with key or username {_shown(names)}")
+            check(found[0])
+            await conn.execute(delete(token_t).where(token_t.c.id == found[0].id))
+            return found
+
+        return await self.write(remove)
 
     async def enroll_agent(
         self, enroll_key: str, agent_uuid: str, token: dict[str, Any], remote_addr: str | None
@@ -1081,6 +1295,21 @@ class Store:
             await conn.execute(insert(token_t), [row])
 
         await self.write(enroll)
+
+
+def _shown(names: Sequence[str]) -> str:
+    """The name a token was looked up by, for a message: never the secret of a credential."""
+    return repr(names[-1])
+
+
+KV_CHUNK = 500
+"""Names bound in one IN list: well under every driver's limit on parameters."""
+KV_SQL_PREFIXES = 8
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def _cron_targets(cron_type: Any) -> list[str]:

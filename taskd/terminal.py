@@ -466,7 +466,7 @@ def _canonical(value: str) -> str | None:
 
 async def _refuse(websocket: WebSocket, error: TaskdError) -> None:
     """Send one error frame, then close with 1008 (1011 for internal errors)."""
-    frame = orjson.dumps({"error_id": error.code, "error_message": error.message}).decode()
+    frame = orjson.dumps({"error_id": error.code, "error_message": error.wire_message}).decode()
     with contextlib.suppress(Exception):
         await asyncio.wait_for(websocket.send_text(frame), CLOSE_WAIT_S)
     code = 1011 if isinstance(error, InternalError) else 1008

@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from taskd.clock import now_ms
 from taskd.errors import AlreadyUploaded, DatabaseError, InvalidInput, NotFound, TaskdError
 from taskd.models import TaskState
-from taskd.protocol import RESULT_KIND, TaskResponse
+from taskd.protocol import TaskResponse
 
 logger = logging.getLogger(__name__)
 
@@ -454,11 +454,12 @@ class CompleteOp(HotOp):
             _, _, _, task_type, state, waiter_node = row
             if state == TaskState.DONE or up.task_id in taken:
                 outcomes.append(AlreadyUploaded(f"Task {up.task_id} already has a result"))
-            elif op.result_kind is not None and op.result_kind != RESULT_KIND[task_type]:
+            elif op.result_kind is not None and op.result_kind != task_type:
+                # each task variant is answered with the result variant of the same name
                 outcomes.append(
                     InvalidInput(
                         f"task_event_result: a {task_type} task must be answered with a "
-                        f"{RESULT_KIND[task_type]!r} result, not {op.result_kind!r}"
+                        f"{task_type!r} result, not {op.result_kind!r}"
                     )
                 )
             else:
@@ -574,7 +575,7 @@ _AGENT_CONNECTED = (
     "token_key) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (uuid) DO UPDATE SET "
     "last_seen = excluded.last_seen, connected_since = excluded.connected_since, "
     "remote_addr = excluded.remote_addr, node_id = excluded.node_id, "
-    "token_key = excluded.token_key"
+    "token_key = excluded.token_key, deleted_at = NULL"
 )
 
 
@@ -600,6 +601,35 @@ class AgentConnectedOp(HotOp):
         await raw.execute_many(_sql(raw, _AGENT_CONNECTED), rows)
         items = [f"{u} {v['node_id']}" for u, v in latest.items()]
         await _notify_raw(raw, AGENTS_CHANNEL, items)
+        return [None] * len(ops)
+
+
+_AGENTS_SEEN = (
+    "INSERT INTO agent (uuid, first_seen, last_seen) VALUES (?, ?, ?) "
+    "ON CONFLICT (uuid) DO UPDATE SET "
+    "last_seen = CASE WHEN excluded.last_seen > agent.last_seen "
+    "THEN excluded.last_seen ELSE agent.last_seen END, "
+    "deleted_at = CASE WHEN agent.deleted_at < excluded.last_seen "
+    "THEN NULL ELSE agent.deleted_at END"
+)
+
+
+@dataclass(eq=False)
+class AgentsSeenOp(HotOp):
+    """Record agents' calls (uuid → ms): an unknown agent gets its row, and one soft-deleted
+    before the call is listed again; all waiting ops are one statement."""
+
+    seen: dict[str, int]
+
+    @classmethod
+    async def run_all(cls, raw: Raw, ops: Sequence[Any]) -> list[Any]:
+        latest: dict[str, int] = {}
+        for op in ops:
+            for agent_uuid, at in op.seen.items():
+                latest[agent_uuid] = max(at, latest.get(agent_uuid, at))
+        # in key order, so batches of two nodes cannot deadlock on each other's rows
+        rows = [(u, at, at) for u, at in sorted(latest.items())]
+        await raw.execute_many(_sql(raw, _AGENTS_SEEN), rows)
         return [None] * len(ops)
 
 

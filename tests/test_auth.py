@@ -23,7 +23,7 @@ from taskd.auth import (
     hash_secret,
     random_string,
 )
-from taskd.errors import PermissionDenied
+from taskd.errors import InvalidParams, PermissionDenied, SerializationError
 from taskd.store import Store
 from tests.helpers import scaled
 
@@ -61,6 +61,29 @@ async def test_a_flood_with_one_made_up_key_reads_the_database_once(store: Store
             await auth.authenticate("NoSuchKey0000000:" + "s" * 32, "10.0.0.9")
     assert all(isinstance(o, PermissionDenied) for o in outcomes)
     assert len(reads) == 1, reads
+
+
+async def test_a_credential_string_is_parsed_as_nodeget_does(store: Store) -> None:
+    """Neither KEY:SECRET nor USERNAME|PASSWORD is a 101 parse error that reads nothing and
+    uses up no failed-login allowance; a token that is no string is -32602."""
+    auth = Authenticator(store, RateLimiter(burst=1, rate_per_s=1e-9))
+    reads = _count_token_reads(store)
+    for malformed in ("", "no-separator", "x" * 600):
+        with pytest.raises(SerializationError) as error:
+            await auth.authenticate(malformed, "10.0.0.9")
+        assert error.value.code == 101
+        assert error.value.wire_message == (
+            "Parse error: Invalid token format: expected KEY:SECRET or USERNAME|PASSWORD"
+        )
+    for not_a_string in (None, 12345, ["k", "s"]):
+        with pytest.raises(InvalidParams) as params_error:
+            await auth.authenticate(not_a_string, "10.0.0.9")
+        assert params_error.value.code == -32602
+    assert reads == []
+    with pytest.raises(PermissionDenied, match="unknown key or wrong secret"):
+        await auth.authenticate("NoSuchKey0000000:" + "s" * 32, "10.0.0.9")
+    with pytest.raises(PermissionDenied, match="Too many"):
+        await auth.authenticate("NoSuchKey0000000:" + "s" * 32, "10.0.0.9")
 
 
 async def test_a_token_created_after_a_miss_works_at_once(store: Store) -> None:

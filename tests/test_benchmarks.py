@@ -12,11 +12,13 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -208,19 +210,8 @@ def test_seed_fills_the_schema_taskd_init_made(tmp_path: Path) -> None:
     assert mode == ("wal",)
 
 
-def _descendants(pid: int) -> set[int]:
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                parents[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
+RUN_MARK = "TASKD_BENCH_TEST_RUN"
+"""Set in a driver's environment by a test: every process of that run inherits it."""
 
 
 def _running(pid: int) -> bool:
@@ -231,34 +222,96 @@ def _running(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
-def test_interrupted_run_leaves_no_process_behind(tmp_path: Path) -> None:
-    """Ctrl-C in the middle of a run stops every process the driver started, and writes nothing."""
+def _marked(mark: str) -> list[int]:
+    """Live processes whose environment carries ``mark``: the processes of one test's run."""
+    needle = f"{RUN_MARK}={mark}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0") and _running(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+def _as_typed_at_a_terminal() -> None:
+    # drivers (and make) keep a stop signal that was ignored at start ignored, as
+    # they should under nohup; the run here stands for one typed at a terminal,
+    # even when the tests themselves run under `nohup make test &`
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+STOPS = [
+    # driver, signal, children running when it arrives (1: while the scenario starts them)
+    pytest.param("bench", signal.SIGINT, 3, id="bench-SIGINT"),
+    pytest.param("bench", signal.SIGTERM, 1, id="bench-SIGTERM-starting"),
+    pytest.param("bench", signal.SIGHUP, 3, id="bench-SIGHUP"),
+    pytest.param("faults", signal.SIGTERM, 3, id="faults-SIGTERM"),
+    pytest.param("faults", signal.SIGHUP, 1, id="faults-SIGHUP-starting"),
+    pytest.param("make", signal.SIGTERM, 3, id="make-faults-SIGTERM"),
+    pytest.param("make", signal.SIGHUP, 3, id="make-faults-SIGHUP"),
+]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("driver", "stop", "running"), STOPS)
+def test_a_stopped_run_leaves_no_process_behind(
+    tmp_path: Path, driver: str, stop: signal.Signals, running: int
+) -> None:
+    """Ctrl-C, SIGTERM or SIGHUP to a driver (or to make running it) kills and reaps every
+    process of the run, removes its work directory and writes no results."""
+    if driver == "make" and shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    results, temp = tmp_path / "results", tmp_path / "tmp"
+    temp.mkdir()
+    bench = _module("benchmarks.run", "--results-dir", str(results), *QUICK_P4)
+    faults = _module("benchmarks.faults", "--quick", "--only", "R3", "--results-dir", str(results))
+    argv = bench if driver == "bench" else faults
+    if driver == "make":
+        # a plain command, as in the Makefile: make runs it without a shell in between
+        (tmp_path / "Makefile").write_text("faults:\n\t" + " ".join(faults) + "\n")
+        argv = ["make", "--no-print-directory", "-f", str(tmp_path / "Makefile"), "faults"]
+    mark = uuid.uuid4().hex
     log = tmp_path / "driver.log"
-    with log.open("wb") as stderr:
-        driver = subprocess.Popen(
-            _module("benchmarks.run", "--results-dir", str(tmp_path), *QUICK_P4),
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            argv,
             cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
+            env=os.environ | {RUN_MARK: mark, "TMPDIR": str(temp)},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_as_typed_at_a_terminal,
         )
     try:
-        deadline = time.monotonic() + scaled(60)
-        started: set[int] = set()
-        # a server and at least one load agent (with whatever they forked)
-        while len(started) < 3:
-            assert driver.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the driver did not start its processes"
-            started |= _descendants(driver.pid)
-            time.sleep(0.05)
-        driver.send_signal(signal.SIGINT)
-        assert driver.wait(timeout=scaled(60)) == 130
+        deadline = time.monotonic() + scaled(90)
+        while len([pid for pid in _marked(mark) if pid != process.pid]) < running:
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"the run did not start\n{log.read_text()}"
+            time.sleep(0.02)
+        process.send_signal(stop)
+        status = process.wait(timeout=scaled(120))
+        # the driver exits as a shell reports a process ended by the signal; make dies of it
+        assert status == (-stop if driver == "make" else 128 + stop), log.read_text()
+        # the driver reaped its children; processes they forked may take a moment to vanish
+        deadline = time.monotonic() + scaled(10)
+        while _marked(mark) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in _marked(mark)}
+        assert not left, f"left running: {left}\n{log.read_text()}"
     finally:
-        _stop(driver)
-    deadline = time.monotonic() + scaled(10)
-    while any(_running(pid) for pid in started) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [pid for pid in started if _running(pid)]
-    assert not list(tmp_path.glob("*.json"))
+        _stop(process)
+        for pid in _marked(mark):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert f"interrupted ({stop.name})" in log.read_text()
+    assert not list(temp.iterdir()), "the work directory was left behind"
+    assert not list(results.glob("*.json")), "an interrupted run wrote results"
 
 
 @pytest.fixture(scope="module")

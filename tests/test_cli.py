@@ -149,6 +149,25 @@ def test_call_creates_queries_and_deletes(
     assert "taskd" in json.loads(hello.stdout)
 
 
+def test_call_without_a_token_says_how_to_give_one(tmp_path: Path) -> None:
+    """`taskd call` of a method taking a token, given none, names --token and TASKD_TOKEN."""
+    env = {"TASKD_URL": f"http://127.0.0.1:{free_port()}/", "TASKD_TOKEN": ""}
+    for method, *params in (
+        ("task_query_task", '[{"condition": []}]'),
+        ("crontab_get",),
+        ("token_create", '{"token_creation": {}}'),
+    ):
+        refused = run("call", method, *params, cwd=tmp_path, env=env)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr == (
+            f"{method} needs a token: pass --token KEY:SECRET or set TASKD_TOKEN\n"
+        )
+    # a token among named params is sent as given: here to a server that is not there
+    named = '{"token": "a:b", "task_data_query": {"condition": []}}'
+    sent = run("call", "task_query_task", named, cwd=tmp_path, env=env)
+    assert sent.returncode == 3 and "cannot reach" in sent.stderr
+
+
 def test_sigterm_closes_websockets_with_1001_and_exits_0(
     served: tuple[subprocess.Popen[str], str, str],
 ) -> None:
@@ -221,7 +240,7 @@ def test_demo_starts_server_and_agent_and_shows_a_round_trip(tmp_path: Path) -> 
     assert "agent" in result.stdout and "online" in result.stdout
     uname = subprocess.run(["uname", "-a"], capture_output=True, text=True).stdout.strip()
     assert json.dumps(uname)[1:-1] in result.stdout
-    assert '"tcp_ping"' in result.stdout and '{"ping": ' in result.stdout
+    assert '"tcp_ping"' in result.stdout and '{"tcp_ping": ' in result.stdout
     again = run("demo", "--dir", "var", "--port", str(port), "--once", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "super token" not in again.stdout, "a second run reuses the first run's setup"

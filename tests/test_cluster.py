@@ -15,7 +15,7 @@ import time
 import tomllib
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -29,6 +29,7 @@ import websockets
 import taskd.methods  # noqa: F401 - registers the methods in REGISTRY
 from taskd.agent.tasks import TaskContext
 from taskd.agent.tasks.web_shell import run as run_web_shell
+from taskd.cluster import node_lock_key
 from taskd.config import parse_agent_config
 from taskd.protocol import WebShell, parse_task_event_type
 from taskd.rpc import REGISTRY
@@ -37,7 +38,9 @@ from tests.helpers import (
     ScriptedAgent,
     WsClient,
     free_port,
+    make_settings,
     postgres_database,
+    running_server,
     scaled,
     unwrap,
 )
@@ -53,6 +56,8 @@ class Node:
     port: int
     config: Path
     process: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    log_name: str = "serve.log"
 
     @property
     def url(self) -> str:
@@ -63,10 +68,15 @@ class Node:
         return f"ws://127.0.0.1:{self.port}/"
 
     def start(self) -> None:
-        log = (self.config.parent / "serve.log").open("ab")
+        log = (self.config.parent / self.log_name).open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "taskd", "serve", "--config", str(self.config)],
-            env={**os.environ, "TASKD_NODE_GRACE_MS": str(GRACE_MS), "TASKD_LOG_LEVEL": "info"},
+            env={
+                **os.environ,
+                "TASKD_NODE_GRACE_MS": str(GRACE_MS),
+                "TASKD_LOG_LEVEL": "info",
+                **self.env,
+            },
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -98,7 +108,7 @@ class Node:
                 self.process.wait()
 
     def log(self) -> str:
-        return (self.config.parent / "serve.log").read_text(errors="replace")[-3000:]
+        return (self.config.parent / self.log_name).read_text(errors="replace")[-3000:]
 
     async def call(self, method: str, *params: Any, **named: Any) -> Any:
         body = {"jsonrpc": "2.0", "method": method, "params": named or list(params), "id": 1}
@@ -119,44 +129,54 @@ class Cluster:
         return await self.nodes[index].call(method, self.token, *params)
 
 
+def taskd_init(config: Path, plain_url: str) -> dict[str, Any]:
+    """`taskd init` against PostgreSQL: the schema, the super token and the server UUID."""
+    init = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "taskd",
+            "init",
+            "--config",
+            str(config),
+            "--database",
+            plain_url,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
+    )
+    assert init.returncode == 0, init.stderr
+    data: dict[str, Any] = json.loads(init.stdout)
+    return data
+
+
+def node_config(directory: Path, server_uuid: str, plain_url: str) -> Node:
+    """A node's config file in ``directory`` (listening on a free port); the node not started."""
+    directory.mkdir(exist_ok=True)
+    config = directory / "taskd.toml"
+    port = free_port()
+    config.write_text(
+        "[server]\n"
+        f'server_uuid = "{server_uuid}"\n'
+        f'listen = "127.0.0.1:{port}"\n'
+        f'database_url = "{plain_url}"\n'
+        "reaper_interval_ms = 200\n"
+    )
+    return Node(directory.name, port, config)
+
+
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     """Three `taskd serve` processes on different ports sharing one fresh PostgreSQL database."""
     async with postgres_database() as url:
         plain_url = url.replace("postgresql+asyncpg://", "postgresql://")
-        first = tmp_path / "n0"
-        init = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "taskd",
-                "init",
-                "--config",
-                str(first / "taskd.toml"),
-                "--database",
-                plain_url,
-                "--json",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=scaled(60),
-        )
-        assert init.returncode == 0, init.stderr
-        data = json.loads(init.stdout)
-        nodes = []
-        for index in range(3):
-            directory = tmp_path / f"n{index}"
-            directory.mkdir(exist_ok=True)
-            config = directory / "taskd.toml"
-            port = free_port()
-            config.write_text(
-                "[server]\n"
-                f'server_uuid = "{data["server_uuid"]}"\n'
-                f'listen = "127.0.0.1:{port}"\n'
-                f'database_url = "{plain_url}"\n'
-                "reaper_interval_ms = 200\n"
-            )
-            nodes.append(Node(f"n{index}", port, config))
+        data = taskd_init(tmp_path / "n0" / "taskd.toml", plain_url)
+        nodes = [
+            node_config(tmp_path / f"n{index}", data["server_uuid"], plain_url)
+            for index in range(3)
+        ]
         for node in nodes:
             node.start()
         try:
@@ -488,14 +508,15 @@ async def test_rolling_a_token_on_one_node_revokes_it_on_every_node(cluster: Clu
             "permissions": [{"task": "listen"}, {"task": {"write": "*"}}],
         }
     ]
-    issued = await cluster.su(1, "token_create", limits)
-    agent = ScriptedAgent(cluster.nodes[0].ws_url, issued["token"], agent_uuid)
+    issued = await cluster.su(1, "token_create", {"token_limit": limits})
+    issued_token = f"{issued['key']}:{issued['secret']}"
+    agent = ScriptedAgent(cluster.nodes[0].ws_url, issued_token, agent_uuid)
     async with agent:
         await wait_until(lambda: online_at(cluster, agent_uuid, cluster.nodes[0]), "online")
         await cluster.su(1, "token_roll_token_secret", issued["key"])
         assert await agent.closed() == 1008
     with pytest.raises(RpcError) as error:
-        await cluster.nodes[0].call("task_query_task", issued["token"], {"condition": []})
+        await cluster.nodes[0].call("task_query_task", issued_token, {"condition": []})
     assert error.value.code == 102
 
 
@@ -581,6 +602,26 @@ async def test_every_method_answers_on_every_node(cluster: Cluster) -> None:
             assert listed[worker.uuid]["online"] and listed[cron_target.uuid]["online"]
             enrolled = await su("agent_enroll", str(uuid.uuid4()))
             assert set(enrolled) == {"uuid", "token"}
+            assert worker.uuid in (await su("nodeget-server_list_all_agent_uuid"))["uuids"]
+            assert worker.uuid in await su("agent-uuid_list_all")
+            modes = await su("agent-uuid_list_all_with_agent_mode")
+            assert {"uuid": enrolled["uuid"], "soft_delete": False} in modes
+            deleted_agent = await su("agent-uuid_delete", enrolled["uuid"])
+            assert deleted_agent["success"] is True
+            assert (await call("nodeget-server_version"))["binary_type"] == "Server"
+            assert await call("server_version") == await call("nodeget-server_version")
+
+            # kv: written on this node, read back on the next
+            namespace = f"ns-{index}"
+            assert (await su("kv_create", namespace))["namespace"] == namespace
+            assert await su("kv_set_value", namespace, "name", f"n{index}") == {"success": True}
+            assert await su("kv_get_value", namespace, "name") == f"n{index}"
+            assert await other.call("kv_get_value", cluster.token, namespace, "name") == f"n{index}"
+            assert namespace in await su("kv_list_all_namespace")
+            assert "name" in await su("kv_get_all_keys", namespace)
+            multi = await su("kv_get_multi_value", [{"namespace": namespace, "key": "name"}])
+            assert [item["value"] for item in multi] == [f"n{index}"]
+            assert await su("kv_delete_key", namespace, "name") == {"success": True}
 
             # crons: edited here (two of the three nodes do not lead), fired by the leader
             name = f"edited-on-n{index}"
@@ -616,21 +657,32 @@ async def test_every_method_answers_on_every_node(cluster: Cluster) -> None:
 
             # tokens
             limits = [{"scopes": ["global"], "permissions": [{"task": {"read": "*"}}]}]
-            issued = await su("token_create", limits, f"user{index}", "first-password")
-            assert (await su("token_get"))["key"] == cluster.token.split(":")[0]
-            assert issued["key"] in {t["key"] for t in await su("token_list_all_tokens")}
+            creation = {
+                "token_limit": limits,
+                "username": f"user{index}",
+                "password": "first-password",
+            }
+            issued = await su("token_create", creation)
+            assert (await su("token_get"))["token_key"] == cluster.token.split(":")[0]
+            listed = (await su("token_list_all_tokens"))["tokens"]
+            assert issued["key"] in {t["token_key"] for t in listed}
             edited = await call(
-                "token_edit", token=cluster.token, key=issued["key"], description="edited"
+                "token_edit", token=cluster.token, target_token=issued["key"], description="edited"
             )
-            assert edited["description"] == "edited"
-            await su("token_change_password", "second-password", issued["key"])
+            assert edited["token_key"] == issued["key"]
+            assert (await other.call("token_get", issued["key"], cluster.token))[
+                "description"
+            ] == "edited"
+            await su("token_change_password", issued["key"], "second-password")
             login = f"user{index}|second-password"
             assert await other.call("task_query_task", login, {"condition": ["last"]})
             rolled = await su("token_roll_token_secret", issued["key"])
-            assert rolled["key"] == issued["key"] and rolled["token"] != issued["token"]
-            assert await su("token_delete", issued["key"]) == {"success": True}
+            assert rolled["key"] == issued["key"] and rolled["secret"] != issued["secret"]
+            assert (await su("token_delete", issued["key"]))["rows_affected"] == 1
             with pytest.raises(RpcError) as error:
-                await other.call("task_query_task", rolled["token"], {"condition": []})
+                await other.call(
+                    "task_query_task", f"{rolled['key']}:{rolled['secret']}", {"condition": []}
+                )
             assert error.value.code == 102
     assert called == set(REGISTRY), set(REGISTRY) - called
     assert len(edited_off_leader) == 2
@@ -732,3 +784,88 @@ async def test_a_routed_blocking_task_keeps_the_callers_deadline(cluster: Cluste
             return row["error_message"] == "timed out: no result from agent"
 
         await wait_until(failed, "the routed task timed out", 5)
+
+
+async def test_two_processes_never_run_with_one_node_id(tmp_path: Path) -> None:
+    """A second `taskd serve` on the same config file (so the same node_id) is refused, naming
+    the live node that holds the id and the fix, and changes nothing there; the first node
+    restarts at once after a SIGKILL although its heartbeat is still fresh; given its own
+    TASKD_NODE_ID the second joins and routes tasks to the first node's agents."""
+    async with postgres_database() as url:
+        plain_url = url.replace("postgresql+asyncpg://", "postgresql://")
+        data = taskd_init(tmp_path / "first" / "taskd.toml", plain_url)
+        token = data["super_token"]
+        first = node_config(tmp_path / "first", data["server_uuid"], plain_url)
+        twin_port = free_port()
+        twin = Node("twin", twin_port, first.config, env={"TASKD_PORT": str(twin_port)})
+        twin.log_name = "twin.log"
+        database = await asyncpg.connect(plain_url)
+
+        async def started_at(node_id: str) -> int:
+            value = await database.fetchval("SELECT started_at FROM node WHERE id = $1", node_id)
+            return int(value)
+
+        first.start()
+        try:
+            await first.wait_ready()
+            node_id = await node_id_of(first)
+            began = await started_at(node_id)
+            async with ScriptedAgent(first.ws_url, token) as agent:
+                twin.start()
+                assert twin.process is not None
+                code = await asyncio.to_thread(twin.process.wait, scaled(60))
+                assert code != 0
+                log = twin.log()
+                assert (
+                    f"node_id {node_id} is in use by a running node at "
+                    f"http://127.0.0.1:{first.port}, started "
+                ) in log, log
+                assert "from 127.0.0.1" in log and "TASKD_NODE_ID" in log, log
+                # the refused twin wrote nothing under the id: the agent is still held here
+                assert await started_at(node_id) == began
+                [listed] = await first.call("agent_list", token)
+                assert listed["online"] is True and listed["node_id"] == node_id
+                await first.call("task_create_task", token, agent.uuid, "version")
+                assert (await agent.next_task())["task_event_type"] == "version"
+
+            first.kill()  # its heartbeat stays fresh for the grace, its lock dies with it
+            first.start()
+            await first.wait_ready()
+            assert await node_id_of(first) == node_id
+
+            twin.env["TASKD_NODE_ID"] = str(uuid.uuid4())
+            twin.start()
+            await twin.wait_ready()
+            assert await node_id_of(twin) == twin.env["TASKD_NODE_ID"]
+            assert tomllib.loads(first.config.read_text())["server"]["node_id"] == node_id
+            async with ScriptedAgent(first.ws_url, token) as agent:
+                await twin.call("task_create_task", token, agent.uuid, "ip")
+                assert (await agent.next_task())["task_event_type"] == "ip"
+        finally:
+            await database.close()
+            twin.stop()
+            first.stop()
+
+
+async def test_a_node_id_locked_by_a_vanished_session_is_waited_for() -> None:
+    """A node whose id is still locked by a session without a live node behind it (a host that
+    vanished, until PostgreSQL ends its session) waits for the lock instead of refusing."""
+    async with postgres_database() as url:
+        node_id = str(uuid.uuid4())
+        holder = await asyncpg.connect(url.replace("+asyncpg", ""))
+        await holder.execute("SELECT pg_advisory_lock($1)", node_lock_key(node_id))
+        held_for = scaled(4)  # past the patience for a live node's lock
+
+        async def session_ends() -> None:
+            await asyncio.sleep(held_for)
+            await holder.close()
+
+        ending = asyncio.create_task(session_ends())
+        began = time.monotonic()
+        try:
+            async with running_server(make_settings(url, node_id=node_id)) as server:
+                assert time.monotonic() - began >= held_for
+                health = (await server.http.get("/healthz")).json()
+                assert health["node_id"] == node_id
+        finally:
+            await ending

@@ -203,7 +203,6 @@ async def test_invalid_input_codes(server: Server) -> None:
         (("x" * 129, EVERY_SECOND, target), 108, "128"),
         (("tab\there", EVERY_SECOND, target), 108, "control"),
         (("srv", EVERY_SECOND, {"server": {"script": "x"}}), 108, "server crons are not supported"),
-        (("bad", EVERY_SECOND, agent_cron([])), -32602, "cron_type"),
         (("bad", EVERY_SECOND, agent_cron(["not-a-uuid"])), -32602, "UUID"),
         (("bad", EVERY_SECOND, agent_cron([str(uuid.uuid4())], {"nope": 1})), -32602, "cron_type"),
         (("bad", 5, target), -32602, "cron_expression"),
@@ -300,6 +299,76 @@ async def test_edit_takes_new_targets_immediately(server: Server) -> None:
         with pytest.raises(asyncio.TimeoutError):
             await old.next_task(timeout=1.2)
         await server.su("crontab_delete", "move")
+
+
+async def test_an_empty_agent_list_is_accepted_and_fires_nothing(server: Server) -> None:
+    """A cron whose agent list is emptied (how NodeGet-board drops a deleted agent) is kept and
+    listed but creates no task and no result row while a cron beside it fires every slot."""
+    async with ScriptedAgent(server.ws_url, server.super_token) as agent:
+        created = await server.su("crontab_create", "nobody", EVERY_SECOND, agent_cron([]))
+        assert isinstance(created["id"], int)
+        await server.su("crontab_create", "dropped", EVERY_SECOND, agent_cron([agent.uuid]))
+        await server.su("crontab_create", "control", EVERY_SECOND, agent_cron([agent.uuid], "ip"))
+
+        async def dropped_fired() -> bool:
+            return bool(await results_of(server, "dropped"))
+
+        await wait_for(dropped_fired)
+        # NodeGet-board deletes the agent: it edits every cron to leave it out
+        assert await server.su("crontab_edit", "dropped", EVERY_SECOND, agent_cron([])) == {
+            "id": (await cron_named(server, "dropped") or {})["id"],
+            "success": True,
+        }
+        edited_at = int(time.time() * 1000)
+
+        async def control_slots_after_edit() -> bool:
+            slots = {r["run_time"] for r in await results_of(server, "control")}
+            return len([t for t in slots if t > edited_at]) >= 2
+
+        await wait_for(control_slots_after_edit, timeout=5)
+    entry = await cron_named(server, "nobody")
+    assert entry is not None and entry["cron_type"] == agent_cron([])
+    assert entry["enable"] is True and entry["last_run_time"] is None
+    assert await results_of(server, "nobody") == []
+    dropped = await results_of(server, "dropped")
+    assert dropped and all(r["run_time"] <= edited_at for r in dropped)
+    tasks = await server.su("task_query_task", {"condition": [{"uuid": agent.uuid}]})
+    # every task the agent got came from a slot with a result row; none from "nobody"
+    assert {t["cron_source"] for t in tasks} == {"dropped", "control"}
+    assert sorted(t["task_id"] for t in tasks if t["cron_source"] == "dropped") == sorted(
+        r["relative_id"] for r in dropped
+    )
+    assert await server.su("crontab_set_enable", "nobody", False) == {
+        "success": True,
+        "enabled": False,
+    }
+    assert await server.su("crontab_delete", "nobody") == {"success": True}
+
+
+async def test_an_empty_agent_list_needs_crontab_permissions_on_a_global_scope(
+    server: Server,
+) -> None:
+    """With no target to check, an agent-scoped token may neither create, see, edit nor delete
+    a cron without agents; a token with the crontab permissions on a global scope may."""
+    a = str(uuid.uuid4())
+    permissions = [{"crontab": "read"}, {"crontab": "write"}, {"crontab": "delete"}]
+    scoped = await add_token(server, [{"scopes": [{"agent_uuid": a}], "permissions": permissions}])
+    global_ = await add_token(server, [{"scopes": ["global"], "permissions": permissions}])
+    with pytest.raises(RpcError) as error:
+        await server.call("crontab_create", scoped, "empty", NEVER_SOON, agent_cron([]))
+    assert error.value.code == 102 and "crontab.write with global scope" in error.value.message
+    await server.call("crontab_create", global_, "empty", NEVER_SOON, agent_cron([]))
+    assert [c["name"] for c in await server.call("crontab_get", global_)] == ["empty"]
+    assert await server.call("crontab_get", scoped) == []
+    for method, params in (
+        ("crontab_edit", ("empty", NEVER_SOON, agent_cron([]))),
+        ("crontab_set_enable", ("empty", False)),
+        ("crontab_delete", ("empty",)),
+    ):
+        with pytest.raises(RpcError) as error:
+            await server.call(method, scoped, *params)
+        assert error.value.code == 102, method
+    assert await server.call("crontab_delete", global_, "empty") == {"success": True}
 
 
 async def test_queue_ttl_cron_queues_for_offline_agents(server: Server) -> None:
@@ -479,7 +548,7 @@ async def test_result_permissions_by_cron_name_pattern(server: Server) -> None:
         [{"scopes": ["global"], "permissions": [{"crontab_result": {"delete": "probe*"}}]}],
     )
     deleted = await server.call("crontab-result_delete", deleter, {"condition": []})
-    assert deleted == {"success": True, "deleted": len(everything)}
+    assert deleted == {"success": True, "deleted": len(everything), "condition_count": 0}
     remaining = await server.su("crontab-result_query", {"condition": []})
     assert remaining and {r["cron_name"] for r in remaining} == {"other"}
 
@@ -522,6 +591,9 @@ async def test_result_query_conditions(server: Server) -> None:
     await check([{"cron_name": "q-a"}, {"cron_name": "q-b"}], lambda r: False)
     await check(["is_success"], lambda r: r["success"])
     await check(["is_failure"], lambda r: not r["success"])
+    # serde's object form of the unit conditions, as NodeGet-board sends them
+    await check([{"is_success": None}], lambda r: r["success"])
+    await check([{"is_failure": None}], lambda r: not r["success"])
     await check(["is_success", {"cron_name": "q-b"}], lambda r: False)
     await check([{"run_time_from": mid}], lambda r: r["run_time"] >= mid)
     await check([{"run_time_to": mid}], lambda r: r["run_time"] <= mid)
@@ -532,6 +604,7 @@ async def test_result_query_conditions(server: Server) -> None:
     )
     assert await server.su("crontab-result_query", {"condition": [{"limit": 3}]}) == every[:3]
     assert await server.su("crontab-result_query", {"condition": ["last"]}) == every[:1]
+    assert await server.su("crontab-result_query", {"condition": [{"last": None}]}) == every[:1]
     assert (
         await server.su("crontab-result_query", {"condition": ["last", {"limit": 5}]}) == every[:1]
     )
@@ -544,14 +617,19 @@ async def test_result_query_conditions(server: Server) -> None:
     assert error.value.code == -32602
 
     deleted = await server.su(
-        "crontab-result_delete", {"condition": [{"cron_name": "q-a"}, "is_failure", {"limit": 2}]}
+        "crontab-result_delete",
+        {"condition": [{"cron_name": "q-a"}, {"is_failure": None}, {"limit": 2}]},
     )
-    assert deleted == {"success": True, "deleted": 2}
+    assert deleted == {"success": True, "deleted": 2, "condition_count": 3}
     gone = [r for r in every if r["cron_name"] == "q-a" and not r["success"]][:2]
     left = await server.su("crontab-result_query", {"condition": []})
     assert left == [r for r in every if r not in gone]
     deleted = await server.su("crontab-result_delete", {"condition": [{"cron_name": "q-b"}]})
-    assert deleted["deleted"] == len([r for r in every if r["cron_name"] == "q-b"])
+    assert deleted == {
+        "success": True,
+        "deleted": len([r for r in every if r["cron_name"] == "q-b"]),
+        "condition_count": 1,
+    }
     left = await server.su("crontab-result_query", {"condition": []})
     assert {r["cron_name"] for r in left} == {"q-a"}
 
@@ -664,6 +742,7 @@ async def test_result_methods_need_a_global_permission_even_without_results(
     assert await server.call("crontab-result_delete", deleter, {"condition": []}) == {
         "success": True,
         "deleted": 0,
+        "condition_count": 0,
     }
 
 
@@ -729,14 +808,14 @@ async def test_fires_check_the_creators_authority_every_time(server: Server) -> 
         ScriptedAgent(server.ws_url, server.super_token) as b,
     ):
         grant = [{"crontab": "write"}, {"task": {"create": "tcp*"}}]
+        scopes = [{"agent_uuid": a.uuid}, {"agent_uuid": b.uuid}]
         issued = await server.su(
-            "token_create",
-            [{"scopes": [{"agent_uuid": a.uuid}, {"agent_uuid": b.uuid}], "permissions": grant}],
+            "token_create", {"token_limit": [{"scopes": scopes, "permissions": grant}]}
         )
         key = issued["key"]
         await server.call(
             "crontab_create",
-            issued["token"],
+            f"{key}:{issued['secret']}",
             "authority",
             EVERY_SECOND,
             agent_cron([a.uuid, b.uuid]),
@@ -779,7 +858,7 @@ async def test_fires_check_the_creators_authority_every_time(server: Server) -> 
             ({"timestamp_from": None, "timestamp_to": int(time.time() * 1000)}, "has expired"),
         ]
         for change, reason in phases:
-            await server.call("token_edit", token=server.super_token, key=key, **change)
+            await server.call("token_edit", token=server.super_token, target_token=key, **change)
             rows = await next_fire(int(time.time() * 1000))
             assert [r["message"] for r in rows] == [
                 f"Task not created: token {key} that created the cron {reason}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from typing import Any
@@ -30,7 +31,8 @@ from tests.helpers import (
 
 async def _answer_next(agent: ScriptedAgent, result: Any = None, **kw: Any) -> dict[str, Any]:
     task = await agent.next_task()
-    unwrap(await agent.upload(task, result if result is not None else {"ping": 1.25}, **kw))
+    [kind] = task["task_event_type"]  # a ping, tcp_ping or http_ping: answered by its own variant
+    unwrap(await agent.upload(task, result if result is not None else {kind: 1.25}, **kw))
     return task
 
 
@@ -128,7 +130,7 @@ async def test_offline_agent_is_104_and_keeps_no_row(server: Server) -> None:
     with pytest.raises(RpcError) as error:
         await server.su("task_create_task", agent_uuid, {"ping": "127.0.0.1"})
     assert error.value.code == 104
-    assert error.value.message == f"Agent {agent_uuid} is not connected"
+    assert error.value.message == f"Unable to connect agent: Agent {agent_uuid} is not connected"
     assert await server.service.store.count_tasks() == 0
 
 
@@ -211,6 +213,45 @@ async def test_newest_subscription_wins(server: Server) -> None:
             await old.next_task(timeout=0.3)
 
 
+async def test_subscribing_again_on_the_same_socket_is_a_renewal(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A NodeGet agent's minutely re-subscription on its own socket keeps connected_since, logs
+    nothing at INFO and writes nothing; the new subscription id carries the pushes, and only a
+    changed token is written (still keeping connected_since)."""
+    caplog.set_level(logging.INFO, logger="taskd.hub")
+    store = server.service.store
+    async with ScriptedAgent(server.ws_url, server.super_token) as agent:
+        [first] = await store.list_agents()
+        await asyncio.sleep(0.05)  # a write now would move last_seen
+        caplog.clear()
+        for _ in range(3):
+            renewed = await agent.call("task_register_task", server.super_token, agent.uuid)
+            assert renewed != agent.subscription
+            agent.subscription = renewed
+        assert await store.list_agents() == [first]
+        assert [r.getMessage() for r in caplog.records] == []
+        [listed] = await server.su("agent_list")
+        assert listed["online"] is True and listed["connected_since"] == first.connected_since
+        await server.su("task_create_task", agent.uuid, "version")
+        task = await agent.next_task()  # pushed once, with the newest subscription id
+        unwrap(await agent.upload(task, {"version": {}}))
+        with pytest.raises(asyncio.TimeoutError):
+            await agent.next_task(timeout=0.3)
+
+        own = await add_token(server, agent_token_limits(agent.uuid))
+        await agent.call("task_register_task", own, agent.uuid)
+        [changed] = await store.list_agents()
+        assert changed.token_key == own.split(":")[0] and changed.last_seen > first.last_seen
+        assert changed.connected_since == first.connected_since
+        assert [r.getMessage() for r in caplog.records] == []
+    for _ in range(int(scaled(500))):
+        if (await store.list_agents())[0].connected_since is None:
+            break
+        await asyncio.sleep(0.01)
+    assert [r.getMessage() for r in caplog.records] == [f"agent {agent.uuid} disconnected"]
+
+
 async def test_closed_websocket_drops_its_subscription_at_once(server: Server) -> None:
     """After the agent's socket closes, the next create is 104, not a silently lost task."""
     agent = ScriptedAgent(server.ws_url, server.super_token)
@@ -247,16 +288,18 @@ async def test_upload_checks(server: Server) -> None:
             {"task_id": task["task_id"] + 1000},
             {"agent_uuid": str(uuid.uuid4())},
         ):
-            reply = await agent.upload(task, {"ping": 1.0}, **override)
+            reply = await agent.upload(task, {"tcp_ping": 1.0}, **override)
             assert reply["error"]["code"] == 105, override
-        reply = await agent.upload(task, {"execute": "nope"})
-        assert reply["error"]["code"] == 108
-        assert "ping" in reply["error"]["message"]
-        assert unwrap(await agent.upload(task, {"ping": 3.5})) == {"id": task["task_id"]}
-        reply = await agent.upload(task, {"ping": 9.9})
+        for wrong in ({"execute": "nope"}, {"ping": 1.0}, {"http_ping": 1.0}):
+            reply = await agent.upload(task, wrong)
+            assert reply["error"]["code"] == 108, wrong
+            assert reply["error"]["message"].startswith("Invalid input: ")
+            assert "'tcp_ping' result" in reply["error"]["message"]
+        assert unwrap(await agent.upload(task, {"tcp_ping": 3.5})) == {"id": task["task_id"]}
+        reply = await agent.upload(task, {"tcp_ping": 9.9})
         assert reply["error"]["code"] == 108
     [record] = await server.su("task_query_task", {"condition": [{"task_id": task["task_id"]}]})
-    assert record["task_event_result"] == {"ping": 3.5}
+    assert record["task_event_result"] == {"tcp_ping": 3.5}
 
 
 async def test_concurrent_duplicate_uploads_store_exactly_one(server: Server) -> None:
@@ -322,6 +365,12 @@ async def test_every_query_condition(server: Server) -> None:
         assert await query({"limit": 2}) == everything[:2]
         assert await query("last") == everything[:1]
         assert await query({"limit": 3}, "last") == everything[:1]
+        # unit conditions in serde's object form, as NodeGet-board sends them
+        assert await query({"is_success": None}) == [ids["b1"], ids["a1"]]
+        assert await query({"is_failure": None}) == [ids["a2"]]
+        assert await query({"is_running": None}) == [ids["run"]]
+        assert await query({"last": None}) == everything[:1]
+        assert await query({"limit": 3}, {"last": None}) == everything[:1]
         assert await query({"uuid": a.uuid}, {"type": "ping"}, "is_success") == [ids["a1"]]
         [record] = await server.su("task_query_task", {"condition": [{"task_id": ids["a1"]}]})
         assert record == {
@@ -459,8 +508,8 @@ async def test_invalid_params_name_the_field(server: Server) -> None:
     agent_uuid = str(uuid.uuid4())
     cases = [
         (
-            ("task_create_task", agent_uuid, {"execute": {"cmd": " ", "args": []}}),
-            "task_event_type.execute.cmd",
+            ("task_create_task", agent_uuid, {"execute": {"cmd": "ls", "args": "-l"}}),
+            "task_event_type.execute.args",
         ),
         (("task_create_task", agent_uuid, {"tcp_ping": "nohostport"}), "task_event_type.tcp_ping"),
         (("task_create_task", "not-a-uuid", "ip"), "target_uuid"),
@@ -504,13 +553,15 @@ async def test_permission_denials(server: Server) -> None:
             ("task_query_task", pinger, {"condition": [{"uuid": b}]}),
             ("task_delete_task", pinger, [{"uuid": a}]),
             ("task_create_task", "nokey:nosecret", a, "ip"),
-            ("task_create_task", None, a, "ip"),
+            ("task_create_task", "nobody|wrong", a, "ip"),
             ("agent_list", pinger),
         ]
         for name, *params in denied:
             with pytest.raises(RpcError) as error:
                 await server.call(name, *params)
             assert error.value.code == 102, (name, params)
+            assert error.value.message.startswith("Permission denied: ")
+            assert not error.value.message.startswith("Permission denied: Permission denied")
         with pytest.raises(RpcError) as error:
             await agent_a.call("task_register_task", agent_token, b)
         assert error.value.code == 102
@@ -518,6 +569,80 @@ async def test_permission_denials(server: Server) -> None:
         created = await server.call("task_create_task", pinger, a, {"tcp_ping": "127.0.0.1:1"})
         rows = await server.call("task_query_task", pinger, {"condition": [{"uuid": a}]})
         assert [r["task_id"] for r in rows] == [created["id"]]
+
+
+async def test_error_codes_and_messages_are_nodegets(server: Server) -> None:
+    """Codes follow NodeGet (blank cmd 108, malformed credential 101, non-string token -32602)
+    and each message starts with NodeGet's prefix for its code, once."""
+    offline = str(uuid.uuid4())
+    cases: list[tuple[tuple[Any, ...], int, str]] = [
+        (
+            (
+                "task_create_task",
+                server.super_token,
+                offline,
+                {"execute": {"cmd": " ", "args": []}},
+            ),
+            108,
+            "Invalid input: task_event_type.execute.cmd: must not be empty or blank",
+        ),
+        (
+            ("task_create_task", "no-separator", offline, "ip"),
+            101,
+            "Parse error: Invalid token format: expected KEY:SECRET or USERNAME|PASSWORD",
+        ),
+        (
+            ("task_create_task", "", offline, "ip"),
+            101,
+            "Parse error: Invalid token format: expected KEY:SECRET or USERNAME|PASSWORD",
+        ),
+        (
+            ("task_create_task", None, offline, "ip"),
+            -32602,
+            "token: must be a string KEY:SECRET or USERNAME|PASSWORD",
+        ),
+        (
+            ("task_create_task", server.super_token, offline, "ip"),
+            104,
+            f"Unable to connect agent: Agent {offline} is not connected",
+        ),
+        (
+            ("crontab_delete", server.super_token, "no-such-cron"),
+            105,
+            "Not found in database: ",
+        ),
+    ]
+    for (name, *params), code, message in cases:
+        reply = await server.request(name, params)
+        assert reply["error"]["code"] == code, (name, params, reply)
+        assert reply["error"]["message"].startswith(message), reply
+    assert await server.service.store.count_tasks() == 0
+    async with ScriptedAgent(server.ws_url, server.super_token) as agent:
+        reply = await server.request(
+            "task_create_task_blocking", [server.super_token, agent.uuid, "ip", 100]
+        )
+    assert reply["error"]["code"] == 999
+    assert reply["error"]["message"].startswith("Other error: Task ")
+
+
+async def test_unit_task_types_in_object_form_are_stored_and_pushed_bare(server: Server) -> None:
+    """{"ip": null}, {"version": null} and {"read_config": null} are accepted as task types; the
+    agent gets and queries return the bare string; object-form conditions select and delete."""
+    async with ScriptedAgent(server.ws_url, server.super_token) as agent:
+        for name in ("ip", "version", "read_config"):
+            created = await server.su("task_create_task", agent.uuid, {name: None})
+            pushed = await agent.next_task()
+            assert pushed["task_event_type"] == name
+            [record] = await server.su(
+                "task_query_task", {"condition": [{"task_id": created["id"]}]}
+            )
+            assert record["task_event_type"] == name
+        running = await server.su("task_query_task", {"condition": [{"is_running": None}]})
+        assert len(running) == 3
+        deleted = await server.su("task_delete_task", [{"uuid": agent.uuid}, {"last": None}])
+        assert deleted == {"success": True, "deleted": 1, "condition_count": 2}
+        left = await server.su("task_query_task", {"condition": [{"type": "read_config"}]})
+        assert left == []
 
 
 async def test_server_info_and_discover(server: Server) -> None:

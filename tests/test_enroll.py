@@ -36,10 +36,11 @@ def now_ms() -> int:
 async def enroll_token(server: Server, **fields: Any) -> str:
     """A token with the enroll role (and ``fields`` such as max_uses) created over JSON-RPC."""
     created = await server.call(
-        "token_create", token=server.super_token, limits=role_limits("enroll"), **fields
+        "token_create",
+        father_token=server.super_token,
+        token_creation={"token_limit": role_limits("enroll"), **fields},
     )
-    token: str = created["token"]
-    return token
+    return f"{created['key']}:{created['secret']}"
 
 
 async def token_row(server: Server, token: str) -> Any:
@@ -90,7 +91,7 @@ async def test_max_uses_is_counted_atomically(server: Server) -> None:
     assert (await token_row(server, enroller)).uses == 3
     message = await refused(server, 102, enroller)
     assert "no uses left" in message
-    tokens = await server.su("token_list_all_tokens")
+    tokens = (await server.su("token_list_all_tokens"))["tokens"]
     assert sum(t["description"].startswith("agent ") for t in tokens if t["description"]) == 3
 
 

@@ -1,4 +1,4 @@
-"""The fault and abuse suite, short: every scenario of ``benchmarks/faults.py`` at CI scale.
+"""The fault and abuse suite, short: every scenario of ``benchmarks/faults.py`` at quick scale.
 
 Each scenario runs real ``taskd serve`` / ``taskd agent`` / load-agent processes,
 injects its faults and checks its invariants: nothing acknowledged is lost,
@@ -15,11 +15,12 @@ import orjson
 import pytest
 
 from benchmarks.faults_abuse import r4_adversarial_input, r5_unauthorized
-from benchmarks.faults_common import CI, Outcome
+from benchmarks.faults_common import Outcome
 from benchmarks.faults_crash import r1_server_kill, r2_connection_cut
 from benchmarks.faults_database import r6_database_restart
 from benchmarks.faults_inputs import expected_reply, judge_reply
 from benchmarks.faults_storm import max_attempts, r3_reconnect_storm
+from benchmarks.scale import QUICK
 
 
 def assert_invariants(outcome: Outcome) -> None:
@@ -31,25 +32,25 @@ def assert_invariants(outcome: Outcome) -> None:
 
 async def test_r1_a_killed_server_keeps_everything_it_acknowledged(tmp_path: Path) -> None:
     """SIGKILLed under load and restarted, taskd keeps every acknowledged create and result."""
-    outcome = await r1_server_kill(CI, tmp_path)
+    outcome = await r1_server_kill(QUICK, tmp_path)
     assert_invariants(outcome)
     assert outcome.figures["kills"], "the server was never killed"
-    assert outcome.figures["creates_acknowledged"] == CI.r1_tasks
+    assert outcome.figures["creates_acknowledged"] == QUICK.r1_tasks
     assert outcome.figures["uploads_acknowledged"] > 0
 
 
 async def test_r2_a_result_crosses_a_cut_connection_exactly_once(tmp_path: Path) -> None:
     """A real agent cut off mid-task (or while its reply is in flight) delivers its result once."""
-    outcome = await r2_connection_cut(CI, tmp_path)
+    outcome = await r2_connection_cut(QUICK, tmp_path)
     assert_invariants(outcome)
     variants = outcome.figures["variants"]
-    assert set(variants) == set(CI.r2_variants)
+    assert set(variants) == set(QUICK.r2_variants)
     assert all(v["agent_reconnects"] >= 1 for v in variants.values()), variants
 
 
 async def test_r3_agents_resubscribe_after_a_restart_without_flooding(tmp_path: Path) -> None:
     """Every simulated agent resubscribes by itself, with backoff and jitter, no spinning."""
-    outcome = await r3_reconnect_storm(CI, tmp_path)
+    outcome = await r3_reconnect_storm(QUICK, tmp_path)
     assert_invariants(outcome)
     assert outcome.figures["storm_queries"] > 0
 
@@ -63,12 +64,12 @@ def test_the_backoff_bound_counts_the_real_agents_shortest_waits() -> None:
     assert max_attempts(30) == 6
 
 
-@pytest.mark.parametrize("database", CI.r4_databases)
+@pytest.mark.parametrize("database", QUICK.r4_databases)
 async def test_r4_adversarial_input_gets_well_formed_answers(tmp_path: Path, database: str) -> None:
     """Garbage, huge, deep, wrong-typed and slow input: no crash, hang, bloat or bad reply."""
-    outcome = await r4_adversarial_input(CI, tmp_path, database)
+    outcome = await r4_adversarial_input(QUICK, tmp_path, database)
     assert_invariants(outcome)
-    assert outcome.figures["inputs"] >= CI.r4_inputs
+    assert outcome.figures["inputs"] >= QUICK.r4_inputs
 
 
 def test_the_reply_judge_rejects_what_json_rpc_forbids() -> None:
@@ -93,7 +94,7 @@ def test_the_reply_judge_rejects_what_json_rpc_forbids() -> None:
 
 async def test_r5_no_unauthorized_call_or_connection_succeeds(tmp_path: Path) -> None:
     """The security matrix, forged uploads and terminals against a live server: 0 get in."""
-    outcome = await r5_unauthorized(CI, tmp_path)
+    outcome = await r5_unauthorized(QUICK, tmp_path)
     assert_invariants(outcome)
     assert outcome.figures["attempts"] > 500
     assert outcome.figures["unauthorized_successes"] == 0
@@ -101,7 +102,7 @@ async def test_r5_no_unauthorized_call_or_connection_succeeds(tmp_path: Path) ->
 
 async def test_r6_a_database_restart_fails_fast_and_recovers(tmp_path: Path) -> None:
     """PostgreSQL stopped under load: 103 at once, recovery by itself, nothing acknowledged lost."""
-    outcome = await r6_database_restart(CI, tmp_path)
+    outcome = await r6_database_restart(QUICK, tmp_path)
     assert_invariants(outcome)
     assert outcome.figures["outage_calls"] > 0
     assert outcome.figures["lost"] == 0

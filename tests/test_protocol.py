@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from taskd.errors import InvalidParams
+from taskd.errors import InvalidInput, InvalidParams
 from taskd.protocol import (
     CRON_TYPE,
     TaskResponse,
@@ -66,6 +66,8 @@ TASK_EXAMPLES: list[Any] = [
 ]
 RESULT_EXAMPLES: list[Any] = [
     {"ping": 12.5},
+    {"tcp_ping": 0.8},
+    {"http_ping": 41.0},
     {"http_request": {"status": 200, "headers": [{"k": "v"}, {"k": "w"}], "body": "..."}},
     {"http_request": {"status": 204, "headers": [], "body_base64": "//4="}},
     {"dns": [{"record_type": "a", "time": 15.5, "data": "1.2.3.4"}]},
@@ -132,13 +134,15 @@ def test_results_round_trip_exactly(example: Any) -> None:
         ({"dns": {"domain": "x", "record_types": ["a"], "dns_server": "dns.google:53"}}, "ip:port"),
         ({"web_shell": {"url": "http://h/", "terminal_id": TERMINAL}}, "ws/wss"),
         ({"web_shell": {"url": "ws://h/", "terminal_id": "nope"}}, "not a valid UUID"),
-        ({"execute": {"cmd": "", "args": []}}, "must not be empty or blank"),
+        ({"execute": {"cmd": "", "args": 1}}, "execute.args"),
         ({"execute": {"cmd": "ls"}}, "execute.args: Field required"),
         ({"execute": {"cmd": "ls", "args": "-l"}}, "execute.args"),
         ({"execute": {"cmd": "ls", "args": [], "shell": True}}, "Extra inputs"),
         ({"self_update": "1.2.3"}, "vX.Y.Z"),
         ("read_config_", "unknown task type"),
-        ({"ip": None}, "ip"),
+        ({"ip": 1}, "expected the string 'ip' or {'ip': null}"),
+        ({"version": {}}, "task_event_type.version"),
+        ({"read_config": None, "ip": None}, "one key"),
         ({"a": 1, "b": 2}, "one key"),
         (None, "one key"),
     ],
@@ -150,6 +154,44 @@ def test_invalid_task_types_name_the_field(value: Any, fragment: str) -> None:
     assert error.value.code == -32602
     assert error.value.message.startswith("task_event_type")
     assert fragment in error.value.message
+
+
+@pytest.mark.parametrize("name", ["read_config", "ip", "version"])
+def test_unit_task_types_accept_the_object_form(name: str) -> None:
+    """A unit task type sent as {"<name>": null} (serde's other form) parses and is written bare."""
+    assert parse_task_event_type({name: None}).to_wire() == name
+
+
+@pytest.mark.parametrize("cmd", ["", "   ", "\t\n"])
+def test_blank_execute_cmd_is_invalid_input(cmd: str) -> None:
+    """An empty or blank execute cmd is well-formed but unacceptable: 108, naming the field."""
+    with pytest.raises(InvalidInput) as error:
+        parse_task_event_type({"execute": {"cmd": cmd, "args": []}}, "task_type")
+    assert error.value.code == 108
+    assert error.value.wire_message == (
+        "Invalid input: task_type.execute.cmd: must not be empty or blank"
+    )
+
+
+def test_edit_config_needs_a_toml_document_of_any_agent() -> None:
+    """edit_config takes any agent's TOML (NodeGet's keys too) and refuses broken TOML with 108."""
+    nodeget = 'agent_uuid = "x"\nallow_icmp_ping = true\ndynamic_report_interval_ms = 1000\n'
+    task = parse_task_event_type({"edit_config": nodeget}, "task_type")
+    assert task.to_wire() == {"edit_config": nodeget}
+    with pytest.raises(InvalidInput) as error:
+        parse_task_event_type({"edit_config": "allow_task = [unclosed"}, "task_type")
+    assert error.value.wire_message.startswith(
+        "Invalid input: task_type.edit_config: not a TOML document: "
+    )
+
+
+def test_ping_like_results_have_their_own_variants() -> None:
+    """tcp_ping and http_ping answer with their own variant; each refuses a negative time."""
+    assert type(parse_task_event_result({"tcp_ping": 0.8})).kind == "tcp_ping"
+    assert type(parse_task_event_result({"http_ping": 41.0})).kind == "http_ping"
+    for bad in ({"tcp_ping": -1.0}, {"http_ping": "41"}, {"tcp_ping": float("nan")}):
+        with pytest.raises(InvalidParams):
+            parse_task_event_result(bad)
 
 
 def test_results_reject_wrong_shapes() -> None:
@@ -210,6 +252,27 @@ def test_query_conditions_combine() -> None:
     assert parse_task_conditions([]).limit is None
 
 
+def test_unit_conditions_accept_the_object_form() -> None:
+    """{"last": null} and the other unit conditions mean what their bare strings mean."""
+    objects = parse_task_conditions(
+        [
+            {"is_success": None},
+            {"is_failure": None},
+            {"is_running": None},
+            {"limit": 5},
+            {"last": None},
+        ]
+    )
+    strings = parse_task_conditions(
+        ["is_success", "is_failure", "is_running", {"limit": 5}, "last"]
+    )
+    assert objects == strings
+    assert objects.limit == 1 and objects.is_success and objects.is_running
+    query = parse_cron_result_query({"condition": [{"is_failure": None}, {"last": None}]})
+    assert query.is_failure and not query.is_success and query.limit == 1
+    assert parse_cron_result_query({"condition": [{"is_success": None}]}).is_success
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -219,6 +282,9 @@ def test_query_conditions_combine() -> None:
         {"condition": [{"limit": True}]},
         {"condition": [{"timestamp_from_to": [1]}]},
         {"condition": [{"uuid": "x"}]},
+        {"condition": [{"last": 1}]},
+        {"condition": [{"is_running": False}]},
+        {"condition": [{"last": None, "limit": 1}]},
         {"condition": "last"},
         {"conditions": []},
         [],

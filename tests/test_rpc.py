@@ -51,14 +51,11 @@ async def test_unexpected_exception_is_internal_error_without_its_text(
 
 
 async def test_params_binding_errors_name_the_param(server: Server) -> None:
-    """Missing, unknown and surplus params are -32602 with a message naming the problem."""
+    """Missing and surplus positional params are -32602 with a message naming the problem."""
     cases = [
         ([], "missing a required argument: 'token'"),
         ({"token": "x"}, "missing a required argument: 'target_uuid'"),
-        (
-            {"token": "x", "target_uuid": "y", "task_type": "ip", "colour": 1},
-            "unexpected keyword argument 'colour'",
-        ),
+        ({"token": "x", "version": "1"}, "missing a required argument: 'target_uuid'"),
         (["a", "b", "c", 1, 2], "expected at most 4 params, got 5"),
     ]
     for params, fragment in cases:
@@ -67,16 +64,42 @@ async def test_params_binding_errors_name_the_param(server: Server) -> None:
         assert fragment in reply["error"]["message"], reply
 
 
+async def test_unknown_named_params_are_ignored(server: Server) -> None:
+    """Extra named params (NodeGet-board sends ``version``) are ignored, as serde does."""
+    rows = await server.call(
+        "task_query_task",
+        token=server.super_token,
+        task_data_query={"condition": []},
+        version="0.1.0",
+        colour=1,
+    )
+    assert rows == []
+    reply = await server.request(
+        "task_create_task",
+        {"token": server.super_token, "target_uuid": "not-a-uuid", "task_type": "ip", "x": 1},
+    )
+    assert reply["error"]["code"] == -32602 and "target_uuid" in reply["error"]["message"]
+
+
 async def test_metrics_count_what_happened(server: Server) -> None:
-    """/metrics exposes counters that move with the traffic (text format, no auth)."""
+    """/metrics exposes counters that move with the traffic (text format, no auth), and the
+    error counter counts every error reply: parse, invalid request and unknown method too."""
     await server.request("task_query_task", ["bad:token", {"condition": []}])
     await server.request("task_create_task", [])
+    await server.post(b"{not json")
+    await server.post({"jsonrpc": "1.0", "method": "server_hello", "id": 1})
+    await server.post([])
+    await server.request("no_such_method")
+    await server.post({"jsonrpc": "2.0", "method": "no_such_method"})  # a notification
     response = await server.http.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text
     assert 'taskd_rpc_errors_total{code="102"} 1.0' in text
     assert 'taskd_rpc_errors_total{code="-32602"} 1.0' in text
+    assert 'taskd_rpc_errors_total{code="-32700"} 1.0' in text
+    assert 'taskd_rpc_errors_total{code="-32600"} 2.0' in text
+    assert 'taskd_rpc_errors_total{code="-32601"} 2.0' in text
     assert "taskd_auth_failures_total 1.0" in text
     assert "taskd_agents_connected 0.0" in text
 

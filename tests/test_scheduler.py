@@ -273,6 +273,31 @@ async def test_disabled_and_deleted_crons_do_not_fire(store: Store) -> None:
     assert await fires_of(store, gone.id) == []
 
 
+async def test_a_cron_without_agents_fires_nothing_and_records_nothing(store: Store) -> None:
+    """An empty agent list gets no fire, no result row and no last_run_time, even for a missed
+    slot that a cron with agents catches up at once; an edit that adds agents makes it fire."""
+    long_ago = (int(time.time()) - 30) * 1000
+    missed = {"updated_at": long_ago, "last_run_time": long_ago}
+    empty = await add_cron(store, "empty", EVERY_SECOND, cron_type=agent_cron([]), **missed)
+    control = await add_cron(store, "control", EVERY_SECOND, **missed)
+
+    async def fired(cron_id: int, count: int) -> None:
+        deadline = time.monotonic() + scaled(5)
+        while len(await result_slots(store, cron_id)) < count:
+            assert time.monotonic() < deadline, f"cron {cron_id} did not fire {count} time(s)"
+            await asyncio.sleep(0.02)
+
+    async with new_scheduler(store):
+        # the control's catch-up fires as the scheduler starts, and then the next slot
+        await fired(control.id, 2)
+        assert await fires_of(store, empty.id) == []
+        assert await result_slots(store, empty.id) == []
+        [row] = [c for c in await store.list_crons() if c.id == empty.id]
+        assert row.last_run_time == long_ago
+        await store.update_cron("empty", {"cron_type": agent_cron([str(uuid.uuid4())])})
+        await fired(empty.id, 1)
+
+
 async def test_fires_land_within_milliseconds_of_their_slot(store: Store) -> None:
     """On an idle server a per-second cron starts each fire within a few ms of its slot."""
     cron = await add_cron(store, "precise", EVERY_SECOND)

@@ -46,6 +46,8 @@ NO_TOKEN_METHODS = {
     "nodeget-server_uuid",
     "server_hello",
     "nodeget-server_hello",
+    "server_version",
+    "nodeget-server_version",
     "rpc.discover",
     "task_unregister_task",
 }
@@ -129,20 +131,38 @@ TABLE: list[tuple[str, Params, bool]] = [
     ("task_delete_task", lambda w: [[{"uuid": w.agent_uuid}, {"type": "version"}]], False),
     ("token_get", lambda w: [], False),
     ("token_list_all_tokens", lambda w: [], False),
-    ("token_create", lambda w: [[]], False),
+    ("token_create", lambda w: [{"token_limit": []}], False),
     ("token_edit", lambda w: [w.victim_key, []], False),
-    ("token_change_password", lambda w: ["a new password", w.victim_key], False),
+    ("token_change_password", lambda w: [w.victim_key, "a new password"], False),
     ("token_roll_token_secret", lambda w: [w.victim_key], False),
     ("token_delete", lambda w: [w.victim_key], False),
     ("agent_enroll", lambda w: [w.fresh_uuid], False),
+    ("nodeget-server_list_all_agent_uuid", lambda w: [], True),
+    ("agent-uuid_list_all", lambda w: [], False),
+    ("agent-uuid_list_all_with_agent_mode", lambda w: [], False),
+    ("kv_create", lambda w: ["matrix"], False),
+    ("kv_list_all_namespace", lambda w: [], False),
+    ("kv_set_value", lambda w: ["matrix", "metadata_name", "A"], False),
+    ("kv_get_value", lambda w: ["matrix", "metadata_name"], False),
+    ("kv_get_multi_value", lambda w: [[{"namespace": "matrix", "key": "metadata_*"}]], False),
+    ("kv_get_all_keys", lambda w: ["matrix"], False),
+    ("kv_delete_key", lambda w: ["matrix", "metadata_name"], False),
+    ("agent-uuid_delete", lambda w: [w.agent_uuid], False),
 ]
 # what the super token may get instead of a result, where a result cannot be had
 POSITIVE_ERRORS = {"task_create_task_blocking": 999}
+SELF_SERVICE = {"token_get"}
+"""Methods any valid token may call on itself: NodeGet's token_get reads the caller's token."""
+VALID = {"scoped to another agent", "type patterns miss the task"}
+"""Credential cases that are valid, however narrow their limits."""
+MALFORMED = {"no token": -32602, "not a string": -32602, "empty token": 101, "malformed token": 101}
+"""Credential cases that are not a credential at all: a params error or NodeGet's parse error."""
 VOLATILE = {("agent", "last_seen"), ("node", "heartbeat")}
 
 
 def _takes_token(name: str) -> bool:
-    return "token" in inspect.signature(REGISTRY[name].fn).parameters
+    parameters = inspect.signature(REGISTRY[name].fn).parameters
+    return "token" in parameters or "father_token" in parameters  # token_create, as in NodeGet
 
 
 def test_only_the_server_info_methods_and_unregister_take_no_token() -> None:
@@ -186,7 +206,8 @@ async def roomy_server(database_url: str) -> AsyncIterator[Server]:
 async def test_every_method_refuses_bad_credentials_and_foreign_scopes(
     roomy_server: Server,
 ) -> None:
-    """No token, bad or out-of-window tokens, other agents' and narrow tokens: 102, no effect."""
+    """No token, bad or out-of-window tokens, other agents' and narrow tokens: 102 (-32602 or
+    101 for what is not a credential string), no effect."""
     server = roomy_server
     test_every_method_has_a_row_in_the_matrix()
     agent_uuid, elsewhere_uuid = str(uuid.uuid4()), str(uuid.uuid4())
@@ -213,10 +234,8 @@ async def test_every_method_refuses_bad_credentials_and_foreign_scopes(
     }
     victim = await server.call(
         "token_create",
-        token=server.super_token,
-        limits=[],
-        username="victim",
-        password="the right password",
+        father_token=server.super_token,
+        token_creation={"token_limit": [], "username": "victim", "password": "the right password"},
     )
     cases: list[tuple[str, Any]] = [
         ("no token", None),
@@ -253,16 +272,19 @@ async def test_every_method_refuses_bad_credentials_and_foreign_scopes(
                     reply = await request(name, [token, *rest])
                     where = f"{name} over {transport} with {case}"
                     if "result" in reply and lists and case == "scoped to another agent":
-                        assert reply["result"] == [], where
+                        assert reply["result"] in ([], {"uuids": []}), where
+                        continue
+                    if "result" in reply and name in SELF_SERVICE and case in VALID:
+                        assert reply["result"]["token_key"] == token.split(":")[0], where
                         continue
                     assert "error" in reply, f"{where} was answered {reply}"
                     error = reply["error"]
-                    assert error["code"] == 102, f"{where}: {error}"
+                    assert error["code"] == MALFORMED.get(case, 102), f"{where}: {error}"
                     assert "Too many" not in error["message"], where
                     assert not any(s in error["message"] for s in secrets), where
             missing = await ws.request(name, {})
             assert missing["error"]["code"] == -32602, (name, missing)
-            assert "'token'" in missing["error"]["message"], (name, missing)
+            assert "token'" in missing["error"]["message"], (name, missing)
 
         await asyncio.sleep(scaled(0.3))
         assert agent.notifications.empty(), "a refused call reached the agent"
@@ -432,15 +454,18 @@ async def test_no_secret_reaches_logs_replies_or_the_database(
 
     caller = await server.call(
         "token_create",
-        token=server.super_token,
-        limits=[{"scopes": ["global"], "permissions": EVERYTHING}],
-        username="ops",
-        password=password,
+        father_token=server.super_token,
+        token_creation={
+            "token_limit": [{"scopes": ["global"], "permissions": EVERYTHING}],
+            "username": "ops",
+            "password": password,
+        },
     )
     enroller = await su(
-        "token_create", [{"scopes": ["global"], "permissions": [{"agent": "enroll"}]}]
+        "token_create",
+        {"token_limit": [{"scopes": ["global"], "permissions": [{"agent": "enroll"}]}]},
     )
-    enrolled = await server.call("agent_enroll", enroller["token"])
+    enrolled = await server.call("agent_enroll", f"{enroller['key']}:{enroller['secret']}")
     agent_uuid = enrolled["uuid"]
     agent_key, agent_secret = enrolled["token"].split(":")
     async with ScriptedAgent(server.ws_url, enrolled["token"], agent_uuid) as agent:
@@ -517,7 +542,7 @@ async def test_the_sqlite_database_files_are_private(tmp_path: Path) -> None:
     try:
         url = tmp_sqlite_url(tmp_path / "data")
         async with running_server(make_settings(url)) as server:
-            await server.su("token_create", [])
+            await server.su("token_create", {"token_limit": []})
             files = sorted((tmp_path / "data").iterdir())
             assert {f.name for f in files} >= {"taskd.db", "taskd.db-wal", "taskd.db-shm"}
             for file in files:

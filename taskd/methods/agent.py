@@ -1,4 +1,11 @@
-"""Agent methods: the fleet as the server has seen it, and enrollment of new agents."""
+"""Agent methods: the fleet as the server has seen it, enrollment of new agents, and
+NodeGet's agent UUID lists (``nodeget-server_list_all_agent_uuid``, ``agent-uuid_*``).
+
+An agent is known from its first authenticated call of any kind (see
+``Hub.agent_called``). ``agent-uuid_delete`` soft-deletes it: it is left out of
+every list while its tasks and results stay, and it is listed again once it
+calls in after the delete (as in NodeGet, whose reports bring a deleted UUID back).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +13,18 @@ import logging
 import uuid as uuid_module
 from typing import Any
 
-from taskd.auth import Need, NewToken, allows, authorize, hash_secret
-from taskd.protocol import parse_uuid
+from taskd.auth import (
+    Need,
+    NewToken,
+    Principal,
+    allows,
+    authorize,
+    hash_secret,
+    is_global_scope,
+    lists_agents,
+)
+from taskd.errors import PermissionDenied
+from taskd.protocol import AgentScope, parse_uuid
 from taskd.roles import agent_limits
 from taskd.rpc import CallContext, method
 
@@ -27,7 +44,7 @@ async def agent_list(ctx: CallContext, token: Any) -> list[dict[str, Any]]:
     ):
         authorize(principal, need)
     rows = await ctx.app.store.list_agents()
-    visible = [row for row in rows if allows(principal, need, row.uuid)]
+    visible = [row for row in rows if row.deleted_at is None and allows(principal, need, row.uuid)]
     hub = ctx.app.hub
     cluster = ctx.app.cluster
     return [
@@ -73,3 +90,77 @@ async def agent_enroll(ctx: CallContext, token: Any, uuid: Any = None) -> dict[s
         "agent %s enrolled from %s with token %s", agent_uuid, ctx.remote or "?", principal.key
     )
     return {"uuid": agent_uuid, "token": str(issued)}
+
+
+def _listable(principal: Principal) -> set[str] | None:
+    """The agent UUIDs ``nodeget-server_list_all_agent_uuid`` shows the token; None for all.
+
+    As in NodeGet: a list permission on a global scope shows every agent; on agent
+    scopes it shows those of them on which the token also holds some other permission.
+    """
+    if principal.is_super:
+        return None
+    listed: set[str] = set()
+    operable: set[str] = set()
+    for limit in principal.limits:
+        uuids = {scope.agent_uuid for scope in limit.scopes if isinstance(scope, AgentScope)}
+        if any(lists_agents(permission) for permission in limit.permissions):
+            if any(is_global_scope(scope) for scope in limit.scopes):
+                return None
+            listed |= uuids
+        if any(not lists_agents(permission) for permission in limit.permissions):
+            operable |= uuids
+    if not listed:
+        raise PermissionDenied(
+            f"Permission denied: token {principal.key} lacks monitoring_uuid.list "
+            "(or node_get.list_all_agent_uuid)"
+        )
+    return listed & operable
+
+
+@method("nodeget-server_list_all_agent_uuid")
+async def list_all_agent_uuid(ctx: CallContext, token: Any) -> dict[str, list[str]]:
+    """The UUIDs of the agents the token may list, soft-deleted ones left out, sorted."""
+    principal = await ctx.app.authenticate(token, ctx.remote)
+    listable = _listable(principal)
+    rows = await ctx.app.store.list_agents()
+    return {
+        "uuids": sorted(
+            row.uuid
+            for row in rows
+            if row.deleted_at is None and (listable is None or row.uuid in listable)
+        )
+    }
+
+
+@method("agent-uuid_list_all")
+async def agent_uuid_list_all(ctx: CallContext, token: Any) -> list[str]:
+    """Every agent UUID except the soft-deleted ones, sorted (global monitoring_uuid.list)."""
+    principal = await ctx.app.authenticate(token, ctx.remote)
+    authorize(principal, Need("monitoring_uuid", "list"))
+    rows = await ctx.app.store.list_agents()
+    return sorted(row.uuid for row in rows if row.deleted_at is None)
+
+
+@method("agent-uuid_list_all_with_agent_mode")
+async def agent_uuid_list_all_with_agent_mode(ctx: CallContext, token: Any) -> list[dict[str, Any]]:
+    """Every agent UUID with whether it is soft-deleted, sorted (global monitoring_uuid.list)."""
+    principal = await ctx.app.authenticate(token, ctx.remote)
+    authorize(principal, Need("monitoring_uuid", "list"))
+    rows = sorted(await ctx.app.store.list_agents(), key=lambda row: str(row.uuid))
+    return [{"uuid": row.uuid, "soft_delete": row.deleted_at is not None} for row in rows]
+
+
+@method("agent-uuid_delete")
+async def agent_uuid_delete(ctx: CallContext, token: Any, agent_uuid: Any) -> dict[str, Any]:
+    """Soft-delete an agent: left out of the lists, its history kept (global
+    monitoring_uuid.delete); ``success`` is false for an unknown UUID."""
+    principal = await ctx.app.authenticate(token, ctx.remote)
+    target = parse_uuid(agent_uuid, "agent_uuid")
+    authorize(principal, Need("monitoring_uuid", "delete"))
+    found = await ctx.app.store.soft_delete_agent(target)
+    if not found:
+        return {"success": False, "message": "Agent UUID not found"}
+    ctx.app.hub.agent_deleted(target)
+    logger.info("agent %s soft-deleted by token %s", target, principal.key)
+    return {"success": True, "message": "Agent UUID soft-deleted"}

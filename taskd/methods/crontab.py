@@ -2,7 +2,9 @@
 
 Permissions: ``crontab.read|write|delete`` on every target agent of the cron,
 plus ``task.create(<type>)`` on every target for create, edit and enabling (an
-edit also needs ``crontab.write`` on the old targets). The history
+edit also needs ``crontab.write`` on the old targets). A cron with an empty
+agent list (it fires nothing) needs its ``crontab`` permission on a global scope,
+as in NodeGet. The history
 (``crontab-result``) needs ``crontab_result.<action>`` on a global scope, and is
 limited to the cron names its patterns cover.
 """
@@ -13,13 +15,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from taskd import crontab
-from taskd.auth import Need, Principal, allows, authorize
+from taskd.auth import Need, Principal, allows, authorize, is_global_scope
 from taskd.errors import InvalidInput, InvalidParams, PermissionDenied
 from taskd.methods.task import MAX_QUEUE_TTL_MS
 from taskd.protocol import (
     CRON_TYPE,
     AgentCron,
-    AgentScope,
     CronResultPermission,
     CronResultQuery,
     parse_as,
@@ -55,9 +56,20 @@ def _targets(stored_cron_type: Any) -> list[str]:
     return definition.uuids if definition is not None else []
 
 
+def _scopes(uuids: Sequence[str]) -> Sequence[str | None]:
+    """Where a cron's crontab permissions are checked: its targets, else a global scope."""
+    return uuids if uuids else [None]
+
+
 def _authorize_targets(principal: Principal, need: Need, uuids: Sequence[str]) -> None:
     for agent_uuid in uuids:
         authorize(principal, need, agent_uuid)
+
+
+def _authorize_cron(principal: Principal, need: Need, uuids: Sequence[str]) -> None:
+    """A crontab permission on every target; on a global scope when there is none."""
+    for scope in _scopes(uuids):
+        authorize(principal, need, scope)
 
 
 def _holds_anywhere(principal: Principal, need: Need) -> bool:
@@ -96,9 +108,8 @@ def _definition(
     schedule = crontab.parse_expression(cron_expression, ctx.app.settings.timezone)
     definition = _agent_cron(cron_type)
     ttl = _queue_ttl(queue_ttl_ms)
-    _authorize_targets(principal, Need("crontab", "write"), definition.uuids)
+    _authorize_cron(principal, Need("crontab", "write"), definition.uuids)
     _authorize_targets(principal, Need("task", "create", definition.task.kind), definition.uuids)
-    ctx.app.validate_task(definition.task)
     return {
         "cron_expression": schedule.expression,
         "cron_type": definition.to_wire(),
@@ -142,7 +153,7 @@ async def crontab_edit(
     values = _definition(ctx, principal, cron_expression, cron_type, queue_ttl_ms)
 
     def may_change(current: Any) -> None:
-        _authorize_targets(principal, Need("crontab", "write"), _targets(current.cron_type))
+        _authorize_cron(principal, Need("crontab", "write"), _targets(current.cron_type))
 
     row = await ctx.app.store.update_cron(cron_name, values, may_change)
     await ctx.app.cron_changed(row.id)
@@ -160,7 +171,7 @@ async def crontab_get(ctx: CallContext, token: Any) -> list[dict[str, Any]]:
     return [
         _cron(row)
         for row in rows
-        if all(allows(principal, need, agent) for agent in _targets(row.cron_type))
+        if all(allows(principal, need, agent) for agent in _scopes(_targets(row.cron_type)))
     ]
 
 
@@ -171,7 +182,7 @@ async def crontab_delete(ctx: CallContext, token: Any, name: Any) -> dict[str, b
     cron_name = crontab.validate_name(name)
 
     def may_delete(current: Any) -> None:
-        _authorize_targets(principal, Need("crontab", "delete"), _targets(current.cron_type))
+        _authorize_cron(principal, Need("crontab", "delete"), _targets(current.cron_type))
 
     row = await ctx.app.store.delete_cron(cron_name, may_delete)
     await ctx.app.cron_changed(row.id)
@@ -191,7 +202,7 @@ async def crontab_set_enable(
     def may_change(current: Any) -> None:
         definition = _stored(current.cron_type)
         targets = definition.uuids if definition is not None else []
-        _authorize_targets(principal, Need("crontab", "write"), targets)
+        _authorize_cron(principal, Need("crontab", "write"), targets)
         if enable and definition is not None:
             # enabling starts tasks again: the caller must be allowed to create them
             need = Need("task", "create", definition.task.kind)
@@ -207,7 +218,7 @@ def _holds_result_permission(principal: Principal, action: str) -> bool:
     if principal.is_super:
         return True
     return any(
-        any(not isinstance(scope, AgentScope) for scope in limit.scopes)
+        any(is_global_scope(scope) for scope in limit.scopes)
         and any(
             isinstance(permission, CronResultPermission)
             and getattr(permission.crontab_result, action, None) is not None
@@ -269,4 +280,4 @@ async def crontab_result_delete(ctx: CallContext, token: Any, query: Any) -> dic
     parsed = parse_cron_result_query(query)
     names = await _allowed_names(ctx, principal, "delete", parsed)
     deleted = await ctx.app.store.delete_cron_results(parsed, names)
-    return {"success": True, "deleted": deleted}
+    return {"success": True, "deleted": deleted, "condition_count": parsed.condition_count}

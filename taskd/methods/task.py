@@ -53,7 +53,6 @@ async def task_create_task(
     agent_uuid = parse_uuid(target_uuid, "target_uuid")
     task = parse_task_event_type(task_type)
     authorize(principal, Need("task", "create", task.kind), agent_uuid)
-    ctx.app.validate_task(task)
     ttl = (
         None
         if queue_ttl_ms is None
@@ -78,7 +77,6 @@ async def task_create_task_blocking(
     task = parse_task_event_type(task_type)
     authorize(principal, Need("task", "create", task.kind), agent_uuid)
     authorize(principal, Need("task", "read", task.kind), agent_uuid)
-    ctx.app.validate_task(task)
     timeout = min(_int_param(timeout_ms, "timeout_ms", 1, 1 << 53), MAX_BLOCKING_MS)
     hub = ctx.app.hub
     [created], waiters = await hub.create(
@@ -133,7 +131,8 @@ async def task_register_task(ctx: CallContext, token: Any, uuid: Any) -> int:
     async def deliver() -> None:
         await hub.deliver_queued(agent_uuid)
 
-    ctx.after_reply.append(deliver)
+    if not sub.renewed:  # a renewal's queue was delivered when it first subscribed
+        ctx.after_reply.append(deliver)
     return sub.id
 
 
@@ -160,9 +159,10 @@ async def task_upload_task_result(
         authorize(principal, Need("task", "write", "*"), upload.agent_uuid)
     task_type = await ctx.app.task_type_of(upload.task_id, upload.agent_uuid, upload.task_token)
     authorize(principal, Need("task", "write", task_type), upload.agent_uuid)
+    # an agent that never subscribes (NodeGet's allow_task = false) is known from here
+    await hub.agent_called(upload.agent_uuid)
     stored = await ctx.app.store.complete_task(upload, ctx.app.node_id)
     metrics = ctx.app.metrics
     (metrics.results_succeeded if upload.success else metrics.results_failed).inc()
-    hub.mark_seen(upload.agent_uuid)
     hub.resolve([stored])
     return {"id": upload.task_id}

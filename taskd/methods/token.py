@@ -1,11 +1,18 @@
-"""Token methods: create, inspect, list, edit, delete, roll the secret, change the password.
+"""Token methods in NodeGet's shapes: get, create, edit, delete, roll, change password, list.
 
-Each needs the super token or a global ``{"token": "read"|"write"|"delete"}``
-permission (read: get and list; write: create, edit, roll, change_password).
-A token that is not super can never hand out or take over more than it holds
-itself: every (scope, permission) pair of the token it creates, edits, rolls,
-re-passwords or deletes must be covered by one of its own limits, and a token
-it creates, edits, rolls or re-passwords cannot stay valid longer than it does.
+Any valid token may read itself with ``token_get``. The rest needs the super
+token or a global ``{"token": "read"|"write"|"delete"}`` permission (read:
+``token_get`` of another token and ``token_list_all_tokens``; write: create,
+edit, roll, change_password; delete: delete). A token that is not super can
+never hand out or take over more than it holds itself: every (scope,
+permission) pair of the token it creates, edits, rolls, re-passwords or deletes
+must be covered by one of its own limits, and a token it creates, edits, rolls
+or re-passwords cannot stay valid longer than it does.
+
+A target token is named by its key or, failing that, its username; a
+``KEY:SECRET`` or ``USERNAME|PASSWORD`` string names the token of its key or
+username (the secret is not checked). Secrets leave the server only in the
+replies of ``token_create`` and ``token_roll_token_secret``.
 """
 
 from __future__ import annotations
@@ -15,13 +22,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from taskd.auth import Need, NewToken, Principal, authorize, hash_secret
-from taskd.errors import InvalidInput, InvalidParams, PermissionDenied
+from taskd.errors import InvalidInput, InvalidParams, NotFound, PermissionDenied
 from taskd.protocol import Limit, limits_to_wire, parse_limits
 from taskd.rpc import CallContext, method
+from taskd.store import SUPER_USERNAME
 
 logger = logging.getLogger(__name__)
 
 MAX_MS = (1 << 53) - 1
+VERSION = 1
+"""The version of every token, as NodeGet stores it (a client's ``version`` is ignored)."""
 
 
 class _Unchanged:
@@ -55,39 +65,78 @@ def _text(value: Any, field: str, longest: int) -> str | None:
     return value
 
 
-def _key(value: Any) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= 64:
-        raise InvalidParams("key: must be a token key (1 to 64 characters)")
-    return value
+def _names(value: Any, field: str = "target_token") -> tuple[str, ...]:
+    """The names a target param may mean: itself, then the key or username of a credential."""
+    if not isinstance(value, str) or len(value) > 512:
+        raise InvalidParams(f"{field}: must be a token key or username (a string)")
+    if not value.strip():
+        raise InvalidInput(f"{field} cannot be empty")
+    key, colon, _ = value.partition(":")
+    head = key if colon else value.partition("|")[0]
+    return (value, head) if head and head != value else (value,)
 
 
-def _username(value: Any) -> str | None:
-    username = _text(value, "username", 128)
-    # a username with ':' or '|' could never log in: the token string splits on them
-    if username is not None and (not username or ":" in username or "|" in username):
-        raise InvalidParams("username: must be non-empty and contain neither ':' nor '|'")
+def _login_name(value: Any, field: str) -> str | None:
+    username = _text(value, field, 128)
+    if username is not None and not username.strip():
+        raise InvalidParams(f"{field}: must not be empty")
     return username
 
 
-def _password(value: Any) -> str:
-    if not isinstance(value, str) or not 8 <= len(value) <= 256:
-        raise InvalidParams("password: must be a string of 8 to 256 characters")
-    if ":" in value:  # "USERNAME|PASS:WORD" would be read as KEY:SECRET
-        raise InvalidParams("password: must not contain ':'")
+def _username(value: Any, field: str) -> str | None:
+    """A username for a token that is not the super token."""
+    username = _login_name(value, field)
+    if username == SUPER_USERNAME:
+        raise InvalidInput(f"Username {SUPER_USERNAME!r} is reserved for the super token")
+    return username
+
+
+def _password(value: Any, field: str) -> str:
+    # ':' is allowed, as in NodeGet (its dashboard generates passwords with ':'), though
+    # USERNAME|PASS:WORD then reads as KEY:SECRET: such a token logs in by its key only
+    if not isinstance(value, str) or not 6 <= len(value) <= 256:
+        raise InvalidParams(f"{field}: must be a string of 6 to 256 characters")
     return value
 
 
-def _max_uses(value: Any) -> int | None:
+def _max_uses(value: Any, field: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_MS:
-        raise InvalidParams("max_uses: must be a positive integer or null")
+        raise InvalidParams(f"{field}: must be a positive integer or null")
     return value
 
 
 def _window(timestamp_from: int | None, timestamp_to: int | None) -> None:
     if timestamp_from is not None and timestamp_to is not None and timestamp_from > timestamp_to:
         raise InvalidInput("timestamp_from is after timestamp_to")
+
+
+def _creation(value: Any) -> dict[str, Any]:
+    """Check a ``token_creation`` object; unknown fields are ignored, as NodeGet (serde) does."""
+    if not isinstance(value, dict):
+        raise InvalidParams(
+            "token_creation: must be an object with token_limit and optional username, "
+            "password, timestamp_from, timestamp_to, version, description, max_uses"
+        )
+    if "token_limit" not in value:
+        raise InvalidParams("token_creation.token_limit: required (a list of limits, [] for none)")
+    version = value.get("version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+        raise InvalidParams("token_creation.version: must be an integer or null")
+    username = _username(value.get("username"), "token_creation.username")
+    password = value.get("password")
+    if (username is None) != (password is None):
+        raise InvalidParams("token_creation.username and password: give both or neither")
+    return {
+        "limits": parse_limits(value["token_limit"], "token_creation.token_limit"),
+        "username": username,
+        "password": None if password is None else _password(password, "token_creation.password"),
+        "timestamp_from": _ms(value.get("timestamp_from"), "token_creation.timestamp_from"),
+        "timestamp_to": _ms(value.get("timestamp_to"), "token_creation.timestamp_to"),
+        "description": _text(value.get("description"), "token_creation.description", 256),
+        "max_uses": _max_uses(value.get("max_uses"), "token_creation.max_uses"),
+    }
 
 
 # --------------------------------------------------------------------------- escalation guard
@@ -118,6 +167,21 @@ def _permission_covers(outer: dict[str, Any], inner: dict[str, Any]) -> bool:
     return bool(action == inner_action)
 
 
+def _scope_id(scope: Any) -> tuple[str, Any] | None:
+    """A scope as (kind, value), e.g. ("agent_uuid", U); None for the global scope."""
+    if _is_global(scope):
+        return None
+    [(kind, value)] = scope.items()
+    return kind, value
+
+
+def _where(scope: tuple[str, Any] | None) -> str:
+    if scope is None:
+        return "global scope"
+    kind, value = scope
+    return f"agent {value}" if kind == "agent_uuid" else f"{kind} {value}"
+
+
 def uncovered(holder: Principal, limits: Sequence[Limit]) -> str | None:
     """The first permission of ``limits`` that ``holder`` does not hold on that scope, or None."""
     if holder.is_super:
@@ -125,23 +189,17 @@ def uncovered(holder: Principal, limits: Sequence[Limit]) -> str | None:
     own = limits_to_wire(holder.limits)
     for limit in limits_to_wire(limits):
         for permission in limit["permissions"]:
-            holding = [
-                mine
+            held = {
+                _scope_id(scope)
                 for mine in own
                 if any(_permission_covers(p, permission) for p in mine["permissions"])
-            ]
-            if any(_is_global(scope) for mine in holding for scope in mine["scopes"]):
-                continue
-            agents = {
-                scope["agent_uuid"]
-                for mine in holding
                 for scope in mine["scopes"]
-                if isinstance(scope, dict) and "agent_uuid" in scope
             }
-            for scope in limit["scopes"]:
-                if _is_global(scope) or scope["agent_uuid"] not in agents:
-                    where = "global scope" if _is_global(scope) else f"agent {scope['agent_uuid']}"
-                    return f"{_short(permission)} on {where}"
+            if None in held:  # the global scope covers every other
+                continue
+            for scope in map(_scope_id, limit["scopes"]):
+                if scope not in held:
+                    return f"{_short(permission)} on {_where(scope)}"
     return None
 
 
@@ -183,24 +241,29 @@ def _may_take_over(holder: Principal, row: Any, *, window: bool = True) -> None:
 
 
 def _info(row: Any) -> dict[str, Any]:
-    """A token as clients see it: never its secret or any hash."""
+    """A token as NodeGet shows it, then taskd's extras; never its secret or any hash.
+
+    The super token shows as NodeGet's does: username ``root`` and no limits (it
+    passes every check), which is how NodeGet's clients recognise it.
+    """
     return {
-        "key": row.key,
-        "username": row.username,
-        "is_super": bool(row.is_super),
-        "limits": row.limits,
+        "version": VERSION,
+        "token_key": row.key,
         "timestamp_from": row.timestamp_from,
         "timestamp_to": row.timestamp_to,
+        "token_limit": [] if row.is_super else row.limits,
+        "username": SUPER_USERNAME if row.is_super else row.username,
+        "is_super": bool(row.is_super),
+        "description": row.description,
         "max_uses": row.max_uses,
         "uses": row.uses,
-        "description": row.description,
         "created_at": row.created_at,
         "updated_at": row.updated_at,
     }
 
 
 def _issued(token: NewToken) -> dict[str, str]:
-    return {"key": token.key, "secret": token.secret, "token": str(token)}
+    return {"key": token.key, "secret": token.secret}
 
 
 async def _reauthenticate(ctx: CallContext, key: str) -> None:
@@ -225,99 +288,97 @@ async def _reauthenticate(ctx: CallContext, key: str) -> None:
 # --------------------------------------------------------------------------- methods
 
 
+@method("token_get")
+async def token_get(ctx: CallContext, token: Any, supertoken: Any = None) -> dict[str, Any]:
+    """A token's key, limits, window and username (never its secret); any token may read itself.
+
+    With ``supertoken`` (the super token, or one with ``{"token": "read"}``) ``token``
+    may name any token by key or username.
+    """
+    if supertoken is None:
+        principal = await ctx.app.authenticate(token, ctx.remote)
+        row = await ctx.app.store.token_by_key(principal.key)
+        if row is None:  # deleted since it was cached
+            raise PermissionDenied(f"Token {principal.key} was revoked")
+        return _info(row)
+    principal = await ctx.app.authenticate(supertoken, ctx.remote)
+    authorize(principal, Need("token", "read"))
+    names = _names(token, "token")
+    found = await ctx.app.store.find_token(names)
+    if found is None:
+        raise NotFound(f"No token with key or username {names[-1]!r}")
+    return _info(found[0])
+
+
 @method("token_create")
-async def token_create(
-    ctx: CallContext,
-    token: Any,
-    limits: Any,
-    username: Any = None,
-    password: Any = None,
-    timestamp_from: Any = None,
-    timestamp_to: Any = None,
-    description: Any = None,
-    max_uses: Any = None,
-) -> dict[str, str]:
+async def token_create(ctx: CallContext, father_token: Any, token_creation: Any) -> dict[str, str]:
     """Create a token; its secret is returned this once and stored only hashed."""
-    principal = await ctx.app.authenticate(token, ctx.remote)
+    principal = await ctx.app.authenticate(father_token, ctx.remote)
     authorize(principal, Need("token", "write"))
-    parsed = parse_limits(limits)
-    name = _username(username)
-    if (name is None) != (password is None):
-        raise InvalidParams("username and password: give both or neither")
-    start, end = _ms(timestamp_from, "timestamp_from"), _ms(timestamp_to, "timestamp_to")
+    request = _creation(token_creation)
+    start, end = request["timestamp_from"], request["timestamp_to"]
     if end is None and not principal.is_super:
         end = principal.timestamp_to  # a token cannot outlive the one that made it
     _window(start, end)
-    _may_grant(principal, parsed, end)
-    uses, text = _max_uses(max_uses), _text(description, "description", 256)
+    _may_grant(principal, request["limits"], end)
+    password = request["password"]
     new = NewToken.generate()
     values: dict[str, Any] = {
         "key": new.key,
         "secret_hash": hash_secret(new.secret),
-        "limits": limits_to_wire(parsed),
-        "username": name,
-        "password_hash": None
-        if password is None
-        else await ctx.app.auth.hash_password(_password(password)),
+        "limits": limits_to_wire(request["limits"]),
+        "username": request["username"],
+        "password_hash": None if password is None else await ctx.app.auth.hash_password(password),
         "timestamp_from": start,
         "timestamp_to": end,
-        "max_uses": uses,
-        "description": text,
+        "max_uses": request["max_uses"],
+        "description": request["description"],
     }
     await ctx.app.store.insert_token(values)
     logger.info("token %s created by token %s", new.key, principal.key)
     return _issued(new)
 
 
-@method("token_get")
-async def token_get(ctx: CallContext, token: Any) -> dict[str, Any]:
-    """The calling token's own key, limits, window, uses and description (never its secret)."""
-    principal = await ctx.app.authenticate(token, ctx.remote)
-    authorize(principal, Need("token", "read"))
-    row = await ctx.app.store.token_by_key(principal.key)
-    if row is None:  # deleted since it was cached
-        raise PermissionDenied(f"Token {principal.key} was revoked")
-    return _info(row)
-
-
 @method("token_list_all_tokens")
-async def token_list_all_tokens(ctx: CallContext, token: Any) -> list[dict[str, Any]]:
-    """Every token (key, limits, window, uses, description; never a secret)."""
+async def token_list_all_tokens(ctx: CallContext, token: Any) -> dict[str, list[dict[str, Any]]]:
+    """Every token as ``token_get`` shows it (never a secret), oldest first."""
     principal = await ctx.app.authenticate(token, ctx.remote)
     authorize(principal, Need("token", "read"))
-    return [_info(row) for row in await ctx.app.store.list_tokens()]
+    return {"tokens": [_info(row) for row in await ctx.app.store.list_tokens()]}
 
 
 @method("token_edit")
 async def token_edit(
     ctx: CallContext,
     token: Any,
-    key: Any,
-    limits: Any = UNCHANGED,
+    target_token: Any,
+    limit: Any = UNCHANGED,
     timestamp_from: Any = UNCHANGED,
     timestamp_to: Any = UNCHANGED,
     description: Any = UNCHANGED,
     max_uses: Any = UNCHANGED,
 ) -> dict[str, Any]:
-    """Replace a token's limits, validity window, description or max_uses (omitted ones stay)."""
+    """Replace a token's limits (and taskd's window, description, max_uses; omitted ones stay)."""
     principal = await ctx.app.authenticate(token, ctx.remote)
     authorize(principal, Need("token", "write"))
-    target = _key(key)
+    names = _names(target_token)
     changes: dict[str, Any] = {}
-    if limits is not UNCHANGED:
-        changes["limits"] = parse_limits(limits)
+    if limit is not UNCHANGED:
+        changes["limits"] = parse_limits(limit, "limit")
     for field, value in (("timestamp_from", timestamp_from), ("timestamp_to", timestamp_to)):
         if value is not UNCHANGED:
             changes[field] = _ms(value, field)
     if description is not UNCHANGED:
         changes["description"] = _text(description, "description", 256)
     if max_uses is not UNCHANGED:
-        changes["max_uses"] = _max_uses(max_uses)
+        changes["max_uses"] = _max_uses(max_uses, "max_uses")
 
     def change(row: Any) -> dict[str, Any]:
-        if row.is_super and set(changes) - {"description"}:
-            raise InvalidInput("The super token has no limits, window or max_uses to edit")
         _may_take_over(principal, row)
+        if row.is_super and set(changes) - {"description"}:
+            raise InvalidInput(
+                "The super token passes every check: it has no limits, window or max_uses to edit"
+            )
         new_limits = changes.get("limits", parse_limits(row.limits))
         start = changes.get("timestamp_from", row.timestamp_from)
         end = changes.get("timestamp_to", row.timestamp_to)
@@ -329,73 +390,87 @@ async def token_edit(
             values["limits"] = limits_to_wire(new_limits)
         return values
 
-    row = await ctx.app.store.update_token(target, change)
+    row = await ctx.app.store.update_token(names, change)
     if changes.keys() - {"description", "max_uses"}:
-        await _reauthenticate(ctx, target)
+        await _reauthenticate(ctx, row.key)
     else:
-        await ctx.app.token_changed(target, revoke=False)
-    logger.info("token %s edited by token %s", target, principal.key)
-    return _info(row)
+        await ctx.app.token_changed(row.key, revoke=False)
+    logger.info("token %s edited by token %s", row.key, principal.key)
+    return {"success": True, "id": row.id, "token_key": row.key}
 
 
 @method("token_delete")
-async def token_delete(ctx: CallContext, token: Any, key: Any) -> dict[str, bool]:
-    """Revoke a token at once (the super token cannot be deleted)."""
+async def token_delete(ctx: CallContext, token: Any, target_token: Any) -> dict[str, Any]:
+    """Revoke a token (by key, else username) at once; the super token cannot be deleted."""
     principal = await ctx.app.authenticate(token, ctx.remote)
     authorize(principal, Need("token", "delete"))
-    target = _key(key)
+    names = _names(target_token)
 
     def check(row: Any) -> None:
         if row.is_super:
-            raise InvalidInput("The super token cannot be deleted")
+            raise PermissionDenied("The super token cannot be deleted")
         # deleting only takes power away: the holder's own window does not matter here
         _may_take_over(principal, row, window=False)
 
-    await ctx.app.store.delete_token(target, check)
-    await _reauthenticate(ctx, target)
-    logger.info("token %s deleted by token %s", target, principal.key)
-    return {"success": True}
+    row, matched_by = await ctx.app.store.delete_token(names, check)
+    await _reauthenticate(ctx, row.key)
+    logger.info("token %s deleted by token %s", row.key, principal.key)
+    return {
+        "message": f"Token {row.key} deleted successfully by token {principal.key}",
+        "rows_affected": 1,
+        "matched_by": matched_by,
+    }
 
 
 @method("token_roll_token_secret")
-async def token_roll_token_secret(ctx: CallContext, token: Any, key: Any = None) -> dict[str, str]:
-    """Give a token (default: the caller's) a new secret; the old one stops working at once."""
+async def token_roll_token_secret(
+    ctx: CallContext, token: Any, target_token: Any = None
+) -> dict[str, str]:
+    """Give a token (default: the caller) a new secret; the old one stops working at once."""
     principal = await ctx.app.authenticate(token, ctx.remote)
     authorize(principal, Need("token", "write"))
-    target = principal.key if key is None else _key(key)
-    new = NewToken(target, NewToken.generate().secret)
+    names = (principal.key,) if target_token is None else _names(target_token)
+    secret = NewToken.generate().secret
 
     def change(row: Any) -> dict[str, Any]:
         _may_take_over(principal, row)
-        return {"secret_hash": hash_secret(new.secret)}
+        return {"secret_hash": hash_secret(secret)}
 
-    await ctx.app.store.update_token(target, change)
-    await _reauthenticate(ctx, target)
-    logger.info("token %s got a new secret from token %s", target, principal.key)
-    return _issued(new)
+    row = await ctx.app.store.update_token(names, change)
+    await _reauthenticate(ctx, row.key)
+    logger.info("token %s got a new secret from token %s", row.key, principal.key)
+    return _issued(NewToken(row.key, secret))
 
 
 @method("token_change_password")
 async def token_change_password(
-    ctx: CallContext, token: Any, password: Any, key: Any = None, username: Any = None
-) -> dict[str, bool]:
-    """Set the password of a token (default: the caller's), and its username if given."""
+    ctx: CallContext, token: Any, target_token: Any, new_password: Any, username: Any = None
+) -> dict[str, Any]:
+    """Set a token's password (and its username, if given: taskd extension)."""
     principal = await ctx.app.authenticate(token, ctx.remote)
     authorize(principal, Need("token", "write"))
-    target = principal.key if key is None else _key(key)
-    name = _username(username)
-    password_hash = await ctx.app.auth.hash_password(_password(password))
+    names = _names(target_token)
+    name = _login_name(username, "username")
+    password_hash = await ctx.app.auth.hash_password(_password(new_password, "new_password"))
 
     def change(row: Any) -> dict[str, Any]:
         _may_take_over(principal, row)
-        if name is None and row.username is None:
-            raise InvalidInput(f"Token {row.key} has no username; give one with the password")
         values = {"password_hash": password_hash}
-        if name is not None:
+        if row.is_super:  # its username is fixed: the one NodeGet's clients know it by
+            if name not in (None, SUPER_USERNAME):
+                raise InvalidInput(f"The super token's username is always {SUPER_USERNAME!r}")
+            values["username"] = SUPER_USERNAME
+        elif name == SUPER_USERNAME:
+            raise InvalidInput(f"Username {SUPER_USERNAME!r} is reserved for the super token")
+        elif name is not None:
             values["username"] = name
+        elif row.username is None:
+            raise InvalidInput(
+                f"Token {row.key} has no username to log in with; give one with the password"
+            )
         return values
 
-    await ctx.app.store.update_token(target, change)
-    await _reauthenticate(ctx, target)
-    logger.info("token %s got a new password from token %s", target, principal.key)
-    return {"success": True}
+    row = await ctx.app.store.update_token(names, change)
+    await _reauthenticate(ctx, row.key)
+    logger.info("token %s got a new password from token %s", row.key, principal.key)
+    return {"success": True, "message": "Password changed successfully"}

@@ -21,11 +21,26 @@ START_S = 30
 """How long a fresh Python process may take to import taskd and subscribe."""
 
 
+NOHUP_IN_BACKGROUND = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT)
+"""What ``nohup taskd agent ... &`` in a script starts the agent with ignored."""
+
+
 @contextlib.asynccontextmanager
-async def agent_process(tmp_path: Path, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    """Run ``taskd agent ARGS`` in ``tmp_path`` (its output in agent.log) until the block ends."""
+async def agent_process(
+    tmp_path: Path, *args: str, ignoring: tuple[signal.Signals, ...] = ()
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Run ``taskd agent ARGS`` in ``tmp_path`` (its output in agent.log) until the block ends.
+
+    Of the signals in NOHUP_IN_BACKGROUND, the agent starts with ``ignoring``
+    ignored and the others at their defaults, whatever this test inherited.
+    """
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "xdg")}
     env.pop("TASKD_AGENT_CONFIG", None)
+
+    def dispositions() -> None:
+        for signum in NOHUP_IN_BACKGROUND:
+            signal.signal(signum, signal.SIG_IGN if signum in ignoring else signal.SIG_DFL)
+
     with (tmp_path / "agent.log").open("ab") as log:
         process = await asyncio.create_subprocess_exec(
             *(sys.executable, "-m", "taskd", "agent", *args),
@@ -33,6 +48,7 @@ async def agent_process(tmp_path: Path, *args: str) -> AsyncIterator[asyncio.sub
             stderr=subprocess.STDOUT,
             env=env,
             cwd=tmp_path,
+            preexec_fn=dispositions,
         )
     try:
         yield process
@@ -46,6 +62,39 @@ async def stop(process: asyncio.subprocess.Process) -> int:
     """Send SIGTERM and return the exit status."""
     process.send_signal(signal.SIGTERM)
     return await asyncio.wait_for(process.wait(), scaled(15))
+
+
+def proc_status(pid: int) -> str:
+    """The text of /proc/PID/status."""
+    return Path(f"/proc/{pid}/status").read_text()
+
+
+def status_signals(status: str, field: str) -> set[int]:
+    """The signal numbers in one mask (``SigIgn``, ``SigBlk`` ...) of /proc/PID/status text."""
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key == field:
+            mask = int(value, 16)
+            return {bit + 1 for bit in range(64) if mask >> bit & 1}
+    raise AssertionError(f"no {field} in {status!r}")
+
+
+@contextlib.asynccontextmanager
+async def nohup_agent(server: Server, tmp_path: Path, allow: str) -> AsyncIterator[str]:
+    """A `taskd agent` started as ``nohup taskd agent ... &`` in a script would be; its UUID."""
+    agent_uuid = str(uuid.uuid4())
+    async with agent_process(
+        tmp_path,
+        *("--server", server.ws_url, "--token", server.super_token, "--uuid", agent_uuid),
+        *("--allow", allow, "--state-dir", str(tmp_path / "state")),
+        ignoring=NOHUP_IN_BACKGROUND,
+    ) as process:
+        await wait_online(server, agent_uuid, timeout=START_S)
+        # the agent catches SIGINT to stop; the other two stay ignored as inherited
+        ignored = status_signals(proc_status(process.pid), "SigIgn")
+        assert {signal.SIGHUP, signal.SIGQUIT} <= ignored
+        yield agent_uuid
+        assert await stop(process) == 0
 
 
 def _exists(path: Path) -> bool:

@@ -16,7 +16,8 @@ from taskd.agent.tasks import TaskContext, TaskFailed, runner_for
 from taskd.agent.tasks.execute import KILL_GRACE_S, run, timeout_s
 from taskd.config import load_agent_settings
 from taskd.protocol import Execute, ExecuteSpec, parse_task_event_type
-from tests.helpers import scaled
+from tests.agent.test_cli_agent import nohup_agent, status_signals
+from tests.helpers import make_settings, running_server, scaled, tmp_sqlite_url
 
 MARKER = re.compile(r"\n\.\.\. \[(\d+) characters truncated\] \.\.\.\n")
 SEPARATOR = "\n--- STDERR ---\n"
@@ -209,6 +210,22 @@ async def test_sigterm_ignored_means_sigkill_after_grace(tmp_path: Path) -> None
     assert all(_gone(pid) for pid in pids), pids
     assert timeout_ms / 1000 + KILL_GRACE_S - 0.1 <= elapsed
     assert elapsed < timeout_ms / 1000 + KILL_GRACE_S + scaled(1.5)
+
+
+async def test_an_agent_started_under_nohup_runs_commands_with_default_signals(
+    tmp_path: Path,
+) -> None:
+    """An agent started ignoring SIGHUP, SIGINT and SIGQUIT runs commands that ignore none."""
+    async with (
+        running_server(make_settings(tmp_sqlite_url(tmp_path))) as server,
+        nohup_agent(server, tmp_path, "execute") as agent_uuid,
+    ):
+        task = {"execute": {"cmd": "cat", "args": ["/proc/self/status"]}}
+        result = await server.su("task_create_task_blocking", agent_uuid, task, 10_000)
+    assert result["success"] is True, result
+    status = result["task_event_result"]["execute"]
+    assert status_signals(status, "SigIgn") == set()
+    assert status_signals(status, "SigBlk") == set()
 
 
 async def test_cancellation_kills_the_process_group(tmp_path: Path) -> None:

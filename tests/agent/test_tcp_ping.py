@@ -59,7 +59,8 @@ async def test_connects_to_listener() -> None:
     async with _listener("127.0.0.1") as (port, peers):
         result = await run(TcpPing(tcp_ping=f"127.0.0.1:{port}"), _context())
         peer = await asyncio.wait_for(peers.get(), scaled(5))
-    assert 0 < result.ping < 3000
+    assert 0 < result.tcp_ping < 3000
+    assert result.to_wire() == {"tcp_ping": result.tcp_ping}
     assert peer == "127.0.0.1"
     assert peers.empty()
 
@@ -69,7 +70,7 @@ async def test_name_is_resolved() -> None:
     async with _listener("127.0.0.1") as (port, peers):
         result = await run(TcpPing(tcp_ping=f"localhost:{port}"), _context())
         peer = await asyncio.wait_for(peers.get(), scaled(5))
-    assert result.ping > 0
+    assert result.tcp_ping > 0
     assert peer == "127.0.0.1"
 
 
@@ -79,7 +80,7 @@ async def test_connects_over_ipv6() -> None:
     async with _listener("::1") as (port, peers):
         result = await run(TcpPing(tcp_ping=f"[::1]:{port}"), _context())
         peer = await asyncio.wait_for(peers.get(), scaled(5))
-    assert result.ping > 0
+    assert result.tcp_ping > 0
     assert peer == "::1"
 
 

@@ -14,10 +14,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import orjson
 import pytest
+import websockets
+from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -26,8 +28,9 @@ from taskd.agent.tasks import TaskContext, TaskFailed, runner_for
 from taskd.agent.tasks.web_shell import run, session_url
 from taskd.config import parse_agent_config
 from taskd.protocol import WebShell, WebShellResult, WebShellSpec
+from tests.agent.test_cli_agent import nohup_agent
 from tests.agent.test_client import running_agent, wait_online
-from tests.helpers import Server, free_port, scaled
+from tests.helpers import Server, free_port, make_settings, running_server, scaled, tmp_sqlite_url
 
 AGENT_UUID = "6f1c1a52-8c43-4d4e-9a51-6c4a3f0e2b10"
 TERMINAL_ID = "0b7e5a8e-2f1d-4c55-b1f9-3a2d6c7e8f90"
@@ -67,7 +70,7 @@ async def relay(
         yield f"{scheme}://127.0.0.1:{port}", paths
 
 
-async def read_until(ws: ServerConnection, pattern: bytes, timeout: float = 10) -> bytes:
+async def read_until(ws: Connection, pattern: bytes, timeout: float = 10) -> bytes:
     """Collect binary frames until ``pattern`` (a regex) matches; return everything read."""
     seen = b""
     async with asyncio.timeout(scaled(timeout)):
@@ -240,6 +243,56 @@ async def test_ctrl_c_reaches_the_foreground_job() -> None:
 
     async with relay(script) as (base, _):
         await asyncio.wait_for(run(shell_task(f"{base}/t"), context()), scaled(20))
+
+
+def _running_in_session(sid: int, command: str) -> list[int]:
+    """The pids of processes running ``command`` in the session ``sid``."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            text = stat.read_text()
+            name = text[text.index("(") + 1 : text.rindex(")")]
+            session = int(text[text.rindex(")") + 2 :].split()[3])
+            if session == sid and name == command:
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+async def session_member(sid: int, command: str, timeout: float = 10) -> int:
+    """Wait for a process running ``command`` in the session ``sid``; its pid."""
+    deadline = time.monotonic() + scaled(timeout)
+    while time.monotonic() < deadline:
+        if pids := _running_in_session(sid, command):
+            return pids[0]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {command} started in session {sid}")
+
+
+async def test_interrupt_keys_work_in_shells_of_an_agent_started_under_nohup(
+    tmp_path: Path,
+) -> None:
+    """An agent started ignoring SIGHUP, SIGINT and SIGQUIT gives shells obeying Ctrl-C, Ctrl-\\."""
+    async with (
+        running_server(make_settings(tmp_sqlite_url(tmp_path))) as server,
+        nohup_agent(server, tmp_path, "web_shell") as agent_uuid,
+    ):
+        terminal_id = str(uuid.uuid4())
+        shell = {"web_shell": {"url": f"{server.ws_url}auto_gen", "terminal_id": terminal_id}}
+        await server.su("task_create_task", agent_uuid, shell)
+        query = {"agent_uuid": agent_uuid, "terminal_id": terminal_id, "token": server.super_token}
+        async with websockets.connect(f"{server.ws_url}terminal?{urlencode(query)}") as user:
+            await user.send("ulimit -c 0; echo SHELL $$\n")  # no core dump on Ctrl-\\
+            output = await read_until(user, rb"SHELL \d+\r\n")
+            shell_pid = int(re.findall(rb"SHELL (\d+)\r\n", output)[-1])
+            for key, signal_name in (("\x03", "SIGINT"), ("\x1c", "SIGQUIT")):
+                await user.send("sleep 1000\n")
+                sleep_pid = await session_member(shell_pid, "sleep")
+                await user.send(key)
+                assert await gone(sleep_pid, timeout=5), (
+                    f"{key!r} ({signal_name}) left sleep running"
+                )
+                await user.send(f"echo after {signal_name}\n")
+                await read_until(user, rf"(?<!echo )after {signal_name}\r\n".encode())
 
 
 async def test_closing_kills_the_whole_session_even_if_it_ignores_hangups() -> None:

@@ -9,7 +9,9 @@ own limits; the client adds a hard timeout on top (``TIMEOUT_S`` seconds, or
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +35,24 @@ class TaskContext:
 
 
 Runner = Callable[[Any, TaskContext], Awaitable[ResultVariant]]
+
+
+def default_signals() -> None:
+    """In a child between fork and exec: every signal to its default action, none blocked.
+
+    An agent started in the background (``nohup taskd agent ... &``) inherits
+    SIGHUP, SIGINT and SIGQUIT ignored, and a signal still ignored at exec
+    stays ignored: without this a terminal's Ctrl-\\ (or Ctrl-C) would do
+    nothing and commands would shrug off hangups. It only makes sigaction and
+    sigprocmask calls, so it is safe in a child forked from a threaded agent.
+    """
+    for signum in signal.valid_signals():
+        if signum not in (signal.SIGKILL, signal.SIGSTOP):
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(signum, signal.SIG_DFL)
+    # a forked child starts with no pending signals: unblocking delivers none
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
 
 MODULES: dict[str, str] = {
     "ping": "ping",

@@ -16,11 +16,11 @@ import httpx
 from taskd.agent.tasks import TaskContext, TaskFailed
 from taskd.protocol import (
     HttpPing,
+    HttpPingResult,
     HttpRequest,
     HttpRequestResult,
     HttpRequestSpec,
     HttpResponse,
-    PingResult,
 )
 
 PING_TIMEOUT_S = 10.0
@@ -50,7 +50,7 @@ def _client(
 
 async def run_http_ping(
     task: HttpPing, ctx: TaskContext, *, timeout_s: float = PING_TIMEOUT_S
-) -> PingResult:
+) -> HttpPingResult:
     """GET the URL and time until the response headers arrive; any status counts."""
     url = task.http_ping
     async with _client(ctx, timeout_s) as client:
@@ -62,7 +62,7 @@ async def run_http_ping(
             raise TaskFailed(f"no response from {url} within {timeout_s:g} s") from None
         except httpx.HTTPError as exc:
             raise TaskFailed(_reason("GET", url, exc)) from None
-    return PingResult(ping=elapsed_ms)
+    return HttpPingResult(http_ping=elapsed_ms)
 
 
 async def run_http_request(

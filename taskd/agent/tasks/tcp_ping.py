@@ -7,7 +7,7 @@ import socket
 import time
 
 from taskd.agent.tasks import TaskContext, TaskFailed
-from taskd.protocol import PingResult, TcpPing, split_host_port
+from taskd.protocol import TcpPing, TcpPingResult, split_host_port
 
 TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 3.0
@@ -15,7 +15,7 @@ CONNECT_TIMEOUT_S = 3.0
 
 async def run(
     task: TcpPing, ctx: TaskContext, *, connect_timeout_s: float = CONNECT_TIMEOUT_S
-) -> PingResult:
+) -> TcpPingResult:
     """Connect to the target's first address, time the handshake and close the connection."""
     host, port = split_host_port(task.tcp_ping)
     loop = asyncio.get_running_loop()
@@ -42,4 +42,4 @@ async def run(
             raise TaskFailed(f"connection to {target} refused") from None
         except OSError as exc:
             raise TaskFailed(f"cannot connect to {target}: {exc.strerror or exc}") from None
-        return PingResult(ping=(time.perf_counter() - started) * 1000)
+        return TcpPingResult(tcp_ping=(time.perf_counter() - started) * 1000)

@@ -29,7 +29,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from taskd.agent.tasks import TaskContext, TaskFailed
+from taskd.agent.tasks import TaskContext, TaskFailed, default_signals
 from taskd.config import AgentServer, AgentSettings
 from taskd.protocol import WebShell, WebShellResult
 
@@ -218,9 +218,11 @@ def _is_dimension(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 1 << 16
 
 
-def _take_terminal() -> None:
+def _prepare_child() -> None:
     # runs in the child between fork and exec, after setsid: make the PTY the
-    # controlling terminal so job control, Ctrl-C and SIGWINCH work
+    # controlling terminal so job control, Ctrl-C and SIGWINCH work, and give
+    # the shell the signals the agent may have inherited ignored
+    default_signals()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
@@ -244,7 +246,7 @@ class Shell:
                 stderr=slave,
                 env={**os.environ, "TERM": "xterm-256color"},
                 start_new_session=True,
-                preexec_fn=_take_terminal,
+                preexec_fn=_prepare_child,
             )
         except BaseException:
             os.close(master)
