@@ -8,14 +8,16 @@ are chosen by people and get scrypt. Every comparison is constant-time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import secrets
 import string
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -340,6 +342,19 @@ def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
     return normal_origin(origin) in {normal_origin(a) for a in allowed}
 
 
+def client_address(scope: Mapping[str, Any], headers: Any, trusted: tuple[str, ...]) -> str:
+    """The caller's address; X-Forwarded-For is believed only from a trusted proxy."""
+    client = scope.get("client")
+    peer = client[0] if client else ""
+    if trusted and peer in trusted:
+        forwarded = headers.get("x-forwarded-for", "")
+        if forwarded:
+            candidate = forwarded.split(",")[-1].strip()
+            with contextlib.suppress(ValueError):
+                return str(ipaddress.ip_address(candidate))
+    return str(peer)
+
+
 class RateLimiter:
     """Failed-authentication buckets per client address: a burst, then a steady rate."""
 
@@ -369,9 +384,17 @@ class RateLimiter:
 class Authenticator:
     """Turns a token string into a Principal, with a short cache of token rows."""
 
-    def __init__(self, store: Store, limiter: RateLimiter) -> None:
+    def __init__(
+        self,
+        store: Store,
+        limiter: RateLimiter,
+        *,
+        on_failure: Callable[[], object] | None = None,
+    ) -> None:
         self.store = store
         self.limiter = limiter
+        self.on_failure = on_failure
+        """Called on every refused authentication (the metrics count them)."""
         self._cache: dict[str, _Cached] = {}
         self._passwords: dict[tuple[str, str], tuple[Principal, float]] = {}
         self._loading: dict[str, asyncio.Future[_Cached | None]] = {}
@@ -402,6 +425,14 @@ class Authenticator:
         A token that is not a string is a params error (-32602) and a string that is
         neither ``KEY:SECRET`` nor ``USERNAME|PASSWORD`` a parse error (101), as in NodeGet.
         """
+        try:
+            return await self._authenticate(token, address)
+        except PermissionDenied:
+            if self.on_failure is not None:
+                self.on_failure()
+            raise
+
+    async def _authenticate(self, token: Any, address: str) -> Principal:
         if not isinstance(token, str):
             raise InvalidParams("token: must be a string KEY:SECRET or USERNAME|PASSWORD")
         key, sep, secret = token.partition(":")

@@ -13,8 +13,10 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from taskd.config import (
     load_server_settings,
     write_default_server_config,
 )
-from taskd.errors import TaskdError
+from taskd.errors import ErrorCode, TaskdError
 
 logger = logging.getLogger("taskd")
 
@@ -82,13 +84,19 @@ def _warn_misspelt_env() -> None:
 
 
 def server_settings(args: argparse.Namespace) -> ServerSettings:
-    """Settings from the file, then TASKD_* variables, then flags."""
+    """Settings from the file, then TASKD_* variables, then flags.
+
+    ``--port 0`` asks for a free port for this one run (serve logs the port it got); in
+    the file or TASKD_PORT, which name the port agents are configured with, 0 is refused.
+    """
     overrides: dict[str, Any] = _env_overrides()
+    any_port = getattr(args, "port", None) == 0
     for flag in ("host", "port", "database"):
         value = getattr(args, flag, None)
-        if value is not None:
+        if value is not None and not (flag == "port" and any_port):
             overrides["database_url" if flag == "database" else flag] = value
-    return load_server_settings(_config_path(args), overrides)
+    settings = load_server_settings(_config_path(args), overrides)
+    return replace(settings, port=0) if any_port else settings
 
 
 # --------------------------------------------------------------------------- init
@@ -203,6 +211,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, runner.cancel)  # type: ignore[union-attr]
+        for signum in (signal.SIGHUP, signal.SIGQUIT):
+            if signal.getsignal(signum) == signal.SIG_IGN:
+                # still ignored by the agent, but caught: a caught signal is reset to its
+                # default at exec, so commands and shells do not inherit nohup's SIG_IGN
+                loop.add_signal_handler(signum, lambda: None)
         with contextlib.suppress(asyncio.CancelledError):
             await agent.run()
 
@@ -280,14 +293,6 @@ def _wait_for(check: Any, what: str, seconds: float = 30.0) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start a server and a local agent, show one task round trip, keep both running."""
-    import subprocess
-    import uuid as uuid_module
-
-    import httpx
-    import tomlkit
-
-    from taskd.config import write_private_file
-
     directory = Path(args.dir)
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "taskd.toml"
@@ -296,6 +301,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cmd_init(init_args)
     settings = server_settings(init_args)
     port = args.port or settings.port
+    agent_uuid, agent_config, tokens = _demo_agent(settings, directory, port)
+    processes = _demo_processes(directory, config, port, agent_config)
+    try:
+        _demo_round_trip(directory, port, tokens["caller"], agent_uuid)
+        print("Ctrl-C stops the server and the agent.")
+        if not args.once:
+            processes[0].wait()
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        _stop(processes)
+
+
+def _demo_agent(
+    settings: ServerSettings, directory: Path, port: int
+) -> tuple[str, Path, dict[str, str]]:
+    """The demo agent's UUID, config (written once, every task kind allowed) and tokens."""
+    import uuid as uuid_module
+
+    import tomlkit
+
+    from taskd.config import write_private_file
+
     agent_config = directory / "agent.toml"
     if agent_config.exists():
         agent_uuid = str(tomlkit.parse(agent_config.read_text())["agent_uuid"])
@@ -317,71 +346,72 @@ def cmd_demo(args: argparse.Namespace) -> int:
         servers.append(link)
         document["server"] = servers
         write_private_file(agent_config, tomlkit.dumps(document))
+    return agent_uuid, agent_config, tokens
+
+
+def _demo_processes(
+    directory: Path, config: Path, port: int, agent_config: Path
+) -> list[subprocess.Popen[bytes]]:
+    """``taskd serve`` and ``taskd agent`` as child processes, logging into ``directory``."""
+    base = [sys.executable, "-m", "taskd"]
+    commands = {
+        "server": ["serve", "--config", str(config), "--port", str(port)],
+        "agent": ["agent", "--config", str(agent_config)],
+    }
+    processes = []
+    for name, command in commands.items():
+        with (directory / f"{name}.log").open("a") as log:
+            processes.append(
+                subprocess.Popen([*base, *command], stdout=log, stderr=subprocess.STDOUT)
+            )
+    return processes
+
+
+def _demo_round_trip(directory: Path, port: int, caller: str, agent_uuid: str) -> None:
+    """Wait for the server and the agent, then run three tasks and print their results."""
+    import httpx
 
     url = f"http://127.0.0.1:{port}/"
-    base = [sys.executable, "-m", "taskd"]
-    with (
-        (directory / "server.log").open("a") as server_log,
-        (directory / "agent.log").open("a") as agent_log,
+    client = httpx.Client(base_url=url, timeout=30)
+
+    def call(method: str, *params: Any) -> Any:
+        reply = client.post(
+            "/", json={"jsonrpc": "2.0", "method": method, "params": list(params), "id": 1}
+        ).json()
+        if "error" in reply:
+            raise SystemExit(f"taskd demo: {method} failed: {reply['error']}")
+        return reply["result"]
+
+    _wait_for(lambda: client.get("/healthz").status_code == 200, "the server")
+    _wait_for(
+        lambda: any(a["uuid"] == agent_uuid and a["online"] for a in call("agent_list", caller)),
+        "the agent",
+    )
+    print(f"taskd server on {url} (logs in {directory}/server.log), agent {agent_uuid} online")
+    for task in (
+        {"execute": {"cmd": "uname", "args": ["-a"]}},
+        {"tcp_ping": f"127.0.0.1:{port}"},
+        "version",
     ):
-        server = subprocess.Popen(
-            [*base, "serve", "--config", str(config), "--port", str(port)],
-            stdout=server_log,
-            stderr=subprocess.STDOUT,
-        )
-        agent = subprocess.Popen(
-            [*base, "agent", "--config", str(agent_config)],
-            stdout=agent_log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        client = httpx.Client(base_url=url, timeout=30)
+        result = call("task_create_task_blocking", caller, agent_uuid, task, 30000)
+        shown = result["task_event_result"] if result["success"] else result["error_message"]
+        print(f"  task {result['task_id']} {json.dumps(task)} -> {json.dumps(shown)}")
+    print(
+        f"try: TASKD_URL={url} TASKD_TOKEN=$(jq -r .caller {directory}/demo-tokens.json) "
+        f'taskd call task_create_task_blocking \'["{agent_uuid}", "ip", 5000]\''
+    )
 
-        def call(method: str, *params: Any) -> Any:
-            reply = client.post(
-                "/", json={"jsonrpc": "2.0", "method": method, "params": list(params), "id": 1}
-            ).json()
-            if "error" in reply:
-                raise SystemExit(f"taskd demo: {method} failed: {reply['error']}")
-            return reply["result"]
 
-        _wait_for(lambda: client.get("/healthz").status_code == 200, "the server")
-        caller = tokens["caller"]
-        _wait_for(
-            lambda: any(
-                a["uuid"] == agent_uuid and a["online"] for a in call("agent_list", caller)
-            ),
-            "the agent",
-        )
-        print(f"taskd server on {url} (logs in {directory}/server.log), agent {agent_uuid} online")
-        for task in (
-            {"execute": {"cmd": "uname", "args": ["-a"]}},
-            {"tcp_ping": f"127.0.0.1:{port}"},
-            "version",
-        ):
-            result = call("task_create_task_blocking", caller, agent_uuid, task, 30000)
-            shown = result["task_event_result"] if result["success"] else result["error_message"]
-            print(f"  task {result['task_id']} {json.dumps(task)} -> {json.dumps(shown)}")
-        print(
-            f"try: TASKD_URL={url} TASKD_TOKEN=$(jq -r .caller {directory}/demo-tokens.json) "
-            f'taskd call task_create_task_blocking \'["{agent_uuid}", "ip", 5000]\''
-        )
-        print("Ctrl-C stops the server and the agent.")
-        if args.once:
-            return 0
-        server.wait()
-        return 0
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        for process in (agent, server):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in (agent, server):
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every process still running (the last first); kill one that will not end."""
+    for process in reversed(processes):
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in reversed(processes):
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def _all_kinds() -> tuple[str, ...]:
@@ -544,7 +574,7 @@ def cmd_cron_edit(args: argparse.Namespace) -> int:
     crons = _rpc(args, "crontab_get", {})
     current = next((c for c in crons if c["name"] == args.name), None)
     if current is None:
-        raise _CallFailed(f"error 105: No cron named {args.name!r}", 1)
+        raise _CallFailed(f"error {ErrorCode.NOT_FOUND}: No cron named {args.name!r}", 1)
     uuids, task = current["cron_type"]["agent"]
     ttl = current.get("queue_ttl_ms") if args.queue_ttl_ms is None else args.queue_ttl_ms
     params: dict[str, Any] = {
@@ -607,25 +637,37 @@ def cmd_cron_preview(args: argparse.Namespace) -> int:
     return _emit(args, [t.isoformat() for t in times], "\n".join(t.isoformat() for t in times))
 
 
-def _cron_command(handler: Any) -> Any:
+def _client_command(prefix: str, handler: Any) -> Any:
+    """``handler`` as a command: a failed call prints ``prefix: message`` and sets the status."""
+
     def run(args: argparse.Namespace) -> int:
         try:
             code: int = handler(args)
         except _CallFailed as exc:
-            print(f"taskd cron: {exc.message}", file=sys.stderr)
+            print(f"{prefix}: {exc.message}", file=sys.stderr)
             return exc.code
         return code
 
     return run
 
 
-def _add_cron_commands(sub: Any) -> None:
-    """The ``taskd cron`` command family."""
+def _client_options() -> argparse.ArgumentParser:
+    """The options of every command that calls a server."""
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument("--url", help=f"server URL (default $TASKD_URL or {DEFAULT_URL})")
     client.add_argument("--token", help="token (default $TASKD_TOKEN)")
     client.add_argument("--timeout", type=float, default=30.0)
     client.add_argument("--json", action="store_true", help="print JSON for scripts")
+    return client
+
+
+def _cron_command(handler: Any) -> Any:
+    return _client_command("taskd cron", handler)
+
+
+def _add_cron_commands(sub: Any) -> None:
+    """The ``taskd cron`` command family."""
+    client = _client_options()
     cron = sub.add_parser("cron", help="recurring tasks on agents")
     commands = cron.add_subparsers(dest="cron_command", required=True)
 
@@ -673,18 +715,6 @@ def _add_cron_commands(sub: Any) -> None:
 
 
 # --------------------------------------------------------------------------- token
-
-
-def _client_command(prefix: str, handler: Any) -> Any:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            code: int = handler(args)
-        except _CallFailed as exc:
-            print(f"{prefix}: {exc.message}", file=sys.stderr)
-            return exc.code
-        return code
-
-    return run
 
 
 def _token_limits(args: argparse.Namespace) -> Any:
@@ -772,11 +802,7 @@ def cmd_token_roll(args: argparse.Namespace) -> int:
 
 def _add_token_commands(sub: Any) -> None:
     """The ``taskd token`` command family."""
-    client = argparse.ArgumentParser(add_help=False)
-    client.add_argument("--url", help=f"server URL (default $TASKD_URL or {DEFAULT_URL})")
-    client.add_argument("--token", help="token (default $TASKD_TOKEN)")
-    client.add_argument("--timeout", type=float, default=30.0)
-    client.add_argument("--json", action="store_true", help="print JSON for scripts")
+    client = _client_options()
     token = sub.add_parser("token", help="create, list, roll and revoke tokens")
     commands = token.add_subparsers(dest="token_command", required=True)
 
@@ -963,7 +989,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help=f"config file (default ${{TASKD_CONFIG}} or {DEFAULT_CONFIG})"
     )
     serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve.add_argument("--port", type=int, help="0: a free port, logged once bound")
     serve.add_argument("--database", help="database URL")
     serve.set_defaults(func=cmd_serve)
 

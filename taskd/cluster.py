@@ -28,25 +28,31 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.engine import make_url
 
 from taskd.clock import now_ms
 from taskd.errors import InvalidInput
-from taskd.store import Store
-from taskd.writer import (
-    AGENTS_CHANNEL,
-    CRONS_CHANNEL,
-    TERMINALS_CHANNEL,
-    TOKENS_CHANNEL,
-    node_channel,
-)
+from taskd.store import Channels, Store
 
 logger = logging.getLogger(__name__)
+
+AGENTS_CHANNEL = "taskd_agents"
+TERMINALS_CHANNEL = "taskd_terminals"
+CRONS_CHANNEL = "taskd_crons"
+TOKENS_CHANNEL = "taskd_tokens"
+
+
+def node_channel(node_id: str) -> str:
+    """The LISTEN channel of a cluster node (a valid unquoted identifier)."""
+    return "taskd_n_" + "".join(c for c in node_id.lower() if c.isalnum())[:48]
+
+
+CHANNELS = Channels(agents=AGENTS_CHANNEL, node=node_channel)
+"""The channels the store announces its commits on (give it to ``Store``)."""
 
 LEADER_LOCK = 7_205_759_403_792_793  # any fixed 64-bit key; the same on every node
 HEARTBEAT_S = 2.0
@@ -89,11 +95,36 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
 """
 
 
+class ClusterEvents(Protocol):
+    """What this node does when the cluster tells it something."""
+
+    def agents_queued(self, agent_uuids: list[str]) -> None:
+        """Tasks were queued for agents that may be subscribed here."""
+
+    def results_stored(self, task_ids: list[int]) -> None:
+        """Results of these tasks were committed on another node."""
+
+    def agent_moved(self, agent_uuid: str) -> None:
+        """The agent subscribed on another node."""
+
+    def crons_changed(self, cron_ids: list[int]) -> None:
+        """These crons were changed through another node."""
+
+    def token_changed(self, key: str, revoke: bool) -> None:
+        """A token was changed through another node (``revoke``: what it opened must end)."""
+
+    async def leadership_changed(self, leader: bool) -> None:
+        """This node became the cron leader, or stopped being it."""
+
+
 class Cluster:
     """This node's view of the cluster: peers, agent locations, leadership."""
 
-    def __init__(self, store: Store, *, node_id: str, address: str, grace_ms: int) -> None:
+    def __init__(
+        self, store: Store, events: ClusterEvents, *, node_id: str, address: str, grace_ms: int
+    ) -> None:
         self.store = store
+        self.events = events
         self.node_id = node_id
         self.address = address
         self.grace_ms = grace_ms
@@ -105,12 +136,6 @@ class Cluster:
         self.agents: dict[str, str] = {}
         self.terminals: dict[tuple[str, str], str] = {}
         self.nodes: dict[str, tuple[str, int]] = {}
-        self.on_queued: Callable[[list[str]], None] = lambda uuids: None
-        self.on_results: Callable[[list[int]], None] = lambda ids: None
-        self.on_moved: Callable[[str], None] = lambda agent_uuid: None
-        self.on_crons: Callable[[list[int]], None] = lambda cron_ids: None
-        self.on_token: Callable[[str, bool], None] = lambda key, revoke: None
-        self.on_leadership: Callable[[bool], Awaitable[None]] | None = None
         self._dsn = ""
         self._listener: asyncpg.Connection | None = None
         self._lock_conn: asyncpg.Connection | None = None
@@ -144,7 +169,7 @@ class Cluster:
         return self
 
     def start_leader_election(self) -> None:
-        """Begin competing for leadership (after the scheduler exists)."""
+        """Begin competing for leadership (once this node is ready to fire crons)."""
         if self.enabled:
             self._loops.append(
                 asyncio.create_task(self._leader_loop(), name="taskd-cluster-leader")
@@ -209,6 +234,16 @@ class Cluster:
                 TERMINALS_CHANNEL, f"{state} {agent_uuid} {terminal_id} {self.node_id}"
             )
 
+    async def announce_crons(self, cron_ids: list[int]) -> None:
+        """Tell the other nodes that these crons changed (their leader reloads them)."""
+        if self.enabled:
+            await self.store.announce(CRONS_CHANNEL, ",".join(map(str, cron_ids)))
+
+    async def announce_token(self, key: str, revoke: bool) -> None:
+        """Tell the other nodes that token ``key`` changed (``revoke``: end what it opened)."""
+        if self.enabled:
+            await self.store.announce(TOKENS_CHANNEL, f"{key} {int(revoke)}")
+
     async def address_of(self, node_id: str) -> str | None:
         """The published internal address of a node (read again if not known yet)."""
         entry = self.nodes.get(node_id)
@@ -249,9 +284,7 @@ class Cluster:
 
     async def _id_holder(self, conn: asyncpg.Connection, key: int, waited: float) -> str | None:
         """Why this node may not start (another process holds its id); None to wait on."""
-        row = await conn.fetchrow(
-            "SELECT address, started_at, heartbeat FROM node WHERE id = $1", self.node_id
-        )
+        row = await self.store.node(self.node_id)
         session = await conn.fetchrow(_LOCK_HOLDER, key)
         fix = (
             "Every `taskd serve` process needs its own node_id: give this one its own config "
@@ -265,12 +298,12 @@ class Cluster:
                 f"{session['client_addr'] or 'a local socket'}, since "
                 f"{session['backend_start'].isoformat(timespec='seconds')})"
             )
-        since_beat = now_ms() - row["heartbeat"] if row is not None else None
-        if since_beat is not None and since_beat <= self.grace_ms:
+        since_beat = now_ms() - row.heartbeat if row is not None else None
+        if row is not None and since_beat is not None and since_beat <= self.grace_ms:
             return (
                 f"node_id {self.node_id} is in use by a running node at "
-                f"{row['address'] or 'an unpublished address'}, started "
-                f"{_when(row['started_at'])}, last heartbeat {since_beat} ms ago{origin}. {fix}"
+                f"{row.address or 'an unpublished address'}, started "
+                f"{_when(row.started_at)}, last heartbeat {since_beat} ms ago{origin}. {fix}"
             )
         if waited < CLAIM_PATIENCE_S + STALE_HOLDER_WAIT_S:
             return None  # a session whose node stopped beating: PostgreSQL ends it soon
@@ -329,9 +362,9 @@ class Cluster:
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         if channel == TOKENS_CHANNEL:
             key, _, revoke = payload.partition(" ")
-            self.on_token(key, revoke == "1")
+            self.events.token_changed(key, revoke == "1")
         elif channel == CRONS_CHANNEL:
-            self.on_crons([int(i) for i in payload.split(",") if i.isdigit()])
+            self.events.crons_changed([int(i) for i in payload.split(",") if i.isdigit()])
         elif channel == TERMINALS_CHANNEL:
             state, agent_uuid, terminal_id, node = [*payload.split(" "), "", "", "", ""][:4]
             if state == "open":
@@ -351,11 +384,11 @@ class Cluster:
                     # with the next heartbeat refresh
                     self.nodes[node] = ("", now_ms())
                 if node != self.node_id:
-                    self.on_moved(agent_uuid)
+                    self.events.agent_moved(agent_uuid)
         elif payload.startswith("q:"):
-            self.on_queued(payload[2:].split(","))
+            self.events.agents_queued(payload[2:].split(","))
         elif payload.startswith("r:"):
-            self.on_results([int(i) for i in payload[2:].split(",") if i.isdigit()])
+            self.events.results_stored([int(i) for i in payload[2:].split(",") if i.isdigit()])
 
     async def _listen_loop(self) -> None:
         delay = 0.5
@@ -372,12 +405,14 @@ class Cluster:
                 self.agents = {row.uuid: row.node_id for row in rows if row.node_id}
                 self._listening.set()
                 # whatever was routed here while nobody listened is delivered now
-                self.on_queued(list(self.agents))
+                self.events.agents_queued(list(self.agents))
                 delay = 0.5
                 while not conn.is_closed():
                     await asyncio.sleep(SWEEP_S)
                     await conn.execute("SELECT 1")
-                    self.on_queued([u for u, n in self.agents.items() if n == self.node_id])
+                    self.events.agents_queued(
+                        [u for u, n in self.agents.items() if n == self.node_id]
+                    )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -393,8 +428,7 @@ class Cluster:
         logger.info(
             "node %s %s the cron leader", self.node_id, "is now" if leader else "is no longer"
         )
-        if self.on_leadership is not None:
-            await self.on_leadership(leader)
+        await self.events.leadership_changed(leader)
 
     async def _leader_loop(self) -> None:
         while True:

@@ -274,6 +274,18 @@ class AgentSettings:
     ip_echo_urls: tuple[str, ...] = ("https://api.ipify.org", "https://api6.ipify.org")
     self_update_index_url: str = ""
     self_update_find_links: str = ""
+    report_metrics: bool = True
+    static_report_interval_ms: int = 300_000
+    dynamic_report_interval_ms: int = 1_000
+    dynamic_summary_report_interval_ms: int = 1_000
+    dynamic_summary_select_disk: tuple[str, ...] = ()
+    dynamic_summary_select_network_interface: tuple[str, ...] = ()
+    report_buffer_max_count: int = 3_600
+    report_buffer_max_age_ms: int = 3_600_000
+    report_backlog_per_second: int = 20
+    report_backlog_jitter_ms: int = 10_000
+    http_fallback: bool = True
+    http_fallback_retry_ms: int = 60_000
 
     def with_uuid(self, agent_uuid: str) -> AgentSettings:
         """A copy with another agent UUID."""
@@ -331,6 +343,41 @@ def _agent_server(raw: Any, index: int) -> AgentServer:
     )
 
 
+_REPORT_INT_BOUNDS = {
+    "static_report_interval_ms": (1_000, 7 * 24 * 3600 * 1000),
+    "dynamic_report_interval_ms": (100, 24 * 3600 * 1000),
+    "dynamic_summary_report_interval_ms": (100, 24 * 3600 * 1000),
+    "report_buffer_max_count": (0, 1_000_000),
+    "report_buffer_max_age_ms": (0, 30 * 24 * 3600 * 1000),
+    "report_backlog_per_second": (1, 10_000),
+    "report_backlog_jitter_ms": (0, 3600 * 1000),
+    "http_fallback_retry_ms": (1_000, 24 * 3600 * 1000),
+}
+"""Host-report settings and their ranges: short intervals would make the agent a load itself."""
+
+
+def _report_options(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The host-report settings of an agent config, checked."""
+    options: dict[str, Any] = {}
+    for key, (low, high) in _REPORT_INT_BOUNDS.items():
+        if key in raw:
+            options[key] = _int(raw[key], key, low, high)
+    for key in ("report_metrics", "http_fallback"):
+        if key in raw:
+            options[key] = _bool(raw[key], key)
+    for key in ("dynamic_summary_select_disk", "dynamic_summary_select_network_interface"):
+        if key in raw:
+            options[key] = _str_list(raw[key], key)
+    dynamic = options.get("dynamic_report_interval_ms", 1_000)
+    summary = options.get("dynamic_summary_report_interval_ms", 1_000)
+    if dynamic % summary:
+        raise InvalidInput(
+            f"dynamic_report_interval_ms ({dynamic}) must be a multiple of "
+            f"dynamic_summary_report_interval_ms ({summary})"
+        )
+    return options
+
+
 def parse_agent_config(text: str, path: Path | None = None) -> AgentSettings:
     """Parse and validate a whole agent config document; raise InvalidInput naming the problem."""
     try:
@@ -367,6 +414,7 @@ def parse_agent_config(text: str, path: Path | None = None) -> AgentSettings:
             options[key] = _str(raw[key], key)
     if "ip_echo_urls" in raw:
         options["ip_echo_urls"] = _str_list(raw["ip_echo_urls"], "ip_echo_urls")
+    options.update(_report_options(raw))
     return AgentSettings(
         agent_uuid=agent_uuid,
         servers=tuple(_agent_server(s, i) for i, s in enumerate(servers)),

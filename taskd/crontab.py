@@ -1,4 +1,4 @@
-"""Cron expressions and names: validation, and fire times computed by croniter.
+"""Crons: expressions and names validated, fire times computed by croniter, stored definitions.
 
 croniter is the one source of truth for when a cron fires: validation, the
 next slot and previews all ask it, and nothing else interprets an expression.
@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta, tzinfo
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadDateError, CroniterError, croniter
 
 from taskd.errors import InvalidCronExpression, InvalidInput, InvalidParams
+from taskd.protocol import CRON_TYPE, AgentCron
 
 MAX_EXPRESSION_LENGTH = 256
 MAX_NAME_LENGTH = 128
@@ -183,3 +185,15 @@ def validate_name(name: object) -> str:
     if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name):
         raise InvalidInput("name: must not contain control characters")
     return name
+
+
+def stored_agent_cron(cron_type: Any) -> AgentCron | None:
+    """The agent cron a stored ``cron_type`` holds; None for any other kind."""
+    definition = CRON_TYPE.validate_python(cron_type)
+    return definition if isinstance(definition, AgentCron) else None
+
+
+def cron_targets(cron_type: Any) -> list[str]:
+    """The agents a stored ``cron_type`` creates tasks on."""
+    definition = stored_agent_cron(cron_type)
+    return definition.uuids if definition is not None else []

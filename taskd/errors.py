@@ -1,9 +1,10 @@
-"""Exceptions, each carrying its JSON-RPC error code.
+"""The error codes and the exception tree, each exception carrying its code.
 
-One place (``taskd.rpc``) turns them into error responses, whose message is
-NodeGet's prefix for the code followed by the exception's own sentence::
+One place (``taskd.rpc.failure``) turns an exception into an error reply, whose
+message is NodeGet's prefix for the code followed by the exception's own sentence::
 
     TaskdError (999)                    "Other error: "
+    ├── ParseError (-32700)
     ├── InvalidRequest (-32600)
     ├── MethodNotFound (-32601)
     ├── InvalidParams (-32602)
@@ -25,13 +26,33 @@ The standard JSON-RPC codes (negative) carry no prefix.
 
 from __future__ import annotations
 
+from enum import IntEnum
 from typing import Any, ClassVar
+
+
+class ErrorCode(IntEnum):
+    """Every JSON-RPC error code taskd answers: the standard ones, then NodeGet's."""
+
+    PARSE_ERROR = -32700
+    INVALID_REQUEST = -32600
+    METHOD_NOT_FOUND = -32601
+    INVALID_PARAMS = -32602
+    INTERNAL_ERROR = -32603
+    SERIALIZATION = 101
+    PERMISSION_DENIED = 102
+    DATABASE = 103
+    AGENT_NOT_CONNECTED = 104
+    NOT_FOUND = 105
+    UUID_NOT_FOUND = 106
+    CONFIG_NOT_FOUND = 107
+    INVALID_INPUT = 108
+    OTHER = 999
 
 
 class TaskdError(Exception):
     """Base of every error answered to a client; ``code`` is the JSON-RPC error code."""
 
-    code: ClassVar[int] = 999
+    code: ClassVar[ErrorCode] = ErrorCode.OTHER
     prefix: ClassVar[str] = "Other error: "
     """NodeGet's wording for the code, which its clients match on."""
 
@@ -55,38 +76,45 @@ class TaskdError(Exception):
         return error
 
 
+class ParseError(TaskdError):
+    """The message is not JSON."""
+
+    code: ClassVar[ErrorCode] = ErrorCode.PARSE_ERROR
+    prefix: ClassVar[str] = ""
+
+
 class InvalidRequest(TaskdError):
     """The message is JSON but not a JSON-RPC 2.0 request."""
 
-    code: ClassVar[int] = -32600
+    code: ClassVar[ErrorCode] = ErrorCode.INVALID_REQUEST
     prefix: ClassVar[str] = ""
 
 
 class MethodNotFound(TaskdError):
     """No method has that name."""
 
-    code: ClassVar[int] = -32601
+    code: ClassVar[ErrorCode] = ErrorCode.METHOD_NOT_FOUND
     prefix: ClassVar[str] = ""
 
 
 class InvalidParams(TaskdError):
     """Params are missing, extra or of the wrong type; the message names the field."""
 
-    code: ClassVar[int] = -32602
+    code: ClassVar[ErrorCode] = ErrorCode.INVALID_PARAMS
     prefix: ClassVar[str] = ""
 
 
 class InternalError(TaskdError):
     """An unexpected failure inside the server; details are logged, never sent."""
 
-    code: ClassVar[int] = -32603
+    code: ClassVar[ErrorCode] = ErrorCode.INTERNAL_ERROR
     prefix: ClassVar[str] = ""
 
 
 class SerializationError(TaskdError):
     """A value cannot be parsed or serialised."""
 
-    code: ClassVar[int] = 101
+    code: ClassVar[ErrorCode] = ErrorCode.SERIALIZATION
     prefix: ClassVar[str] = "Parse error: "
 
 
@@ -97,49 +125,49 @@ class InvalidCronExpression(SerializationError):
 class PermissionDenied(TaskdError):
     """Bad credentials, or the token lacks the permission."""
 
-    code: ClassVar[int] = 102
+    code: ClassVar[ErrorCode] = ErrorCode.PERMISSION_DENIED
     prefix: ClassVar[str] = "Permission denied: "
 
 
 class DatabaseError(TaskdError):
     """The database failed or is unreachable."""
 
-    code: ClassVar[int] = 103
+    code: ClassVar[ErrorCode] = ErrorCode.DATABASE
     prefix: ClassVar[str] = "Database error: "
 
 
 class AgentNotConnected(TaskdError):
     """The target agent holds no subscription."""
 
-    code: ClassVar[int] = 104
+    code: ClassVar[ErrorCode] = ErrorCode.AGENT_NOT_CONNECTED
     prefix: ClassVar[str] = "Unable to connect agent: "
 
 
 class NotFound(TaskdError):
     """The referenced task, cron or token does not exist."""
 
-    code: ClassVar[int] = 105
+    code: ClassVar[ErrorCode] = ErrorCode.NOT_FOUND
     prefix: ClassVar[str] = "Not found in database: "
 
 
 class UuidNotFound(TaskdError):
     """The referenced agent UUID is unknown."""
 
-    code: ClassVar[int] = 106
+    code: ClassVar[ErrorCode] = ErrorCode.UUID_NOT_FOUND
     prefix: ClassVar[str] = "UUID not found: "
 
 
 class ConfigNotFound(TaskdError):
     """A configuration file or entry is missing."""
 
-    code: ClassVar[int] = 107
+    code: ClassVar[ErrorCode] = ErrorCode.CONFIG_NOT_FOUND
     prefix: ClassVar[str] = "Config not found: "
 
 
 class InvalidInput(TaskdError):
     """The input is well-formed but not acceptable."""
 
-    code: ClassVar[int] = 108
+    code: ClassVar[ErrorCode] = ErrorCode.INVALID_INPUT
     prefix: ClassVar[str] = "Invalid input: "
 
 
@@ -150,4 +178,4 @@ class AlreadyUploaded(InvalidInput):
 class TaskTimeout(TaskdError):
     """A blocking call did not get its result in time."""
 
-    code: ClassVar[int] = 999
+    code: ClassVar[ErrorCode] = ErrorCode.OTHER

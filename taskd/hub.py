@@ -4,26 +4,28 @@ The hub owns the one code path that creates tasks (``task_create_task``,
 blocking calls and cron fires all use ``create``): validate the target, insert
 the row (committed), then push it. A task is pushed only after its row is
 committed, so an agent can never answer a task the store does not know.
+
+It is an async context manager entered once: entering forgets the agents an
+earlier run of this node held; leaving waits for its background writes and
+records its agents' last calls and disconnection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-import orjson
-
 from taskd.auth import random_string
 from taskd.clock import now_ms
 from taskd.errors import AgentNotConnected, NotFound
 from taskd.models import TaskState
-from taskd.protocol import TaskVariant, variant_tag
-from taskd.store import Store
-from taskd.writer import NewTask, StoredResult
+from taskd.protocol import TaskEventResponse, TaskPush, TaskVariant, variant_tag
+from taskd.store import NewTask, Store
 
 if TYPE_CHECKING:
     from taskd.cluster import Cluster
@@ -47,6 +49,9 @@ class Peer(Protocol):
 
     def send(self, frame: bytes) -> bool:
         """Queue a text frame; False if the connection is closed."""
+
+    def close_soon(self, code: int) -> None:
+        """Send what is queued, then close with ``code``."""
 
 
 @dataclass(eq=False)
@@ -79,21 +84,9 @@ class Created:
     error: AgentNotConnected | None = None
 
 
-def push_frame(subscription_id: int, task_id: int, task_token: str, task_event_type: Any) -> bytes:
-    """The JSON-RPC notification that delivers a task to an agent."""
-    return orjson.dumps(
-        {
-            "jsonrpc": "2.0",
-            "method": "task_register_task",
-            "params": {
-                "subscription": subscription_id,
-                "result": {
-                    "task_id": task_id,
-                    "task_token": task_token,
-                    "task_event_type": task_event_type,
-                },
-            },
-        }
+def _not_connected(agent_uuid: str) -> Created:
+    return Created(
+        agent_uuid, None, error=AgentNotConnected(f"Agent {agent_uuid} is not connected")
     )
 
 
@@ -101,21 +94,23 @@ class Hub:
     """Maps agent UUIDs to live subscriptions and moves tasks and results between them."""
 
     def __init__(
-        self, store: Store, *, node_id: str, task_deadline_ms: int, cluster: Cluster | None = None
+        self,
+        store: Store,
+        *,
+        node_id: str,
+        task_deadline_ms: int,
+        cluster: Cluster | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.node_id = node_id
         self.cluster = cluster
-        self.metrics: Metrics | None = None
-        if cluster is not None:
-            cluster.on_queued = self._queued_here
-            cluster.on_results = self._results_elsewhere
-            cluster.on_moved = self._moved_away
+        self.metrics = metrics
         self.task_deadline_ms = task_deadline_ms
         self._by_agent: dict[str, Subscription] = {}
         self._by_id: dict[int, Subscription] = {}
         self._by_peer: dict[int, set[int]] = {}
-        self._waiters: dict[int, list[asyncio.Future[StoredResult]]] = {}
+        self._waiters: dict[int, list[asyncio.Future[TaskEventResponse]]] = {}
         self._seen: dict[str, int] = {}
         self._known: set[str] = set()
         """Agents whose row this node has written since it started (or their soft delete)."""
@@ -124,6 +119,19 @@ class Hub:
         # tasks pushed from here and not answered yet: id -> (agent, task_token, type)
         self.in_flight: dict[int, tuple[str, str, str]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+
+    async def __aenter__(self) -> Hub:
+        # none of the agents an earlier run of this node held is subscribed now
+        await self.store.reset_node_agents(self.node_id)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.drain()
+        with contextlib.suppress(Exception):
+            await self.flush_seen()  # the calls of the last seconds
+        seen = dict.fromkeys(self._by_agent, now_ms())
+        with contextlib.suppress(Exception):
+            await self.store.agents_disconnected(seen, self.node_id)
 
     # ------------------------------------------------------------------ subscriptions
 
@@ -219,9 +227,15 @@ class Hub:
         self._drop(sub)
         self._record_gone([sub])
         logger.info("agent %s unsubscribed: its token %s expired", sub.agent_uuid, sub.token_key)
-        close_soon = getattr(sub.peer, "close_soon", None)
-        if close_soon is not None:
-            close_soon(1008)
+        sub.peer.close_soon(1008)
+
+    def end_subscriptions_of(self, token_key: str) -> list[Subscription]:
+        """Drop the subscriptions made with a token that was revoked; their peers stay open."""
+        ended = [s for s in self._by_agent.values() if s.token_key == token_key]
+        for sub in ended:
+            self.unsubscribe(sub.id, sub.peer)
+            logger.info("agent %s unsubscribed: its token %s changed", sub.agent_uuid, token_key)
+        return ended
 
     def _drop(self, sub: Subscription) -> None:
         if sub.timer is not None:
@@ -242,12 +256,15 @@ class Hub:
         if seen:
             self.spawn(self.store.agents_disconnected(seen, self.node_id))
 
-    def _queued_here(self, agent_uuids: list[str]) -> None:
+    def tasks_queued(self, agent_uuids: list[str]) -> None:
+        """Tasks were queued for these agents (by another node): push those connected here."""
         for agent_uuid in agent_uuids:
             if self.is_connected(agent_uuid):
                 self.spawn(self.deliver_queued(agent_uuid))
 
-    def _results_elsewhere(self, task_ids: list[int]) -> None:
+    def results_stored(self, task_ids: list[int]) -> None:
+        """Results were committed on another node: wake their waiters here."""
+
         async def fetch(task_id: int) -> None:
             result = await self.store.get_result(task_id)
             if result is not None:
@@ -259,7 +276,8 @@ class Hub:
             if task_id in self._waiters:
                 self.spawn(fetch(task_id))
 
-    def _moved_away(self, agent_uuid: str) -> None:
+    def agent_moved(self, agent_uuid: str) -> None:
+        """The agent subscribed on another node: drop its subscription here."""
         sub = self._by_agent.get(agent_uuid)
         if sub is not None:
             self._drop(sub)
@@ -315,13 +333,6 @@ class Hub:
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
-    def close_all(self, code: int) -> None:
-        """Close every subscribed connection (shutdown)."""
-        for sub in list(self._by_id.values()):
-            close = getattr(sub.peer, "close_soon", None)
-            if close is not None:
-                close(code)
-
     # ------------------------------------------------------------------ tasks
 
     def _push(self, agent_uuid: str, task_id: int, task_token: str, wire: Any) -> bool:
@@ -331,7 +342,7 @@ class Hub:
         if sub.expired():
             self._expire(sub)
             return False
-        if not sub.peer.send(push_frame(sub.id, task_id, task_token, wire)):
+        if not sub.peer.send(TaskPush(task_id, task_token, wire).serialize(sub.id)):
             return False
         self.in_flight[task_id] = (agent_uuid, task_token, str(variant_tag(wire)))
         return True
@@ -346,28 +357,72 @@ class Hub:
         cron_source: str | None = None,
         created_by: str | None = None,
         wait: bool = False,
-    ) -> tuple[list[Created], dict[int, asyncio.Future[StoredResult]]]:
+    ) -> tuple[list[Created], dict[int, asyncio.Future[TaskEventResponse]]]:
         """Create ``task`` for each target: insert, then push (or queue when offline with a TTL).
 
         Targets that are offline without a TTL get ``AgentNotConnected`` and no row.
         With ``wait``, a future per pushed task is registered before the push.
         """
-        now = now_ms()
         wire = task.to_wire()
         if task.kind == "web_shell" and deadline_ms is None:
             deadline_ms = SESSION_DEADLINE_MS
-        rows: list[NewTask] = []
         outcomes: dict[str, Created] = {}
+        rows = self._new_rows(
+            targets,
+            task.kind,
+            wire,
+            outcomes,
+            queue_ttl_ms=queue_ttl_ms,
+            deadline_ms=deadline_ms or self.task_deadline_ms,
+            cron_source=cron_source,
+            created_by=created_by,
+            wait=wait,
+        )
+        waiters: dict[int, asyncio.Future[TaskEventResponse]] = {}
+        if rows:
+            await self.store.insert_tasks(rows)
+            undelivered, requeue, late = self._hand_over(
+                rows, wire, outcomes, waiters if wait else None, queue=queue_ttl_ms is not None
+            )
+            for row in undelivered:
+                self.remove_waiter(row.id, waiters.pop(row.id, None))
+            if undelivered:
+                await self.store.delete_task_ids([r.id for r in undelivered])
+            if requeue:
+                await self.store.requeue([r.id for r in requeue])
+                late.update(r.uuid for r in requeue if self.is_connected(r.uuid))
+            for agent_uuid in late:
+                self.spawn(self.deliver_queued(agent_uuid))
+        if self.metrics is not None:
+            metrics = self.metrics
+            for created in outcomes.values():
+                if created.task_id is not None:
+                    (metrics.tasks_queued if created.queued else metrics.tasks_pushed).inc()
+        return [outcomes[u] for u in targets if u in outcomes], waiters
+
+    def _new_rows(
+        self,
+        targets: Sequence[str],
+        kind: str,
+        wire: Any,
+        outcomes: dict[str, Created],
+        *,
+        queue_ttl_ms: int | None,
+        deadline_ms: int,
+        cron_source: str | None,
+        created_by: str | None,
+        wait: bool,
+    ) -> list[NewTask]:
+        """The rows to insert: a running task per online target, a queued one per target held
+        by another node or offline with a TTL; the others get their outcome now, and no row."""
+        now = now_ms()
+        rows: list[NewTask] = []
         for agent_uuid in targets:
             online = self.is_connected(agent_uuid)
             # held by another live node: queued here, pushed there (see cluster.py)
             elsewhere = None if online or self.cluster is None else self.cluster.locate(agent_uuid)
             if not online and elsewhere is None and queue_ttl_ms is None:
-                outcomes[agent_uuid] = Created(
-                    agent_uuid,
-                    None,
-                    error=AgentNotConnected(f"Agent {agent_uuid} is not connected"),
-                )
+                outcomes[agent_uuid] = _not_connected(agent_uuid)
                 continue
             queued = not online
             offline = queued and elsewhere is None
@@ -375,15 +430,11 @@ class Hub:
                 NewTask(
                     uuid=agent_uuid,
                     task_token=random_string(TASK_TOKEN_LENGTH),
-                    type=task.kind,
+                    type=kind,
                     task_event_type=wire,
                     created_at=now,
                     deadline=now
-                    + (
-                        queue_ttl_ms
-                        if offline and queue_ttl_ms is not None
-                        else deadline_ms or self.task_deadline_ms
-                    ),
+                    + (queue_ttl_ms if offline and queue_ttl_ms is not None else deadline_ms),
                     state=TaskState.QUEUED if queued else TaskState.RUNNING,
                     queue_ttl_ms=queue_ttl_ms,
                     cron_source=cron_source,
@@ -394,52 +445,50 @@ class Hub:
                     waiter_node=self.node_id if wait and self._clustered else None,
                 )
             )
-        waiters: dict[int, asyncio.Future[StoredResult]] = {}
-        if rows:
-            await self.store.insert_tasks(rows)
+        return rows
+
+    def _hand_over(
+        self,
+        rows: list[NewTask],
+        wire: Any,
+        outcomes: dict[str, Created],
+        waiters: dict[int, asyncio.Future[TaskEventResponse]] | None,
+        *,
+        queue: bool,
+    ) -> tuple[list[NewTask], list[NewTask], set[str]]:
+        """Push the committed rows; record each outcome and (with ``waiters``) each waiter.
+
+        Returns the rows no agent took (to delete), those to queue again (the agent left
+        meanwhile, with a TTL) and the agents to deliver queued rows to (they subscribed
+        while the rows were being written).
+        """
         undelivered: list[NewTask] = []
         requeue: list[NewTask] = []
         late: set[str] = set()
         for row in rows:
             if row.route_to is not None:
                 outcomes[row.uuid] = Created(row.uuid, row.id)
-                if wait:
+                if waiters is not None:
                     waiters[row.id] = self.add_waiter(row.id)
                     # the result may have been committed before the waiter existed
-                    self._results_elsewhere([row.id])
+                    self.results_stored([row.id])
                 continue
             if row.state == TaskState.QUEUED:
                 outcomes[row.uuid] = Created(row.uuid, row.id, queued=True)
                 if self.is_connected(row.uuid):
-                    late.add(row.uuid)  # the agent subscribed while the row was being written
+                    late.add(row.uuid)
                 continue
-            if wait:
+            if waiters is not None:
                 waiters[row.id] = self.add_waiter(row.id)
             if self._push(row.uuid, row.id, row.task_token, wire):
                 outcomes[row.uuid] = Created(row.uuid, row.id)
-            elif queue_ttl_ms is not None:
+            elif queue:
                 requeue.append(row)
                 outcomes[row.uuid] = Created(row.uuid, row.id, queued=True)
             else:
                 undelivered.append(row)
-                outcomes[row.uuid] = Created(
-                    row.uuid, None, error=AgentNotConnected(f"Agent {row.uuid} is not connected")
-                )
-        for row in undelivered:
-            self.remove_waiter(row.id, waiters.pop(row.id, None))
-        if undelivered:
-            await self.store.delete_task_ids([r.id for r in undelivered])
-        if requeue:
-            await self.store.requeue([r.id for r in requeue])
-            late.update(r.uuid for r in requeue if self.is_connected(r.uuid))
-        for agent_uuid in late:
-            self.spawn(self.deliver_queued(agent_uuid))
-        if self.metrics is not None:
-            metrics = self.metrics
-            for created in outcomes.values():
-                if created.task_id is not None:
-                    (metrics.tasks_queued if created.queued else metrics.tasks_pushed).inc()
-        return [outcomes[u] for u in targets if u in outcomes], waiters
+                outcomes[row.uuid] = _not_connected(row.uuid)
+        return undelivered, requeue, late
 
     async def deliver_queued(self, agent_uuid: str) -> int:
         """Push every queued task of an agent that is connected here; return how many."""
@@ -457,15 +506,35 @@ class Hub:
             )
         return len(rows) - len(failed)
 
+    async def reap(self) -> None:
+        """Fail the tasks that passed their deadline without a result."""
+        reaped = await self.store.reap(now_ms())
+        for result in reaped:
+            self.in_flight.pop(result.task_id, None)
+        if self.metrics is not None:
+            self.metrics.tasks_reaped.inc(len(reaped))
+        if reaped:
+            logger.info("reaped %d task(s) without a result", len(reaped))
+
     # ------------------------------------------------------------------ results
 
-    def add_waiter(self, task_id: int) -> asyncio.Future[StoredResult]:
+    async def task_type_of(self, task_id: int, agent_uuid: str, task_token: str) -> str:
+        """The type of the task an upload answers; 105 unless id, agent and token match."""
+        known = self.in_flight.get(task_id)
+        if known is None:
+            row = await self.store.task_identity(task_id)
+            known = (row.uuid, row.task_token, row.type) if row is not None else None
+        if known is None or known[0] != agent_uuid or known[1] != task_token:
+            raise NotFound(f"No task {task_id} for agent {agent_uuid} with that task_token")
+        return known[2]
+
+    def add_waiter(self, task_id: int) -> asyncio.Future[TaskEventResponse]:
         """A future resolved when the task's result is committed."""
-        future: asyncio.Future[StoredResult] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[TaskEventResponse] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(task_id, []).append(future)
         return future
 
-    def remove_waiter(self, task_id: int, future: asyncio.Future[StoredResult] | None) -> None:
+    def remove_waiter(self, task_id: int, future: asyncio.Future[TaskEventResponse] | None) -> None:
         """Forget a waiter (its caller gave up)."""
         futures = self._waiters.get(task_id)
         if futures is None or future is None:
@@ -485,7 +554,7 @@ class Hub:
                         NotFound(f"Task {task_id} was deleted before its result arrived")
                     )
 
-    def resolve(self, results: Iterable[StoredResult]) -> None:
+    def resolve(self, results: Iterable[TaskEventResponse]) -> None:
         """Wake the waiters of committed results."""
         for result in results:
             self.in_flight.pop(result.task_id, None)

@@ -1,4 +1,8 @@
-"""SQLModel tables: tasks, tokens, agents, crons and their fire history, cluster nodes, KV."""
+"""SQLModel tables: tasks, tokens, agents, crons and their fire history, cluster nodes, KV.
+
+The single source of column names, types and order: the store builds every statement
+from these tables (``task_t`` and the others are their typed Core handles).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from sqlalchemy import (
     Dialect,
     Index,
     Integer,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -60,6 +65,11 @@ class TaskState(IntEnum):
     FAILED_BY_SERVER = 3
 
 
+OPEN_TASK = text(f"state < {int(TaskState.DONE)}")
+"""The rows of tasks without a result: the predicate of the partial indexes on open tasks."""
+QUEUED_TASK = text(f"state = {int(TaskState.QUEUED)}")
+
+
 class Task(SQLModel, table=True):
     """One task sent (or queued) to one agent, and its result."""
 
@@ -73,21 +83,21 @@ class Task(SQLModel, table=True):
         Index(
             "ix_task_open_deadline",
             "deadline",
-            sqlite_where=text("state < 2"),
-            postgresql_where=text("state < 2"),
+            sqlite_where=OPEN_TASK,
+            postgresql_where=OPEN_TASK,
         ),
         Index(
             "ix_task_open_order",
             "order_ts",
             "id",
-            sqlite_where=text("state < 2"),
-            postgresql_where=text("state < 2"),
+            sqlite_where=OPEN_TASK,
+            postgresql_where=OPEN_TASK,
         ),
         Index(
             "ix_task_queued_uuid",
             "uuid",
-            sqlite_where=text("state = 0"),
-            postgresql_where=text("state = 0"),
+            sqlite_where=QUEUED_TASK,
+            postgresql_where=QUEUED_TASK,
         ),
     )
 
@@ -239,3 +249,19 @@ class Node(SQLModel, table=True):
     address: str = Field(default="", max_length=256)
     started_at: int = _ms()
     heartbeat: int = _ms()
+
+
+def _table(model: type[SQLModel]) -> Table:
+    """The Core table of a model (SQLModel leaves ``__table__`` untyped)."""
+    table: Table = model.__table__  # type: ignore[attr-defined]
+    return table
+
+
+task_t = _table(Task)
+token_t = _table(Token)
+agent_t = _table(Agent)
+kv_t = _table(Kv)
+cron_t = _table(Cron)
+cron_result_t = _table(CronResult)
+cron_fire_t = _table(CronFire)
+node_t = _table(Node)

@@ -1,9 +1,11 @@
-"""Wire types: tasks, results, query conditions, crons and token limits.
+"""Wire types: tasks, results, replies, method params, query conditions, crons, KV, token limits.
 
 Every type parses and validates once at the edge (``parse_*``) and serialises
-back to the exact JSON of the wire spec (``to_wire``). Variants are serde
-"externally tagged": a unit variant is a bare string, any other a one-key
-object whose key is the variant name.
+back to the exact JSON of the wire spec (``to_wire``, or orjson for the reply
+dataclasses). A method param's type says how the dispatcher parses it
+(``Parse``). Variants are serde "externally tagged": a unit variant is a bare
+string, any other a one-key object whose key is the variant name. Each task kind
+is declared once, by its variant class.
 """
 
 from __future__ import annotations
@@ -16,7 +18,17 @@ import tomllib
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar, Union
+from typing import (
+    TYPE_CHECKING,
+    Annotated,
+    Any,
+    ClassVar,
+    Literal,
+    Protocol,
+    TypeVar,
+    Union,
+    get_args,
+)
 from urllib.parse import urlsplit
 
 import orjson
@@ -25,6 +37,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    GetCoreSchemaHandler,
     GetJsonSchemaHandler,
     Tag,
     TypeAdapter,
@@ -36,40 +49,15 @@ from pydantic import (
 )
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError
+from typing_extensions import TypeAliasType, TypedDict
 
 from taskd.errors import InvalidInput, InvalidParams
 
 _INVALID_INPUT = "invalid_input"
 """Error type of a well-formed value that is not acceptable: parse_as answers it with 108."""
 
-TASK_TYPES: tuple[str, ...] = (
-    "ping",
-    "tcp_ping",
-    "http_ping",
-    "http_request",
-    "dns",
-    "web_shell",
-    "execute",
-    "read_config",
-    "edit_config",
-    "ip",
-    "version",
-    "self_update",
-)
-
-DNS_RECORD_TYPES: tuple[str, ...] = (
-    "a",
-    "aaaa",
-    "cname",
-    "mx",
-    "txt",
-    "ns",
-    "srv",
-    "ptr",
-    "soa",
-    "caa",
-)
 DnsRecordType = Literal["a", "aaaa", "cname", "mx", "txt", "ns", "srv", "ptr", "soa", "caa"]
+DNS_RECORD_TYPES: tuple[str, ...] = get_args(DnsRecordType)
 
 _CANONICAL_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.\-:%\[\]]{1,253}$")
@@ -491,10 +479,14 @@ TASK_VARIANTS: tuple[type[TaskVariant], ...] = (
     Version,
     SelfUpdate,
 )
+TASK_TYPES: tuple[str, ...] = tuple(variant.kind for variant in TASK_VARIANTS)
+"""Every task kind, in wire order: the one list, read off the variants."""
 if TYPE_CHECKING:
     TaskEventType = TaskVariant
+    TaskKind = str
 else:
-    TaskEventType = _tagged(*TASK_VARIANTS)
+    TaskEventType = TypeAliasType("TaskEventType", _tagged(*TASK_VARIANTS))
+    TaskKind = Literal[TASK_TYPES]
 TASK_EVENT_TYPE: TypeAdapter[TaskVariant] = TypeAdapter(TaskEventType)
 
 
@@ -672,7 +664,7 @@ RESULT_VARIANTS: tuple[type[ResultVariant], ...] = (
 if TYPE_CHECKING:
     TaskEventResult = ResultVariant
 else:
-    TaskEventResult = _tagged(*RESULT_VARIANTS)
+    TaskEventResult = TypeAliasType("TaskEventResult", _tagged(*RESULT_VARIANTS))
 TASK_EVENT_RESULT: TypeAdapter[ResultVariant] = TypeAdapter(TaskEventResult)
 
 
@@ -693,30 +685,70 @@ class TaskResponse(WireModel):
         return canonical_uuid(value)
 
 
-class TaskPush(WireModel):
+# --------------------------------------------------------------------------- replies
+#
+# Replies carry values that were checked when they came in and stored as JSON, so
+# they are plain dataclasses: built without a validation pass, serialised by orjson
+# natively, field by field in declaration order, and their JSON Schemas generated
+# from the same declarations. No __slots__: orjson serialises a dataclass through
+# its __dict__ as fast as a dict, one with slots at half that speed.
+
+if TYPE_CHECKING:
+    TaskEventTypeJson = Any
+    TaskEventResultJson = Any
+else:
+    TaskEventTypeJson = TaskEventType
+    """A TaskEventType in its JSON form, as stored."""
+    TaskEventResultJson = TaskEventResult
+    """A TaskEventResult in its JSON form, as stored."""
+
+_REPLY = ConfigDict(extra="forbid")
+"""The JSON Schema of a reply promises no other members."""
+
+
+@dataclass
+class TaskPush:
     """What the server pushes to an agent's subscription."""
+
+    __pydantic_config__ = _REPLY
 
     task_id: int
     task_token: str
-    task_event_type: TaskEventType
+    task_event_type: TaskEventTypeJson
+
+    def serialize(self, subscription_id: int) -> bytes:
+        """The ``task_register_task`` notification that delivers this task."""
+        return orjson.dumps(
+            {
+                "jsonrpc": "2.0",
+                "method": "task_register_task",
+                "params": {"subscription": subscription_id, "result": self},
+            }
+        )
 
 
-class TaskRecord(WireModel):
+@dataclass
+class TaskRecord:
     """One task as returned by task_query_task (``timestamp``/``success`` null while running)."""
+
+    __pydantic_config__ = _REPLY
 
     task_id: int
     uuid: str
     timestamp: int | None
     success: bool | None
     error_message: str | None
-    task_event_type: TaskEventType
-    task_event_result: TaskEventResult | None
+    task_event_type: TaskEventTypeJson
+    task_event_result: TaskEventResultJson | None
     cron_source: str | None
     created_by: str | None = None
 
 
-class TaskEventResponse(WireModel):
-    """The result of a blocking task."""
+@dataclass(frozen=True)
+class TaskEventResponse:
+    """A task's result as committed: what a blocking call answers and its waiters receive."""
+
+    __pydantic_config__ = _REPLY
 
     task_id: int
     agent_uuid: str
@@ -724,7 +756,21 @@ class TaskEventResponse(WireModel):
     timestamp: int | None
     success: bool | None
     error_message: str | None
-    task_event_result: TaskEventResult | None
+    task_event_result: TaskEventResultJson | None
+
+
+class IdReply(TypedDict):
+    """``{"id": n}``: the task created or answered, the cron created."""
+
+    id: int
+
+
+class TaskDeleted(TypedDict):
+    """What task_delete_task removed."""
+
+    success: bool
+    deleted: int
+    condition_count: int
 
 
 # --------------------------------------------------------------------------- query conditions
@@ -768,20 +814,7 @@ class TimestampToCondition(WireModel):
 class TypeCondition(WireModel):
     """``{"type": "ping"}`` exact task type."""
 
-    type: Literal[
-        "ping",
-        "tcp_ping",
-        "http_ping",
-        "http_request",
-        "dns",
-        "web_shell",
-        "execute",
-        "read_config",
-        "edit_config",
-        "ip",
-        "version",
-        "self_update",
-    ]
+    type: TaskKind
 
 
 class CronSourceCondition(WireModel):
@@ -796,23 +829,28 @@ class LimitCondition(WireModel):
     limit: int = Field(ge=0, lt=1 << 53)
 
 
-_FLAGS = ("is_success", "is_failure", "is_running", "last")
+_TaskFlag = Literal["is_success", "is_failure", "is_running", "last"]
+_FLAGS: tuple[str, ...] = get_args(_TaskFlag)
 # schema only (conditions are parsed by _parse_conditions): {"last": null} and the like
 _TaskFlagObject = Annotated[
     dict[str, None], WithJsonSchema({"anyOf": [_null_form(name) for name in _FLAGS]})
 ]
-TaskCondition = Union[  # noqa: UP007
-    Literal["is_success", "is_failure", "is_running", "last"],
-    _TaskFlagObject,
-    TaskIdCondition,
-    UuidCondition,
-    TimestampFromToCondition,
-    TimestampFromCondition,
-    TimestampToCondition,
-    TypeCondition,
-    CronSourceCondition,
-    LimitCondition,
-]
+TaskQueryCondition = TypeAliasType(
+    "TaskQueryCondition",
+    Union[  # noqa: UP007
+        _TaskFlag,
+        _TaskFlagObject,
+        TaskIdCondition,
+        UuidCondition,
+        TimestampFromToCondition,
+        TimestampFromCondition,
+        TimestampToCondition,
+        TypeCondition,
+        CronSourceCondition,
+        LimitCondition,
+    ],
+)
+"""One condition of a task query (schema only: _parse_conditions parses them)."""
 _TASK_CONDITIONS: dict[str, type[WireModel]] = {
     "task_id": TaskIdCondition,
     "uuid": UuidCondition,
@@ -899,6 +937,50 @@ def parse_task_event_result(value: Any, field: str = "task_event_result") -> Res
 def parse_uuid(value: Any, field: str) -> str:
     """Validate an agent UUID param and return its canonical form."""
     return parse_as(canonical_uuid, field, value)
+
+
+class Parser(Protocol):
+    """A param parser: the value as it came, the name errors give it → the checked value."""
+
+    def __call__(self, value: Any, field: str) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Parse:
+    """In a method param's ``Annotated`` type: how the param is parsed, and what it is on the wire.
+
+    The dispatcher calls ``parse(value, field)`` (``field``: the param's name unless
+    given here) and hands the method what it returns. The param's JSON Schema is that
+    of ``wire``, by default the annotated type itself. A param type without this
+    marker is validated by pydantic.
+    """
+
+    parse: Parser
+    field: str | None = None
+    wire: Any = None
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        return handler(source if self.wire is None else self.wire)
+
+
+def _token(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidParams(f"{field}: must be a string KEY:SECRET or USERNAME|PASSWORD")
+    return value
+
+
+Token = Annotated[
+    str,
+    Parse(_token),
+    WithJsonSchema({"type": "string", "description": "KEY:SECRET or USERNAME|PASSWORD"}),
+]
+"""The caller's credentials (the method authenticates them)."""
+Uuid = Annotated[str, WithJsonSchema({"type": "string", "format": "uuid"})]
+"""A UUID in its canonical text form."""
+AgentUuid = Annotated[Uuid, Parse(parse_uuid)]
+"""An agent's UUID, parsed into canonical form."""
 
 
 def _parse_conditions(
@@ -1011,6 +1093,42 @@ def parse_task_query(value: Any, field: str = "task_data_query") -> TaskQuery:
     return parse_task_conditions(value["condition"], f"{field}.condition")
 
 
+class TaskDataQuery(TypedDict):
+    """``{"condition": [...]}``: a task query on the wire."""
+
+    condition: list[TaskQueryCondition]
+
+
+MAX_BLOCKING_MS = 300_000
+MAX_QUEUE_TTL_MS = 30 * 24 * 3600 * 1000
+
+TaskType = Annotated[TaskEventType, Parse(parse_task_event_type, "task_event_type")]
+"""A task to create; errors name it ``task_event_type``, as NodeGet does."""
+TaskQueryParam = Annotated[TaskQuery, Parse(parse_task_query, wire=TaskDataQuery)]
+"""``{"condition": [...]}``, parsed into one TaskQuery."""
+TaskConditions = Annotated[TaskQuery, Parse(parse_task_conditions, wire=list[TaskQueryCondition])]
+"""A bare condition list, parsed into one TaskQuery."""
+TimeoutMs = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=1 << 53,
+        strict=True,
+        description=f"milliseconds; at most {MAX_BLOCKING_MS} are waited (longer is clamped)",
+    ),
+]
+QueueTtlMs = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=MAX_QUEUE_TTL_MS,
+        strict=True,
+        description="how long a task waits for an offline agent, in milliseconds",
+    ),
+]
+SubscriptionId = Annotated[int, Field(ge=0, le=1 << 63, strict=True)]
+
+
 # --------------------------------------------------------------------------- crontab
 
 
@@ -1059,12 +1177,20 @@ class ServerCron(WireModel):
     server: Any
 
 
-CronType = Annotated[
-    Union[Annotated[AgentCron, Tag("agent")], Annotated[ServerCron, Tag("server")]],  # noqa: UP007
-    Discriminator(
-        variant_tag, custom_error_type="unknown_variant", custom_error_message="unknown variant"
-    ),
-]
+if TYPE_CHECKING:
+    CronType = AgentCron | ServerCron
+else:
+    CronType = TypeAliasType(
+        "CronType",
+        Annotated[
+            Union[Annotated[AgentCron, Tag("agent")], Annotated[ServerCron, Tag("server")]],  # noqa: UP007
+            Discriminator(
+                variant_tag,
+                custom_error_type="unknown_variant",
+                custom_error_message="unknown variant",
+            ),
+        ],
+    )
 CRON_TYPE: TypeAdapter[AgentCron | ServerCron] = TypeAdapter(CronType)
 
 
@@ -1104,22 +1230,27 @@ class RunTimeToCondition(WireModel):
     run_time_to: int
 
 
-_CRON_RESULT_FLAGS = ("is_success", "is_failure", "last")
+_CronResultFlag = Literal["is_success", "is_failure", "last"]
+_CRON_RESULT_FLAGS: tuple[str, ...] = get_args(_CronResultFlag)
 _CronResultFlagObject = Annotated[
     dict[str, None],
     WithJsonSchema({"anyOf": [_null_form(name) for name in _CRON_RESULT_FLAGS]}),
 ]
-CronResultCondition = Union[  # noqa: UP007
-    Literal["is_success", "is_failure", "last"],
-    _CronResultFlagObject,
-    CronIdCondition,
-    CronRefCondition,
-    CronNameCondition,
-    RunTimeFromToCondition,
-    RunTimeFromCondition,
-    RunTimeToCondition,
-    LimitCondition,
-]
+CronResultCondition = TypeAliasType(
+    "CronResultCondition",
+    Union[  # noqa: UP007
+        _CronResultFlag,
+        _CronResultFlagObject,
+        CronIdCondition,
+        CronRefCondition,
+        CronNameCondition,
+        RunTimeFromToCondition,
+        RunTimeFromCondition,
+        RunTimeToCondition,
+        LimitCondition,
+    ],
+)
+"""One condition of a crontab-result query (schema only: _parse_conditions parses them)."""
 _CRON_RESULT_CONDITIONS: dict[str, type[WireModel]] = {
     "id": CronIdCondition,
     "cron_id": CronRefCondition,
@@ -1166,6 +1297,18 @@ def parse_cron_result_query(value: Any, field: str = "query") -> CronResultQuery
         condition_count=len(value["condition"]),
         **gathered.flags,
     )
+
+
+class CronResultData(TypedDict):
+    """``{"condition": [...]}``: a crontab-result query on the wire."""
+
+    condition: list[CronResultCondition]
+
+
+CronResultQueryParam = Annotated[
+    CronResultQuery, Parse(parse_cron_result_query, wire=CronResultData)
+]
+"""``{"condition": [...]}``, parsed into one CronResultQuery."""
 
 
 # --------------------------------------------------------------------------- kv
@@ -1242,6 +1385,41 @@ def parse_kv_namespace_keys(value: Any, field: str = "namespace_key") -> list[tu
             )
         )
     return pairs
+
+
+_KvNamespaceText = Annotated[str, Field(min_length=1, max_length=KV_NAMESPACE_MAX)]
+
+
+class KvNamespaceKey(TypedDict):
+    """``{"namespace", "key"}``: one item of kv_get_multi_value; the key may end in ``*``."""
+
+    namespace: _KvNamespaceText
+    key: Annotated[
+        str,
+        Field(min_length=1, max_length=KV_KEY_MAX, description="a key, or a prefix ending in '*'"),
+    ]
+
+
+KvNamespace = Annotated[str, Parse(parse_kv_namespace, wire=_KvNamespaceText)]
+KvKey = Annotated[
+    str,
+    Parse(
+        parse_kv_key,
+        wire=Annotated[str, Field(min_length=1, max_length=KV_KEY_MAX, description="no '*'")],
+    ),
+]
+KvValue = Annotated[
+    Any,
+    Parse(parse_kv_value, wire=Annotated[Any, Field(description="any JSON value, up to 1 MiB")]),
+]
+KvNamespaceKeys = Annotated[
+    list[tuple[str, str]],
+    Parse(
+        parse_kv_namespace_keys,
+        wire=Annotated[list[KvNamespaceKey], Field(max_length=KV_MULTI_MAX)],
+    ),
+]
+"""(namespace, key pattern) pairs."""
 
 
 # --------------------------------------------------------------------------- token limits

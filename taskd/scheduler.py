@@ -19,6 +19,11 @@ latest missed slot. A cron with an empty agent list gets no job: it fires
 nothing and records nothing. Changes made through this node apply at once; every few
 seconds the jobs are also reconciled with the database, which picks up crons
 created, edited or removed through other nodes.
+
+Slots are times of the ``Clock`` the scheduler is given; APScheduler runs on the
+system clock, which that one is ahead of by ``Clock.ahead`` (zero on a server, moved
+by tests): the trigger and the executor translate, and the jobs are re-timed when
+the clock jumps.
 """
 
 from __future__ import annotations
@@ -29,20 +34,24 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from apscheduler.executors.base import BaseExecutor
+from apscheduler.job import Job
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
 
 from taskd.auth import Need, allows, principal_of
-from taskd.clock import now_ms
-from taskd.crontab import CronSchedule, parse_expression, zone_of
+from taskd.clock import Clock
+from taskd.crontab import CronSchedule, cron_targets, parse_expression, stored_agent_cron, zone_of
 from taskd.errors import TaskdError
 from taskd.hub import Created, Hub
-from taskd.protocol import CRON_TYPE, AgentCron
+from taskd.protocol import AgentCron
 from taskd.store import Store
+
+if TYPE_CHECKING:
+    from taskd.cluster import Cluster
 
 logger = logging.getLogger(__name__)
 
@@ -66,25 +75,37 @@ def slot_ms(slot: datetime) -> int:
 
 
 class CronTrigger(BaseTrigger):  # type: ignore[misc]
-    """An APScheduler trigger whose fire times come from croniter."""
+    """An APScheduler trigger whose fire times come from croniter, as times of ``clock``.
 
-    __slots__ = ("schedule",)
+    APScheduler hands over and expects system-clock times; the slots are the clock's.
+    """
 
-    def __init__(self, schedule: CronSchedule) -> None:
+    __slots__ = ("clock", "schedule")
+
+    def __init__(self, schedule: CronSchedule, clock: Clock) -> None:
         self.schedule = schedule
+        self.clock = clock
 
     def get_next_fire_time(
         self, previous_fire_time: datetime | None, now: datetime
     ) -> datetime | None:
         """The slot after ``previous_fire_time``; the latest slot up to ``now`` if behind."""
-        if previous_fire_time is None:
+        ahead = self.clock.ahead
+        slot = self.next_slot(
+            None if previous_fire_time is None else previous_fire_time + ahead, now + ahead
+        )
+        return None if slot is None else slot - ahead
+
+    def next_slot(self, previous: datetime | None, now: datetime) -> datetime | None:
+        """The slot after ``previous``, or the latest one up to ``now`` if behind (clock times)."""
+        if previous is None:
             return self.schedule.next_after(now)
-        following = self.schedule.next_after(previous_fire_time)
+        following = self.schedule.next_after(previous)
         if following is not None and following <= now:
             # behind by more than one slot: skip straight to the latest one, so catching
             # up costs one croniter call instead of one per missed slot
             latest = self.schedule.latest_at_or_before(now)
-            if latest is not None and latest > previous_fire_time:
+            if latest is not None and latest > previous:
                 return latest
         return following
 
@@ -92,29 +113,45 @@ class CronTrigger(BaseTrigger):  # type: ignore[misc]
         return f"cron[{self.schedule.expression}]"
 
 
-class _FireExecutor(BaseExecutor):  # type: ignore[misc]
-    """Runs each fire as its own asyncio task, handing it the run times that are due.
+Run = Callable[..., Coroutine[Any, Any, None]]
+"""A fire (or a skip) of a cron: called with its id and the slot."""
 
-    No slot vanishes here: APScheduler's executors drop a run past ``max_instances``
-    with a log line only, and this one hands it to ``skip`` (which records the slot
-    as skipped) instead. Misfires cannot drop one either, as APScheduler checks
+
+class _FireExecutor(BaseExecutor):  # type: ignore[misc]
+    """Runs each fire as its own asyncio task, handing it the slot that is due.
+
+    It counts each cron's running fires itself: a slot due while ``max_instances`` fires
+    run is handed to ``skip`` (which records it as skipped), where APScheduler's executors
+    drop it with a log line. Misfires cannot drop one either: APScheduler checks
     ``misfire_grace_time`` only in the ``run_job`` this executor never calls.
     """
 
-    def __init__(self, skip: Callable[..., Coroutine[Any, Any, None]]) -> None:
+    def __init__(self, fire: Run, skip: Run, clock: Clock) -> None:
         super().__init__()
+        self._fire = fire
         self._skip = skip
+        self._clock = clock
+        self._running: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def submit_job(self, job: Any, run_times: Sequence[datetime]) -> None:
-        with self._lock:
-            if self._instances[job.id] >= job.max_instances:
-                self._spawn(job.id, self._skip(*job.args, *run_times), counted=False)
-                return
-            super().submit_job(job, run_times)
+    def submit_job(self, job: Job, run_times: Sequence[datetime]) -> None:
+        """Start a fire for the latest due run time, or record it as skipped."""
+        if self._running[job.id] >= job.max_instances:
+            cron_id, slot = self._slot(job, run_times)
+            self._spawn(job.id, self._skip(cron_id, slot), counted=False)
+        else:
+            self._do_submit_job(job, run_times)
 
-    def _do_submit_job(self, job: Any, run_times: Sequence[datetime]) -> None:
-        self._spawn(job.id, job.func(*job.args, *run_times), counted=True)
+    def _do_submit_job(self, job: Job, run_times: Sequence[datetime]) -> None:
+        self._running[job.id] += 1
+        cron_id, slot = self._slot(job, run_times)
+        self._spawn(job.id, self._fire(cron_id, slot), counted=True)
+
+    def _slot(self, job: Job, run_times: Sequence[datetime]) -> tuple[int, datetime]:
+        """The job's cron and its slot: the latest run time (they coalesce into one), as a
+        time of the clock, translated now, before the clock can move again."""
+        cron_id: int = job.args[0]
+        return cron_id, run_times[-1] + self._clock.ahead
 
     def _spawn(self, job_id: str, coroutine: Coroutine[Any, Any, None], *, counted: bool) -> None:
         task = asyncio.get_running_loop().create_task(coroutine, name=f"taskd-cron-{job_id}")
@@ -122,13 +159,14 @@ class _FireExecutor(BaseExecutor):  # type: ignore[misc]
 
         def done(finished: asyncio.Task[None]) -> None:
             self._tasks.discard(finished)
+            if counted:
+                self._running[job_id] -= 1
+                if self._running[job_id] <= 0:
+                    del self._running[job_id]
             error = None if finished.cancelled() else finished.exception()
-            if counted and error is None:
-                self._run_job_success(job_id, [])
-            elif counted:
-                self._run_job_error(job_id, error)
-            elif error is not None:
-                logger.error("recording a skipped slot of cron %s failed", job_id, exc_info=error)
+            if error is not None:
+                what = "a fire" if counted else "recording a skipped slot"
+                logger.error("%s of cron %s failed", what, job_id, exc_info=error)
 
         task.add_done_callback(done)
 
@@ -139,14 +177,33 @@ class _FireExecutor(BaseExecutor):  # type: ignore[misc]
 
 
 class Scheduler:
-    """Keeps one APScheduler job per enabled cron and fires them; an async context manager."""
+    """Keeps one APScheduler job per enabled cron and fires them while started.
 
-    def __init__(self, store: Store, hub: Hub, *, timezone: str, node_id: str) -> None:
+    An async context manager entered once: ``start`` and ``stop`` follow whether this
+    node fires the crons (the only node, or the cluster's leader); leaving stops it.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        hub: Hub,
+        *,
+        clock: Clock,
+        timezone: str,
+        node_id: str,
+        cluster: Cluster | None = None,
+        resync_interval_s: float = RESYNC_INTERVAL_S,
+    ) -> None:
         self.store = store
         self.hub = hub
+        self.clock = clock
         self.node_id = node_id
+        self.cluster = cluster
         self.zone = zone_of(timezone)
-        self._executor = _FireExecutor(self._skip)
+        self.running = False
+        """Whether this scheduler fires crons now (between ``start`` and ``stop``)."""
+        self._closed = False
+        self._executor = _FireExecutor(self._fire, self._skip, clock)
         self._scheduler = AsyncIOScheduler(
             timezone=self.zone,
             executors={"default": self._executor},
@@ -163,15 +220,29 @@ class Scheduler:
         self._versions: dict[int, int] = {}
         # cron id -> when this node last changed its job (monotonic seconds)
         self._changed: dict[int, float] = {}
+        self.resync_interval_s = resync_interval_s
         self._resync: asyncio.Task[None] | None = None
-        # (cron id, slot) of the fires running here: their pending slots are not cut short
-        self._firing: Counter[tuple[int, int]] = Counter()
+        self.firing: Counter[tuple[int, int]] = Counter()
+        """(cron id, slot) of the fires running here: their pending slots are not cut short."""
         # result rows of fires here that could not be stored yet, by (cron id, slot)
         self._unstored: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        clock.listen(self._clock_jumped)
 
     async def __aenter__(self) -> Scheduler:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._closed = True
+        await self.stop()
+
+    async def start(self) -> None:
+        """Begin firing: load every enabled cron from the database (the truth) and settle
+        the slots that earlier fires left pending."""
+        if self.running or self._closed:
+            return
+        self.running = True
         self._scheduler.start()
-        # the database is the truth: drop jobs queued while stopped (or from an earlier run)
+        # drop jobs queued while stopped (or from an earlier run)
         self._scheduler.remove_all_jobs()
         self._versions.clear()
         self._changed.clear()
@@ -184,9 +255,12 @@ class Scheduler:
             logger.warning("interrupted cron fires not settled: %s", exc.message)
         self._resync = asyncio.create_task(self._resync_forever(), name="taskd-cron-resync")
         logger.info("scheduler started with %d enabled cron(s) in %s", len(crons), self.zone)
-        return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def stop(self) -> None:
+        """Stop firing, and wait for the fires still running to store their results."""
+        if not self.running:
+            return
+        self.running = False
         if self._resync is not None:
             self._resync.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -195,13 +269,42 @@ class Scheduler:
         await asyncio.sleep(0)  # AsyncIOScheduler stops on the next loop iteration
         await self._executor.drain()
 
+    async def cron_changed(self, cron_id: int) -> None:
+        """A cron change was committed here: this scheduler follows if it fires crons, and the
+        other nodes are told (their leader follows)."""
+        if self.running:
+            await self._reload(cron_id)
+        if self.cluster is not None:
+            await self.cluster.announce_crons([cron_id])
+
+    def crons_changed_elsewhere(self, cron_ids: list[int]) -> None:
+        """Crons were changed through another node: follow them if this scheduler fires."""
+        if self.running:
+            for cron_id in cron_ids:
+                self.hub.spawn(self._reload(cron_id))
+
+    async def _reload(self, cron_id: int) -> None:
+        row = await self.store.cron_by_id(cron_id)
+        if row is None:
+            self.unschedule(cron_id)
+        else:
+            self.schedule(row)
+
+    def _clock_jumped(self, jump: timedelta) -> None:
+        """Re-time every job for the clock's new time: what fell due fires at once."""
+        if not self.running:
+            return
+        for job in self._scheduler.get_jobs():
+            if job.next_run_time is not None:
+                job.modify(next_run_time=job.next_run_time - jump)
+
     def _load(self, cron: Any) -> None:
         # slots after the last fire (or the last edit) that passed while no one fired them
         self.schedule(cron, missed_since=max(cron.last_run_time or 0, cron.updated_at))
 
     async def _resync_forever(self) -> None:
         while True:
-            await asyncio.sleep(RESYNC_INTERVAL_S)
+            await asyncio.sleep(self.resync_interval_s)
             try:
                 await self.resync()
                 await self.settle_interrupted()
@@ -236,9 +339,9 @@ class Scheduler:
             return
         self._versions[cron.id] = cron.updated_at
         self._changed[cron.id] = time.monotonic()
-        if not self._scheduler.running:
+        if not self.running:
             return  # another node fires the crons; start() reloads them all from the database
-        if not _targets(cron.cron_type):
+        if not cron_targets(cron.cron_type):
             # no agents (NodeGet-board empties a cron whose last agent it deleted): no job,
             # so no claims, no result rows and no last_run_time until an edit adds agents
             self._remove_job(cron.id)
@@ -249,7 +352,7 @@ class Scheduler:
             logger.error("cron %s is not scheduled: %s", cron.name, exc.message)
             self._remove_job(cron.id)
             return
-        now = datetime.now(self.zone)
+        now = self.clock.now().astimezone(self.zone)
         first = schedule.next_after(now)
         if missed_since is not None:
             missed = schedule.latest_at_or_before(now)
@@ -260,12 +363,12 @@ class Scheduler:
             return
         self._scheduler.add_job(
             self._fire,
-            trigger=CronTrigger(schedule),
+            trigger=CronTrigger(schedule, self.clock),
             args=(cron.id,),
             id=str(cron.id),
             name=cron.name,
             replace_existing=True,
-            next_run_time=first,
+            next_run_time=first - self.clock.ahead,
         )
 
     def unschedule(self, cron_id: int) -> None:
@@ -275,7 +378,7 @@ class Scheduler:
         self._remove_job(cron_id)
 
     def _remove_job(self, cron_id: int) -> None:
-        if self._scheduler.running and self._scheduler.get_job(str(cron_id)) is not None:
+        if self.running and self._scheduler.get_job(str(cron_id)) is not None:
             self._scheduler.remove_job(str(cron_id))
 
     async def settle_interrupted(self) -> None:
@@ -285,18 +388,18 @@ class Scheduler:
         were refused: they are stored now); one of another node counts as cut short
         once ``INTERRUPTED_AFTER_MS`` have passed since its claim.
         """
-        now = now_ms()
+        now = self.clock.now_ms()
         for fire in await self.store.pending_cron_fires():
             key = (fire.cron_id, fire.slot)
             ours = fire.node_id == self.node_id
-            if key in self._firing or (not ours and fire.fired_at > now - INTERRUPTED_AFTER_MS):
+            if key in self.firing or (not ours and fire.fired_at > now - INTERRUPTED_AFTER_MS):
                 continue
             rows = self._unstored.get(key) if ours else None
             if rows is None:
                 name = fire.pending["cron_name"]
                 rows = [
                     _row(fire.cron_id, name, fire.slot, agent, None, INTERRUPTED)
-                    for agent in _targets(fire.pending["cron_type"])
+                    for agent in cron_targets(fire.pending["cron_type"])
                 ]
                 logger.warning(
                     "cron %s: slot %d was claimed by node %s but its outcome never stored; "
@@ -309,24 +412,25 @@ class Scheduler:
             self._unstored.pop(key, None)
 
     async def _fire(self, cron_id: int, *run_times: datetime) -> None:
-        # APScheduler hands over the due run times (one, as they coalesce); fire the latest
+        # the job's function: APScheduler calls it with the job's args (and checks that it
+        # can), the executor adds the slot that is due
         await self._run_slot(cron_id, run_times[-1], skip=False)
 
     async def _skip(self, cron_id: int, *run_times: datetime) -> None:
         await self._run_slot(cron_id, run_times[-1], skip=True)
 
     async def _run_slot(self, cron_id: int, slot: datetime, *, skip: bool) -> None:
-        started = now_ms()
+        started = self.clock.now_ms()
         run_time = slot_ms(slot)
         key = (cron_id, run_time)
         # counted, not a set: a replaced job may hand the same slot over twice
-        self._firing[key] += 1
+        self.firing[key] += 1
         try:
             fired = await self._claim_and_run(cron_id, run_time, started, skip=skip)
         finally:
-            self._firing[key] -= 1
-            if self._firing[key] <= 0:
-                del self._firing[key]
+            self.firing[key] -= 1
+            if self.firing[key] <= 0:
+                del self.firing[key]
         if fired is not None:
             name, rows = fired
             logger.info(
@@ -350,8 +454,8 @@ class Scheduler:
             return None
         if cron is None:
             return None  # disabled or deleted meanwhile, or the slot has fired already
-        definition = CRON_TYPE.validate_python(cron.cron_type)
-        assert isinstance(definition, AgentCron)  # only agent crons are ever stored
+        definition = stored_agent_cron(cron.cron_type)
+        assert definition is not None  # only agent crons are ever stored
         if skip:
             message = (
                 f"Slot skipped: {MAX_OVERLAPPING_FIRES} earlier fires of this cron were "
@@ -408,7 +512,7 @@ class Scheduler:
         """
         key = cron.created_by
         row = None if key is None else await self.store.token_by_key(key)
-        now = now_ms()
+        now = self.clock.now_ms()
         if row is None:
             reason = (
                 "the cron records no creating token"
@@ -428,11 +532,6 @@ class Scheduler:
                 if not allows(creator, need, agent)
             }
         return dict.fromkeys(definition.uuids, reason)
-
-
-def _targets(stored_cron_type: Any) -> list[str]:
-    definition = CRON_TYPE.validate_python(stored_cron_type)
-    return definition.uuids if isinstance(definition, AgentCron) else []
 
 
 def _row(

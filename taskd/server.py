@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import ipaddress
 import logging
+import re
 import signal
 import socket
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from types import FrameType
 from typing import Any
 
@@ -31,10 +32,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 import taskd.methods  # noqa: F401 - registers every method
 from taskd import __version__, rpc
 from taskd.app import App
-from taskd.auth import origin_allowed
+from taskd.auth import client_address, origin_allowed
+from taskd.clock import Clock
 from taskd.config import ServerSettings
+from taskd.errors import InvalidRequest
 from taskd.metrics import CONTENT_TYPE
-from taskd.terminal import TerminalRelay
 
 logger = logging.getLogger(__name__)
 
@@ -44,19 +46,6 @@ MAX_QUEUED_FRAMES = 100_000
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
 """Replies a peer has not read yet; past either bound it is disconnected (1008). One frame
 bigger than this still goes out when nothing else waits."""
-
-
-def client_address(scope: Mapping[str, Any], headers: Any, trusted: tuple[str, ...]) -> str:
-    """The caller's address; X-Forwarded-For is believed only from a trusted proxy."""
-    client = scope.get("client")
-    peer = client[0] if client else ""
-    if trusted and peer in trusted:
-        forwarded = headers.get("x-forwarded-for", "")
-        if forwarded:
-            candidate = forwarded.split(",")[-1].strip()
-            with contextlib.suppress(ValueError):
-                return str(ipaddress.ip_address(candidate))
-    return str(peer)
 
 
 class WsPeer:
@@ -297,9 +286,9 @@ async def _respond(send: Send, status: int, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(settings: ServerSettings) -> Starlette:
-    """Build the Starlette application for ``settings``."""
-    service = App(settings)
+def create_app(settings: ServerSettings, clock: Clock | None = None) -> Starlette:
+    """Build the Starlette application for ``settings`` (crons keep ``clock``'s time)."""
+    service = App(settings, clock)
     connections = Connections()
 
     @contextlib.asynccontextmanager
@@ -320,9 +309,8 @@ def create_app(settings: ServerSettings) -> Starlette:
     routes: list[Any] = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        WebSocketRoute("/terminal", service.terminals.serve),
     ]
-    terminals = TerminalRelay(service, client_address)
-    routes.append(WebSocketRoute("/terminal", terminals.serve))
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
@@ -330,7 +318,7 @@ def create_app(settings: ServerSettings) -> Starlette:
     )
     app.state.taskd = service
     app.state.connections = connections
-    app.state.terminals = terminals
+    app.state.terminals = service.terminals
     return app
 
 
@@ -360,17 +348,39 @@ def uvicorn_config(app: Starlette, settings: ServerSettings, **options: Any) -> 
     return uvicorn.Config(app, **(defaults | options))
 
 
+_SECRET_PARAM = re.compile(r"([?&](?:task_)?token=)[^&\s\"]*")
+
+
+class HideTokens(logging.Filter):
+    """Masks ``token=`` and ``task_token=`` query values in log records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite string arguments that carry a secret query value; keep every record."""
+        if isinstance(record.args, tuple) and any(
+            isinstance(arg, str) and "token=" in arg for arg in record.args
+        ):
+            record.args = tuple(
+                _SECRET_PARAM.sub(r"\1***", arg) if isinstance(arg, str) else arg
+                for arg in record.args
+            )
+        return True
+
+
 class TaskdServer(uvicorn.Server):
-    """uvicorn's server, shutting down the taskd way.
+    """uvicorn's server, shutting down and logging the taskd way.
 
     Open WebSockets are closed with 1001 "going away" (uvicorn would send 1012)
     and a SIGTERM/SIGINT ends the process with status 0 once shutdown is done
-    (uvicorn would re-raise the signal).
+    (uvicorn would re-raise the signal). uvicorn logs every WebSocket path with its
+    query, and /terminal carries tokens there: its records are masked (HideTokens).
     """
 
     def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
         super().__init__(config)
         self.connections: Connections = app.state.connections
+        uvicorn_logger = logging.getLogger("uvicorn.error")
+        if not any(isinstance(f, HideTokens) for f in uvicorn_logger.filters):
+            uvicorn_logger.addFilter(HideTokens())
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit and sig == signal.SIGINT:
@@ -383,12 +393,44 @@ class TaskdServer(uvicorn.Server):
 
 
 def serve(settings: ServerSettings) -> bool:
-    """Run taskd under uvicorn until a signal; False if it never started."""
+    """Run taskd under uvicorn until a signal; False if it never started.
+
+    Port 0 takes a free port (see ``_bind_free_port``).
+    """
+    sockets: list[socket.socket] | None = None
+    if settings.port == 0:
+        try:
+            sock = _bind_free_port(settings.host)
+        except OSError as exc:
+            logger.error("cannot listen on %s: %s", settings.host, exc)
+            return False
+        settings = replace(settings, port=sock.getsockname()[1])
+        sockets = [sock]
     app = create_app(settings)
     server = TaskdServer(uvicorn_config(app, settings, loop="uvloop"), app)
     _tune_gc()
-    server.run()
+    server.run(sockets=sockets)
     return bool(server.started)
+
+
+def _bind_free_port(host: str) -> socket.socket:
+    """A socket bound to a free port of ``host``; the URL it will serve is logged.
+
+    It is bound before the app is made so that the app knows its port (a node's address in
+    a cluster), and listens only once uvicorn serves on it: until the app has started,
+    connections are refused, as on a configured port.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, 0))
+    except OSError:
+        sock.close()
+        raise
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    logger.info("listening on http://%s:%d/", shown, sock.getsockname()[1])
+    return sock
 
 
 def _tune_gc() -> None:
@@ -407,13 +449,5 @@ def _tune_gc() -> None:
 
 
 def _too_large(size: int, limit: int) -> bytes:
-    return orjson.dumps(
-        {
-            "jsonrpc": "2.0",
-            "error": {
-                "code": -32600,
-                "message": f"Invalid request: body of {size} bytes exceeds the {limit}-byte limit",
-            },
-            "id": None,
-        }
-    )
+    error = InvalidRequest(f"Invalid request: body of {size} bytes exceeds the {limit}-byte limit")
+    return orjson.dumps(rpc.error_reply(error))

@@ -20,8 +20,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -31,9 +30,10 @@ from starlette.datastructures import QueryParams
 from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from taskd.app import App
-from taskd.auth import Need, authorize, origin_allowed
+from taskd.auth import Need, Principal, authorize, client_address, origin_allowed
 from taskd.clock import now_ms
+from taskd.cluster import Cluster
+from taskd.config import ServerSettings
 from taskd.errors import (
     InternalError,
     InvalidInput,
@@ -42,8 +42,10 @@ from taskd.errors import (
     TaskdError,
     TaskTimeout,
 )
+from taskd.hub import Hub
 from taskd.models import TaskState
 from taskd.protocol import canonical_uuid
+from taskd.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -58,32 +60,8 @@ PENDING_BYTES = 64 * 1024
 CLOSE_WAIT_S = 2.0
 
 Side = Literal["agent", "user"]
-AddressOf = Callable[[Mapping[str, Any], Any, tuple[str, ...]], str]
 SlotKey = tuple[str, str]
-
-_SECRET_PARAM = re.compile(r"([?&](?:task_)?token=)[^&\s\"]*")
-
-
-class HideTokens(logging.Filter):
-    """Masks ``token=`` and ``task_token=`` query values in log records."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Rewrite string arguments that carry a secret query value; keep every record."""
-        if isinstance(record.args, tuple) and any(
-            isinstance(arg, str) and "token=" in arg for arg in record.args
-        ):
-            record.args = tuple(
-                _SECRET_PARAM.sub(r"\1***", arg) if isinstance(arg, str) else arg
-                for arg in record.args
-            )
-        return True
-
-
-def hide_tokens_in_server_logs() -> None:
-    """Install HideTokens on uvicorn's logger, which logs every WebSocket path with its query."""
-    uvicorn_logger = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, HideTokens) for f in uvicorn_logger.filters):
-        uvicorn_logger.addFilter(HideTokens())
+Authenticate = Callable[[Any, str], Awaitable[Principal]]
 
 
 @dataclass(eq=False)
@@ -137,17 +115,25 @@ class Slot:
 class TerminalRelay:
     """Every open terminal slot of this server, and the ``/terminal`` endpoint."""
 
-    def __init__(self, service: App, address_of: AddressOf) -> None:
-        self.service = service
-        self.address_of = address_of
-        self.max_frame_bytes = min(MAX_FRAME_BYTES, service.settings.max_message_bytes)
+    def __init__(
+        self,
+        settings: ServerSettings,
+        store: Store,
+        hub: Hub,
+        cluster: Cluster,
+        authenticate: Authenticate,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.hub = hub
+        self.cluster = cluster
+        self.authenticate = authenticate
+        self.max_frame_bytes = min(MAX_FRAME_BYTES, settings.max_message_bytes)
         self.user_wait_s = USER_WAIT_S
         self.attach_wait_s = ATTACH_WAIT_S
         self._slots: dict[SlotKey, Slot] = {}
         self._opened = asyncio.Condition()
         self._revocations = 0
-        service.on_revoke.append(self.revoke)
-        hide_tokens_in_server_logs()
 
     def slot(self, agent_uuid: str, terminal_id: str) -> Slot | None:
         """The open slot for (agent_uuid, terminal_id) on this server, if any."""
@@ -173,7 +159,7 @@ class TerminalRelay:
         await websocket.accept()
         try:
             origin = websocket.headers.get("origin")
-            if not origin_allowed(origin, self.service.settings.allowed_origins):
+            if not origin_allowed(origin, self.settings.allowed_origins):
                 raise PermissionDenied(f"Origin {origin} is not allowed to open terminals")
             params = websocket.query_params
             if "task_token" in params:
@@ -199,14 +185,14 @@ class TerminalRelay:
             raise InvalidInput(f"Terminal {terminal_id} of agent {agent_uuid} is already open")
         slot = Slot(agent_uuid, terminal_id, task_id, websocket)
         # the shell runs on behalf of the agent's subscription: it ends with that token
-        sub = self.service.hub.connected_agents().get(agent_uuid)
+        sub = self.hub.connected_agents().get(agent_uuid)
         if sub is not None and sub.token_key is not None:
             slot.hold("agent", sub.token_key, sub.expires_at)
         self._slots[slot.key] = slot
         async with self._opened:
             self._opened.notify_all()
         logger.info("terminal %s of agent %s opened (task %d)", terminal_id, agent_uuid, task_id)
-        cluster = self.service.cluster
+        cluster = self.cluster
         await cluster.announce_terminal(agent_uuid, terminal_id, True)
         try:
             await self._session(slot, "agent", self._to_user(slot))
@@ -222,7 +208,7 @@ class TerminalRelay:
     async def _check_task(
         self, task_id: int, agent_uuid: str, task_token: str, terminal_id: str
     ) -> None:
-        row = await self.service.store.terminal_task(task_id)
+        row = await self.store.terminal_task(task_id)
         if (
             row is None
             or row.uuid != agent_uuid
@@ -259,19 +245,19 @@ class TerminalRelay:
     async def _user(self, websocket: WebSocket, params: QueryParams) -> None:
         agent_uuid = _uuid_param(params, "agent_uuid")
         terminal_id = _uuid_param(params, "terminal_id")
-        remote = self.address_of(
-            websocket.scope, websocket.headers, self.service.settings.trust_forwarded_for
+        remote = client_address(
+            websocket.scope, websocket.headers, self.settings.trust_forwarded_for
         )
-        principal = await self.service.authenticate(params["token"], remote)
+        principal = await self.authenticate(params["token"], remote)
         authorize(principal, Need("terminal", "connect"), agent_uuid)
         revocations = self._revocations
         slot = await self._wait_for_slot(agent_uuid, terminal_id)
         while revocations != self._revocations:
             # a token was revoked while this user waited: it may have been this user's
             revocations = self._revocations
-            principal = await self.service.authenticate(params["token"], remote)
+            principal = await self.authenticate(params["token"], remote)
             authorize(principal, Need("terminal", "connect"), agent_uuid)
-        elsewhere = self.service.cluster.terminal_node(agent_uuid, terminal_id)
+        elsewhere = self.cluster.terminal_node(agent_uuid, terminal_id)
         if slot is None and elsewhere is not None:
             await self._proxy(websocket, elsewhere, agent_uuid, terminal_id)
             return
@@ -302,7 +288,7 @@ class TerminalRelay:
 
     async def _wait_for_slot(self, agent_uuid: str, terminal_id: str) -> Slot | None:
         """The local slot once it opens; None when the wait ends or the slot is on another node."""
-        cluster = self.service.cluster
+        cluster = self.cluster
 
         def ready() -> bool:
             found = self.slot(agent_uuid, terminal_id) is not None
@@ -326,7 +312,7 @@ class TerminalRelay:
         self, websocket: WebSocket, node: str, agent_uuid: str, terminal_id: str
     ) -> None:
         """Relay a user to the node holding the slot (nodes publish their internal address)."""
-        address = await self.service.cluster.address_of(node)
+        address = await self.cluster.address_of(node)
         if not address:
             raise NotFound(
                 f"Terminal {terminal_id} of agent {agent_uuid} is on an unreachable node"

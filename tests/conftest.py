@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import Server, make_settings, postgres_database, running_server, tmp_sqlite_url
+from tests.helpers import (
+    Server,
+    hold_port,
+    make_settings,
+    postgres_database,
+    running_server,
+    tmp_sqlite_url,
+)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -22,6 +30,13 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
 
 @pytest.fixture
 async def server(database_url: str) -> AsyncIterator[Server]:
-    """A real taskd server on a free port over a fresh database."""
+    """A real taskd server on a port-0 socket over a fresh database."""
     async with running_server(make_settings(database_url)) as running:
         yield running
+
+
+@pytest.fixture
+def held_ports() -> Iterator[Callable[[], int]]:
+    """Hold a new local port per call for the test (see ``hold_port``)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda: stack.enter_context(hold_port())

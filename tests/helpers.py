@@ -1,4 +1,4 @@
-"""Test helpers: a real uvicorn server on a free port, JSON-RPC clients, a scripted agent."""
+"""Test helpers: real servers on port-0 sockets, held ports, JSON-RPC clients, a scripted agent."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import orjson
 import websockets
 
 from taskd.auth import ensure_super_token
+from taskd.clock import Clock
 from taskd.config import ServerSettings
 from taskd.server import TaskdServer, create_app, uvicorn_config
 from taskd.store import Store
@@ -32,6 +33,20 @@ _ids = itertools.count(1)
 def scaled(seconds: float) -> float:
     """A time limit scaled for slow machines."""
     return seconds * UNIT
+
+
+async def wait_for(
+    probe: Callable[[], Awaitable[Any]], timeout: float = 3.0, interval: float = 0.05
+) -> Any:
+    """Poll ``probe`` until it returns something truthy; fail after ``timeout`` (scaled)."""
+    deadline = time.monotonic() + scaled(timeout)
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {scaled(timeout)} s")
+        await asyncio.sleep(interval)
 
 
 class RpcError(Exception):
@@ -51,11 +66,20 @@ def unwrap(reply: dict[str, Any]) -> Any:
     return reply["result"]
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
+@contextlib.contextmanager
+def hold_port() -> Iterator[int]:
+    """A local port held for the test, where connections are refused until a server listens.
+
+    The port is bound (with SO_REUSEADDR) but never listened on. A server that binds it with
+    SO_REUSEADDR too (uvicorn, asyncio and ``running_server`` do) may listen on it, and once
+    that server stops the port is still held: Linux gives no port bound by another socket to
+    one asking for a free port (bind to port 0, or connect). For a server that restarts at
+    the same address, an address where nothing listens, or a port that is itself the subject.
+    """
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        yield int(sock.getsockname()[1])
 
 
 @contextlib.asynccontextmanager
@@ -118,6 +142,12 @@ class Server:
         """The taskd App behind the server."""
         return self.app.state.taskd
 
+    @property
+    def clock(self) -> Clock:
+        """The clock the server's crons keep (tests move it ahead)."""
+        clock: Clock = self.service.clock
+        return clock
+
     async def post(self, payload: Any) -> httpx.Response:
         """POST raw JSON (or bytes) to /."""
         if isinstance(payload, bytes | str):
@@ -144,18 +174,25 @@ class Server:
 
 @contextlib.asynccontextmanager
 async def running_server(
-    settings: ServerSettings, super_token: str | None = None, port: int = 0
+    settings: ServerSettings,
+    super_token: str | None = None,
+    port: int = 0,
+    clock: Clock | None = None,
 ) -> AsyncIterator[Server]:
-    """Start taskd under uvicorn on a free port; stop it afterwards.
+    """Start taskd under uvicorn on a socket bound to ``port``; stop it afterwards.
+
+    Port 0 (the default) takes a free port, read back from the socket into ``Server.port``;
+    a server restarting at the same address takes a port from ``hold_port``.
 
     The database gets a super token unless it has one; pass ``super_token`` to
-    start again over a database that already has one.
+    start again over a database that already has one. Crons keep ``clock``'s time (by
+    default a new clock, reached as ``Server.clock``).
     """
     async with Store(settings.database_url, pool_size=2) as store:
         await store.migrate()
         token = await ensure_super_token(store) or super_token
     assert token is not None, "the database has a super token: pass it in"
-    app = create_app(settings)
+    app = create_app(settings, clock)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))

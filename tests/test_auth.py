@@ -44,7 +44,7 @@ def _count_token_reads(store: Store) -> list[str]:
             reads.append(statement)
 
     for engine in store.read_engines:
-        event.listen(engine.sync_engine, "before_cursor_execute", seen)
+        event.listen(engine, "before_cursor_execute", seen)
     return reads
 
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +60,6 @@ def _module(name: str, *args: str) -> list[str]:
     return [PYTHON, "-m", name, *args]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _stop(process: subprocess.Popen[Any]) -> None:
     if process.poll() is None:
         process.terminate()
@@ -79,9 +71,9 @@ def _stop(process: subprocess.Popen[Any]) -> None:
 
 
 @pytest.fixture
-def floor_url(tmp_path: Path) -> Iterator[str]:
+def floor_url(tmp_path: Path, held_ports: Callable[[], int]) -> Iterator[str]:
     """The echo floor running in its own process."""
-    port = _free_port()
+    port = held_ports()
     log = tmp_path / "floor.log"
     with log.open("wb") as stderr:
         process = subprocess.Popen(

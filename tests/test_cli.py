@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -19,10 +20,12 @@ import httpx
 import pytest
 from alembic.script import ScriptDirectory
 
-from tests.helpers import ScriptedAgent, WsClient, free_port, postgres_database, scaled
+from tests.helpers import ScriptedAgent, WsClient, postgres_database, scaled
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKD = [sys.executable, "-m", "taskd"]
+LISTENING = re.compile(rb"listening on (http://127\.0\.0\.1:\d+/)")
+"""The line `taskd serve --port 0` logs with the URL of the port it got."""
 
 
 def run(
@@ -60,23 +63,30 @@ def test_init_creates_config_schema_and_one_super_token(tmp_path: Path) -> None:
 
 
 def start_serve(
-    port: int, *args: str, cwd: Path, env: dict[str, str] | None = None, log: str = "serve.log"
+    *args: str,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    log: str = "serve.log",
+    port: int | None = None,
 ) -> tuple[subprocess.Popen[str], str]:
-    """Start `taskd serve ARGS` (which must listen on ``port``) and wait until it answers."""
+    """Start `taskd serve ARGS` and wait until it answers: on ``port`` if the settings name
+    it, or else given --port 0, on the port it logs."""
     with (cwd / log).open("w") as output:
         process = subprocess.Popen(
-            [*TASKD, "serve", *args],
+            [*TASKD, "serve", *args, *(() if port else ("--port", "0"))],
             cwd=cwd,
             env={**os.environ, **(env or {})},
             stdout=output,
             stderr=subprocess.STDOUT,
             text=True,
         )
-    url = f"http://127.0.0.1:{port}/"
+    url = f"http://127.0.0.1:{port}/" if port else None
     deadline = time.monotonic() + scaled(30)
     while True:
+        if url is None and (found := LISTENING.search((cwd / log).read_bytes())):
+            url = found[1].decode()
         try:
-            if httpx.get(url + "healthz", timeout=1).status_code == 200:
+            if url is not None and httpx.get(url + "healthz", timeout=1).status_code == 200:
                 return process, url
         except httpx.HTTPError:
             pass
@@ -99,11 +109,10 @@ def stop(process: subprocess.Popen[str]) -> int:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
-    """A `taskd serve` process on a free port (port from TASKD_PORT) with its super token."""
+    """A `taskd serve --port 0` process (on the port it logs) with its super token."""
     init = run("init", "--json", cwd=tmp_path)
     token = json.loads(init.stdout)["super_token"]
-    port = free_port()
-    process, url = start_serve(port, cwd=tmp_path, env={"TASKD_PORT": str(port)})
+    process, url = start_serve(cwd=tmp_path)
     try:
         yield process, url, token
     finally:
@@ -149,9 +158,11 @@ def test_call_creates_queries_and_deletes(
     assert "taskd" in json.loads(hello.stdout)
 
 
-def test_call_without_a_token_says_how_to_give_one(tmp_path: Path) -> None:
+def test_call_without_a_token_says_how_to_give_one(
+    tmp_path: Path, held_ports: Callable[[], int]
+) -> None:
     """`taskd call` of a method taking a token, given none, names --token and TASKD_TOKEN."""
-    env = {"TASKD_URL": f"http://127.0.0.1:{free_port()}/", "TASKD_TOKEN": ""}
+    env = {"TASKD_URL": f"http://127.0.0.1:{held_ports()}/", "TASKD_TOKEN": ""}
     for method, *params in (
         ("task_query_task", '[{"condition": []}]'),
         ("crontab_get",),
@@ -186,10 +197,10 @@ def test_sigterm_closes_websockets_with_1001_and_exits_0(
     assert process.wait(timeout=scaled(20)) == 0
 
 
-def test_flags_override_environment_and_file(tmp_path: Path) -> None:
+def test_flags_override_environment_and_file(tmp_path: Path, held_ports: Callable[[], int]) -> None:
     """--port beats TASKD_PORT, which beats the file's listen setting."""
     run("init", cwd=tmp_path)
-    port = free_port()
+    port = held_ports()
     process = subprocess.Popen(
         [*TASKD, "serve", "--port", str(port)],
         cwd=tmp_path,
@@ -232,9 +243,11 @@ def test_checked_in_schemas_are_current() -> None:
     assert "task_create_task" in {m["name"] for m in document["methods"]}
 
 
-def test_demo_starts_server_and_agent_and_shows_a_round_trip(tmp_path: Path) -> None:
+def test_demo_starts_server_and_agent_and_shows_a_round_trip(
+    tmp_path: Path, held_ports: Callable[[], int]
+) -> None:
     """`taskd demo` (what `make run` starts) runs a real agent and prints real results."""
-    port = free_port()
+    port = held_ports()
     result = run("demo", "--dir", "var", "--port", str(port), "--once", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "agent" in result.stdout and "online" in result.stdout
@@ -250,17 +263,20 @@ def test_demo_starts_server_and_agent_and_shows_a_round_trip(tmp_path: Path) -> 
 def test_server_outlives_the_reader_of_its_log(tmp_path: Path) -> None:
     """When whatever reads serve's output goes away, logging fails but the server runs on."""
     run("init", cwd=tmp_path)
-    port = free_port()
     process = subprocess.Popen(
-        [*TASKD, "serve", "--port", str(port)],
+        [*TASKD, "serve", "--port", "0"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}/"
     try:
         assert process.stdout is not None
-        process.stdout.readline()  # it has started writing its log
+        for line in process.stdout:  # it has started writing its log
+            if found := LISTENING.search(line):
+                url = found[1].decode()
+                break
+        else:
+            pytest.fail("serve logged no port")
         deadline = time.monotonic() + scaled(30)
         while True:
             try:
@@ -286,7 +302,7 @@ def test_server_outlives_the_reader_of_its_log(tmp_path: Path) -> None:
 
 
 def test_stray_taskd_variables_are_ignored_and_a_misspelt_setting_is_named(
-    tmp_path: Path,
+    tmp_path: Path, held_ports: Callable[[], int]
 ) -> None:
     """TASKD_* variables of other commands and tools leave init and serve working, a likely
     misspelling of a setting is named in a warning, and real settings still apply."""
@@ -299,8 +315,8 @@ def test_stray_taskd_variables_are_ignored_and_a_misspelt_setting_is_named(
     init = run("init", "--json", cwd=tmp_path, env=stray)
     assert init.returncode == 0, init.stderr
     assert "TASKD_REAPER_INTERVAL_MS" in init.stderr
-    port = free_port()
-    process, url = start_serve(port, cwd=tmp_path, env={**stray, "TASKD_PORT": str(port)})
+    port = held_ports()
+    process, url = start_serve(cwd=tmp_path, env={**stray, "TASKD_PORT": str(port)}, port=port)
     try:
         reply = httpx.post(url, json={"jsonrpc": "2.0", "method": "server_hello", "id": 1})
         assert reply.json()["result"].startswith("hello")
@@ -326,17 +342,8 @@ async def test_init_and_serve_on_a_fresh_postgresql_database(tmp_path: Path) -> 
             assert await database.fetchval("SELECT count(*) FROM token WHERE is_super") == 1
             head = ScriptDirectory(str(ROOT / "taskd" / "migrations")).get_current_head()
             assert await database.fetchval("SELECT version_num FROM alembic_version") == head
-            port = free_port()
             process, url = await asyncio.to_thread(
-                start_serve,
-                port,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--database",
-                plain,
-                cwd=tmp_path,
+                start_serve, "--host", "127.0.0.1", "--database", plain, cwd=tmp_path
             )
             try:
                 agent_uuid = str(uuid.uuid4())
@@ -357,6 +364,27 @@ async def test_init_and_serve_on_a_fresh_postgresql_database(tmp_path: Path) -> 
     assert not (tmp_path / "taskd.db").exists()
 
 
+async def test_serve_on_port_0_logs_the_port_it_got_and_is_reached_there(
+    tmp_path: Path,
+) -> None:
+    """`taskd serve --port 0` listens on a free port, logs its URL, and records that URL as
+    the node's address, where the other nodes of a cluster reach it."""
+    async with postgres_database() as database_url:
+        plain = database_url.replace("postgresql+asyncpg://", "postgresql://")
+        init = run("init", "--database", plain, "--json", cwd=tmp_path)
+        assert init.returncode == 0, init.stderr
+        process, url = await asyncio.to_thread(start_serve, "--database", plain, cwd=tmp_path)
+        try:
+            assert not url.endswith(":0/") and not url.endswith(":2211/")
+            database = await asyncpg.connect(plain)
+            try:
+                assert await database.fetchval("SELECT address FROM node") + "/" == url
+            finally:
+                await database.close()
+        finally:
+            assert stop(process) == 0
+
+
 async def test_sigterm_during_uploads_loses_no_acknowledged_result(
     tmp_path: Path, database_url: str
 ) -> None:
@@ -365,9 +393,8 @@ async def test_sigterm_during_uploads_loses_no_acknowledged_result(
     init = run("init", "--database", database_url, "--json", cwd=tmp_path)
     assert init.returncode == 0, init.stderr
     token = json.loads(init.stdout)["super_token"]
-    port = free_port()
-    args = ("--port", str(port), "--database", database_url)
-    process, url = await asyncio.to_thread(start_serve, port, *args, cwd=tmp_path)
+    args = ("--database", database_url)
+    process, url = await asyncio.to_thread(start_serve, *args, cwd=tmp_path)
     ws_url = url.replace("http://", "ws://")
     count = 600
     async with ScriptedAgent(ws_url, token) as agent:
@@ -390,7 +417,7 @@ async def test_sigterm_during_uploads_loses_no_acknowledged_result(
         if isinstance(outcome, dict) and "result" in outcome
     }
     assert acknowledged, "no upload was acknowledged before the shutdown"
-    process, url = await asyncio.to_thread(start_serve, port, *args, cwd=tmp_path, log="2.log")
+    process, url = await asyncio.to_thread(start_serve, *args, cwd=tmp_path, log="2.log")
     try:
         query = {"condition": [{"uuid": agent.uuid}, {"limit": count}]}
         body = {"jsonrpc": "2.0", "method": "task_query_task", "params": [token, query], "id": 1}

@@ -14,7 +14,7 @@ import sys
 import time
 import tomllib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,6 @@ from tests.helpers import (
     RpcError,
     ScriptedAgent,
     WsClient,
-    free_port,
     make_settings,
     postgres_database,
     running_server,
@@ -152,11 +151,10 @@ def taskd_init(config: Path, plain_url: str) -> dict[str, Any]:
     return data
 
 
-def node_config(directory: Path, server_uuid: str, plain_url: str) -> Node:
-    """A node's config file in ``directory`` (listening on a free port); the node not started."""
+def node_config(directory: Path, server_uuid: str, plain_url: str, port: int) -> Node:
+    """A node's config file in ``directory`` (listening on ``port``); the node not started."""
     directory.mkdir(exist_ok=True)
     config = directory / "taskd.toml"
-    port = free_port()
     config.write_text(
         "[server]\n"
         f'server_uuid = "{server_uuid}"\n'
@@ -168,13 +166,13 @@ def node_config(directory: Path, server_uuid: str, plain_url: str) -> Node:
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    """Three `taskd serve` processes on different ports sharing one fresh PostgreSQL database."""
+async def cluster(tmp_path: Path, held_ports: Callable[[], int]) -> AsyncIterator[Cluster]:
+    """Three `taskd serve` processes on held ports sharing one fresh PostgreSQL database."""
     async with postgres_database() as url:
         plain_url = url.replace("postgresql+asyncpg://", "postgresql://")
         data = taskd_init(tmp_path / "n0" / "taskd.toml", plain_url)
         nodes = [
-            node_config(tmp_path / f"n{index}", data["server_uuid"], plain_url)
+            node_config(tmp_path / f"n{index}", data["server_uuid"], plain_url, held_ports())
             for index in range(3)
         ]
         for node in nodes:
@@ -786,7 +784,9 @@ async def test_a_routed_blocking_task_keeps_the_callers_deadline(cluster: Cluste
         await wait_until(failed, "the routed task timed out", 5)
 
 
-async def test_two_processes_never_run_with_one_node_id(tmp_path: Path) -> None:
+async def test_two_processes_never_run_with_one_node_id(
+    tmp_path: Path, held_ports: Callable[[], int]
+) -> None:
     """A second `taskd serve` on the same config file (so the same node_id) is refused, naming
     the live node that holds the id and the fix, and changes nothing there; the first node
     restarts at once after a SIGKILL although its heartbeat is still fresh; given its own
@@ -795,8 +795,8 @@ async def test_two_processes_never_run_with_one_node_id(tmp_path: Path) -> None:
         plain_url = url.replace("postgresql+asyncpg://", "postgresql://")
         data = taskd_init(tmp_path / "first" / "taskd.toml", plain_url)
         token = data["super_token"]
-        first = node_config(tmp_path / "first", data["server_uuid"], plain_url)
-        twin_port = free_port()
+        first = node_config(tmp_path / "first", data["server_uuid"], plain_url, held_ports())
+        twin_port = held_ports()
         twin = Node("twin", twin_port, first.config, env={"TASKD_PORT": str(twin_port)})
         twin.log_name = "twin.log"
         database = await asyncpg.connect(plain_url)

@@ -1,4 +1,7 @@
-"""Crons end to end: a real server, scripted agents over real WebSockets, both databases."""
+"""Crons end to end: a real server, scripted agents over real WebSockets, both databases.
+
+The tests drive the server's cron clock (``Server.clock``): minutely crons fire when a test
+moves it to the next whole minute (``tick``), not when real time gets there."""
 
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,43 +26,46 @@ import pytest
 from sqlalchemy import text
 
 from taskd.auth import ensure_super_token
+from taskd.clock import Clock
 from taskd.protocol import parse_cron_result_query
-from taskd.scheduler import INTERRUPTED
+from taskd.scheduler import INTERRUPTED, slot_ms
 from taskd.store import Store
 from tests.helpers import (
     RpcError,
     ScriptedAgent,
     Server,
     add_token,
-    free_port,
     make_settings,
     running_server,
     scaled,
     unwrap,
 )
-from tests.test_scheduler import refuse_results
+from tests.test_scheduler import MINUTELY, move_to, next_minute, refuse_results, until
 
 EVERY_SECOND = "* * * * * *"
 NEVER_SOON = "0 0 0 1 1 * 2099"
 
 
+def align(clock: Clock) -> None:
+    """Move ``clock`` one second past a whole minute: no minutely slot comes until ``tick``."""
+    clock.advance_to(next_minute(clock) + timedelta(seconds=1))
+
+
+async def tick(server: Server) -> int:
+    """Move the server's clock to the next whole minute and wait until every fire of that slot
+    is done (its tasks pushed, its result rows stored); return the slot in ms."""
+    scheduler = server.service.scheduler
+    slot = next_minute(server.clock)
+    await move_to(server.clock, slot)  # APScheduler hands the fires out
+    await asyncio.sleep(0)  # each fire starts, counted in scheduler.firing
+
+    await until(lambda: not scheduler.firing, "the fires of the slot")
+    return slot_ms(slot)
+
+
 def agent_cron(uuids: list[str], task: Any = None) -> dict[str, Any]:
     """An agent cron_type running ``task`` (a tcp_ping by default) on ``uuids``."""
     return {"agent": [uuids, {"task": task if task is not None else {"tcp_ping": "127.0.0.1:9"}}]}
-
-
-async def wait_for(
-    probe: Callable[[], Awaitable[Any]], timeout: float = 3.0, interval: float = 0.05
-) -> Any:
-    """Poll ``probe`` until it returns something truthy; fail after ``timeout`` (scaled)."""
-    deadline = time.monotonic() + scaled(timeout)
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {scaled(timeout)} s")
-        await asyncio.sleep(interval)
 
 
 async def results_of(server: Server, name: str) -> list[dict[str, Any]]:
@@ -83,29 +90,23 @@ async def cron_named(server: Server, name: str) -> dict[str, Any] | None:
     return next((c for c in crons if c["name"] == name), None)
 
 
-async def test_per_second_cron_fans_out_to_three_agents_one_offline(server: Server) -> None:
-    """A per-second cron creates a task per online agent and a result row per target in 2 s."""
+async def test_a_cron_fans_out_to_three_agents_one_offline(server: Server) -> None:
+    """At its slot a cron creates a task per online agent and a result row per target."""
     offline = str(uuid.uuid4())
+    align(server.clock)
     async with (
         ScriptedAgent(server.ws_url, server.super_token) as first,
         ScriptedAgent(server.ws_url, server.super_token) as second,
     ):
         targets = [first.uuid, second.uuid, offline]
-        created_at = int(time.time() * 1000)
-        created = await server.su("crontab_create", "fanout", EVERY_SECOND, agent_cron(targets))
+        created = await server.su("crontab_create", "fanout", MINUTELY, agent_cron(targets))
         assert isinstance(created["id"], int)
+        slot = await tick(server)
         pushed = [await first.next_task(timeout=2), await second.next_task(timeout=2)]
-        received_at = int(time.time() * 1000)
-
-        async def complete_slot() -> list[dict[str, Any]] | None:
-            slots = by_slot(await results_of(server, "fanout"))
-            full = [rows for rows in slots.values() if len(rows) == 3]
-            return min(full, key=lambda rows: rows[0]["run_time"]) if full else None
-
-        rows = await wait_for(complete_slot, timeout=2)
+        rows = by_slot(await results_of(server, "fanout"))[slot]
+    assert len(rows) == 3
     run_time = rows[0]["run_time"]
-    assert created_at < run_time <= received_at <= created_at + scaled(2000)
-    assert run_time % 1000 == 0
+    assert run_time == slot and run_time % 1000 == 0
     by_id = {row["relative_id"]: row for row in rows if row["success"]}
     assert set(by_id) == {task["task_id"] for task in pushed}
     for row in rows:
@@ -139,9 +140,13 @@ async def test_per_second_cron_fans_out_to_three_agents_one_offline(server: Serv
 
 async def test_fires_do_not_wait_for_results(server: Server) -> None:
     """An agent that never answers gets a new task every slot; each fire is recorded at once."""
+    align(server.clock)
     async with ScriptedAgent(server.ws_url, server.super_token) as silent:
-        await server.su("crontab_create", "silent", EVERY_SECOND, agent_cron([silent.uuid], "ip"))
-        tasks = [await silent.next_task(timeout=2) for _ in range(3)]
+        await server.su("crontab_create", "silent", MINUTELY, agent_cron([silent.uuid], "ip"))
+        tasks = []
+        for _ in range(3):
+            await tick(server)
+            tasks.append(await silent.next_task(timeout=2))
         await server.su("crontab_set_enable", "silent", False)
     assert len({t["task_id"] for t in tasks}) == 3
     running = await server.su(
@@ -151,8 +156,8 @@ async def test_fires_do_not_wait_for_results(server: Server) -> None:
     rows = await results_of(server, "silent")
     assert {t["task_id"] for t in tasks} <= {r["relative_id"] for r in rows}
     slots = sorted(r["run_time"] for r in rows)
-    assert len(slots) == len(set(slots))
-    assert all(b - a == 1000 for a, b in itertools.pairwise(slots))
+    assert len(slots) == len(set(slots)) == 3
+    assert all(b - a == 60_000 for a, b in itertools.pairwise(slots))
 
 
 async def test_create_returns_the_wire_shapes(server: Server) -> None:
@@ -234,98 +239,80 @@ async def test_invalid_input_codes(server: Server) -> None:
 
 async def test_edit_disable_enable_delete(server: Server) -> None:
     """Edit applies at the next slot; disable stops fires; enable resumes; delete keeps history."""
+    align(server.clock)
     async with ScriptedAgent(server.ws_url, server.super_token) as agent:
         await server.su("crontab_create", "life", NEVER_SOON, agent_cron([agent.uuid]))
-        with pytest.raises(asyncio.TimeoutError):
-            await agent.next_task(timeout=1.2)
-        edited_at = int(time.time() * 1000)
-        await server.su("crontab_edit", "life", EVERY_SECOND, agent_cron([agent.uuid], "ip"))
+        await tick(server)
+        assert await results_of(server, "life") == []
+        await server.su("crontab_edit", "life", MINUTELY, agent_cron([agent.uuid], "ip"))
+        edited = await tick(server)
         task = await agent.next_task(timeout=2)
         assert task["task_event_type"] == "ip"
-        await wait_for(lambda: results_of(server, "life"))
 
         await server.su("crontab_set_enable", "life", False)
-        disabled_at = int(time.time() * 1000)
-        await asyncio.sleep(scaled(0.3))  # a fire that had already started may still land
-        while not agent.notifications.empty():
-            agent.notifications.get_nowait()
-        with pytest.raises(asyncio.TimeoutError):
-            await agent.next_task(timeout=1.5)
+        disabled = await tick(server)
         before_enable = await results_of(server, "life")
-        assert all(r["run_time"] <= disabled_at for r in before_enable)
-        assert all(r["run_time"] > edited_at for r in before_enable)
+        assert [r["run_time"] for r in before_enable] == [edited]
 
-        await asyncio.sleep(scaled(1))
-        enabled_at = int(time.time() * 1000)
         assert await server.su("crontab_set_enable", "life", True) == {
             "success": True,
             "enabled": True,
         }
+        enabled = await tick(server)
         await agent.next_task(timeout=2)
-
-        async def fired_again() -> list[dict[str, Any]]:
-            return [r for r in await results_of(server, "life") if r["run_time"] > disabled_at]
-
-        after_enable = await wait_for(fired_again)
-        # resumed at the next slot: nothing fired for the slots while it was disabled
-        assert after_enable and all(r["run_time"] > enabled_at for r in after_enable)
+        after_enable = [r for r in await results_of(server, "life") if r["run_time"] > edited]
+        # resumed at the next slot: nothing fired for the slot while it was disabled
+        assert [r["run_time"] for r in after_enable] == [enabled] and enabled > disabled
 
         await server.su("crontab_delete", "life")
-        deleted_at = int(time.time() * 1000)
-        await asyncio.sleep(scaled(0.3))
-        while not agent.notifications.empty():
-            agent.notifications.get_nowait()
-        with pytest.raises(asyncio.TimeoutError):
-            await agent.next_task(timeout=1.5)
+        await tick(server)
+        assert agent.notifications.empty()
     assert await cron_named(server, "life") is None
     history = await results_of(server, "life")
-    assert history and all(r["run_time"] <= deleted_at for r in history)
-    assert len(history) >= len(before_enable) + len(after_enable)
+    assert [r["run_time"] for r in history] == [enabled, edited]
+    tasks = await server.su("task_query_task", {"condition": [{"uuid": agent.uuid}]})
+    assert len(tasks) == 2
 
 
 async def test_edit_takes_new_targets_immediately(server: Server) -> None:
     """After an edit the next fire goes to the new targets only."""
+    align(server.clock)
     async with (
         ScriptedAgent(server.ws_url, server.super_token) as old,
         ScriptedAgent(server.ws_url, server.super_token) as new,
     ):
-        await server.su("crontab_create", "move", EVERY_SECOND, agent_cron([old.uuid]))
+        await server.su("crontab_create", "move", MINUTELY, agent_cron([old.uuid]))
+        await tick(server)
         await old.next_task(timeout=2)
-        await server.su("crontab_edit", "move", EVERY_SECOND, agent_cron([new.uuid]))
-        await asyncio.sleep(scaled(0.3))
-        while not old.notifications.empty():
-            old.notifications.get_nowait()
+        await server.su("crontab_edit", "move", MINUTELY, agent_cron([new.uuid]))
+        await tick(server)
         await new.next_task(timeout=2)
-        with pytest.raises(asyncio.TimeoutError):
-            await old.next_task(timeout=1.2)
         await server.su("crontab_delete", "move")
+    for agent, count in ((old, 1), (new, 1)):
+        tasks = await server.su("task_query_task", {"condition": [{"uuid": agent.uuid}]})
+        assert len(tasks) == count
 
 
 async def test_an_empty_agent_list_is_accepted_and_fires_nothing(server: Server) -> None:
     """A cron whose agent list is emptied (how NodeGet-board drops a deleted agent) is kept and
     listed but creates no task and no result row while a cron beside it fires every slot."""
+    align(server.clock)
     async with ScriptedAgent(server.ws_url, server.super_token) as agent:
-        created = await server.su("crontab_create", "nobody", EVERY_SECOND, agent_cron([]))
+        created = await server.su("crontab_create", "nobody", MINUTELY, agent_cron([]))
         assert isinstance(created["id"], int)
-        await server.su("crontab_create", "dropped", EVERY_SECOND, agent_cron([agent.uuid]))
-        await server.su("crontab_create", "control", EVERY_SECOND, agent_cron([agent.uuid], "ip"))
-
-        async def dropped_fired() -> bool:
-            return bool(await results_of(server, "dropped"))
-
-        await wait_for(dropped_fired)
+        await server.su("crontab_create", "dropped", MINUTELY, agent_cron([agent.uuid]))
+        await server.su("crontab_create", "control", MINUTELY, agent_cron([agent.uuid], "ip"))
+        edited_at = await tick(server)
+        assert await results_of(server, "dropped")
         # NodeGet-board deletes the agent: it edits every cron to leave it out
-        assert await server.su("crontab_edit", "dropped", EVERY_SECOND, agent_cron([])) == {
+        assert await server.su("crontab_edit", "dropped", MINUTELY, agent_cron([])) == {
             "id": (await cron_named(server, "dropped") or {})["id"],
             "success": True,
         }
-        edited_at = int(time.time() * 1000)
-
-        async def control_slots_after_edit() -> bool:
-            slots = {r["run_time"] for r in await results_of(server, "control")}
-            return len([t for t in slots if t > edited_at]) >= 2
-
-        await wait_for(control_slots_after_edit, timeout=5)
+        for _ in range(2):
+            await tick(server)
+        slots = {r["run_time"] for r in await results_of(server, "control")}
+        assert len([t for t in slots if t > edited_at]) == 2
     entry = await cron_named(server, "nobody")
     assert entry is not None and entry["cron_type"] == agent_cron([])
     assert entry["enable"] is True and entry["last_run_time"] is None
@@ -374,15 +361,17 @@ async def test_an_empty_agent_list_needs_crontab_permissions_on_a_global_scope(
 async def test_queue_ttl_cron_queues_for_offline_agents(server: Server) -> None:
     """With queue_ttl_ms a fire for an offline agent queues its task, delivered on subscribe."""
     offline = str(uuid.uuid4())
+    align(server.clock)
     await server.call(
         "crontab_create",
         token=server.super_token,
         name="queued",
-        cron_expression=EVERY_SECOND,
+        cron_expression=MINUTELY,
         cron_type=agent_cron([offline], "version"),
         queue_ttl_ms=60_000,
     )
-    [row] = (await wait_for(lambda: results_of(server, "queued")))[-1:]
+    await tick(server)
+    [row] = await results_of(server, "queued")
     assert row["success"] is True and isinstance(row["relative_id"], int)
     assert row["message"] == (
         f"Task {row['relative_id']} queued for offline agent {offline} (expires after 60000 ms)"
@@ -396,14 +385,19 @@ async def test_queue_ttl_cron_queues_for_offline_agents(server: Server) -> None:
     [record] = await server.su("task_query_task", {"condition": [{"task_id": task["task_id"]}]})
     assert record["cron_source"] == "queued"
     # an edit replaces the whole definition: without queue_ttl_ms the cron no longer queues
-    await server.su("crontab_edit", "queued", EVERY_SECOND, agent_cron([offline], "version"))
+    await server.su("crontab_edit", "queued", MINUTELY, agent_cron([offline], "version"))
     entry = await cron_named(server, "queued")
     assert entry is not None and "queue_ttl_ms" not in entry
 
 
+async def _idle(server: Server) -> bool:
+    """Whether no cron fire runs on the server."""
+    return not server.service.scheduler.firing
+
+
 async def _slots_by_node(server: Server, cron_id: int) -> list[tuple[int, str]]:
-    async def fetch(conn: Any) -> list[tuple[int, str]]:
-        result = await conn.execute(
+    def fetch(conn: Any) -> list[tuple[int, str]]:
+        result = conn.execute(
             text("select slot, node_id from cron_fire where cron_id = :c order by slot"),
             {"c": cron_id},
         )
@@ -414,18 +408,27 @@ async def _slots_by_node(server: Server, cron_id: int) -> list[tuple[int, str]]:
 
 
 async def test_restart_fires_once_after_downtime_and_never_twice(database_url: str) -> None:
-    """Across a restart a per-second cron fires every slot once, plus one catch-up for the gap."""
+    """Across a restart a cron fires every slot once, plus one catch-up for the gap (the two
+    servers keep one clock, moved three minutes ahead while none runs)."""
     settings = make_settings(database_url)
     target = str(uuid.uuid4())
-    async with running_server(settings) as first:
+    clock = Clock()
+    align(clock)
+    async with running_server(settings, clock=clock) as first:
         token = first.super_token
-        created = await first.su("crontab_create", "steady", EVERY_SECOND, agent_cron([target]))
-        await asyncio.sleep(scaled(2.5))
-    stopped_at = int(time.time() * 1000)
-    await asyncio.sleep(scaled(3))
-    async with running_server(settings, token) as second:
-        started_at = int(time.time() * 1000)
-        await asyncio.sleep(scaled(2.5))
+        created = await first.su("crontab_create", "steady", MINUTELY, agent_cron([target]))
+        for _ in range(2):
+            await tick(first)
+    stopped_at = clock.now_ms()
+    clock.advance(180)
+    async with running_server(settings, token, clock=clock) as second:
+        started_at = clock.now_ms()
+
+        async def caught_up() -> bool:
+            return len(await results_of(second, "steady")) > 2 and await _idle(second)
+
+        await until(caught_up, "the catch-up fire")
+        await tick(second)
         slots = await _slots_by_node(second, created["id"])
         rows = await results_of(second, "steady")
     first_node = slots[0][1]
@@ -433,13 +436,13 @@ async def test_restart_fires_once_after_downtime_and_never_twice(database_url: s
     after = [s for s, node in slots if node != first_node]
     assert len(before) >= 2 and len(after) >= 2
     assert Counter(r["run_time"] for r in rows) == Counter(s for s, _ in slots)
-    assert all(b - a == 1000 for a, b in itertools.pairwise(before))
-    assert all(b - a == 1000 for a, b in itertools.pairwise(after))
+    assert all(b - a == 60_000 for a, b in itertools.pairwise(before))
+    assert all(b - a == 60_000 for a, b in itertools.pairwise(after))
     catch_up = after[0]
     # the one catch-up is the latest slot missed while down, fired as the server started
-    assert catch_up - before[-1] >= 3000
+    assert catch_up - before[-1] == 180_000
     assert stopped_at < catch_up <= started_at
-    assert catch_up > started_at - 1000 - scaled(1000)
+    assert catch_up > started_at - 60_000
 
 
 async def test_permissions(server: Server) -> None:
@@ -507,10 +510,12 @@ async def test_permissions(server: Server) -> None:
 async def test_result_permissions_by_cron_name_pattern(server: Server) -> None:
     """crontab-result read/delete go by cron-name pattern, and only on a global scope."""
     target = str(uuid.uuid4())
+    align(server.clock)
     for name in ("probe-1", "other"):
-        await server.su("crontab_create", name, EVERY_SECOND, agent_cron([target]))
+        await server.su("crontab_create", name, MINUTELY, agent_cron([target]))
+    await tick(server)
     for name in ("probe-1", "other"):
-        await wait_for(lambda name=name: results_of(server, name))
+        assert await results_of(server, name)
         await server.su("crontab_delete", name)
     probes = await add_token(
         server,
@@ -556,22 +561,14 @@ async def test_result_permissions_by_cron_name_pattern(server: Server) -> None:
 async def test_result_query_conditions(server: Server) -> None:
     """Every crontab-result condition filters like the spec says; newest first; limit and last."""
     offline = str(uuid.uuid4())
+    align(server.clock)
     async with ScriptedAgent(server.ws_url, server.super_token) as agent:
-        a = await server.su(
-            "crontab_create", "q-a", EVERY_SECOND, agent_cron([agent.uuid, offline])
-        )
-        b = await server.su("crontab_create", "q-b", EVERY_SECOND, agent_cron([offline]))
-
-        async def three_slots_each() -> bool:
-            rows = await server.su("crontab-result_query", {"condition": []})
-            a_slots = {r["run_time"] for r in rows if r["cron_name"] == "q-a"}
-            b_slots = {r["run_time"] for r in rows if r["cron_name"] == "q-b"}
-            return len(a_slots) >= 3 and len(b_slots) >= 3
-
-        await wait_for(three_slots_each, timeout=5)
+        a = await server.su("crontab_create", "q-a", MINUTELY, agent_cron([agent.uuid, offline]))
+        b = await server.su("crontab_create", "q-b", MINUTELY, agent_cron([offline]))
+        for _ in range(3):
+            await tick(server)
         await server.su("crontab_delete", "q-a")
         await server.su("crontab_delete", "q-b")
-        await asyncio.sleep(scaled(0.3))
     every = await server.su("crontab-result_query", {"condition": []})
     assert [(r["run_time"], r["id"]) for r in every] == sorted(
         ((r["run_time"], r["id"]) for r in every), reverse=True
@@ -655,14 +652,16 @@ async def test_cli_cron_commands(server: Server) -> None:
     """taskd cron create/list/edit/disable/enable/results/delete work against a real server."""
     agent = str(uuid.uuid4())
     task = json.dumps({"tcp_ping": "127.0.0.1:9"})
+    align(server.clock)
     code, out, err = await _cli(
-        server, "create", "cli", EVERY_SECOND, "--agents", agent, "--task", task, "--json"
+        server, "create", "cli", MINUTELY, "--agents", agent, "--task", task, "--json"
     )
     assert code == 0, err
     created = json.loads(out)
     code, out, _ = await _cli(server, "list")
-    assert code == 0 and "cli" in out and EVERY_SECOND in out and "tcp_ping" in out
-    await wait_for(lambda: results_of(server, "cli"))
+    assert code == 0 and "cli" in out and MINUTELY in out and "tcp_ping" in out
+    await tick(server)
+    assert await results_of(server, "cli")
     code, out, err = await _cli(server, "disable", "cli")
     assert code == 0, err
     code, out, _ = await _cli(server, "list", "--json")
@@ -803,6 +802,7 @@ async def test_enabling_a_cron_needs_task_create_on_every_target(server: Server)
 async def test_fires_check_the_creators_authority_every_time(server: Server) -> None:
     """Each fire re-checks the token that created the cron: targets it no longer covers, or all
     once it is not valid yet, expired or deleted, get a failed row saying why and no task."""
+    align(server.clock)
     async with (
         ScriptedAgent(server.ws_url, server.super_token) as a,
         ScriptedAgent(server.ws_url, server.super_token) as b,
@@ -817,27 +817,24 @@ async def test_fires_check_the_creators_authority_every_time(server: Server) -> 
             "crontab_create",
             f"{key}:{issued['secret']}",
             "authority",
-            EVERY_SECOND,
+            MINUTELY,
             agent_cron([a.uuid, b.uuid]),
         )
+        await tick(server)
         await a.next_task(timeout=2)
         await b.next_task(timeout=2)
 
-        async def next_fire(since: int) -> list[dict[str, Any]]:
-            """The rows of the first slot after ``since`` once both targets have theirs."""
-
-            async def complete() -> list[dict[str, Any]] | None:
-                slots = by_slot(await results_of(server, "authority"))
-                later = [rows for slot, rows in slots.items() if slot > since and len(rows) == 2]
-                return min(later, key=lambda rows: rows[0]["run_time"]) if later else None
-
-            rows: list[dict[str, Any]] = await wait_for(complete)
+        async def next_fire() -> list[dict[str, Any]]:
+            """The rows of the next slot (one per target)."""
+            slot = await tick(server)
+            rows = by_slot(await results_of(server, "authority"))[slot]
+            assert len(rows) == 2
             return rows
 
         await server.su(
             "token_edit", key, [{"scopes": [{"agent_uuid": a.uuid}], "permissions": grant}]
         )
-        narrowed = await next_fire(int(time.time() * 1000))
+        narrowed = await next_fire()
         [sent] = [r for r in narrowed if r["success"]]
         assert sent["message"] == f"Task {sent['relative_id']} sent to agent {a.uuid}"
         [refused] = [r for r in narrowed if not r["success"]]
@@ -846,31 +843,28 @@ async def test_fires_check_the_creators_authority_every_time(server: Server) -> 
             f"Task not created: token {key} that created the cron lacks task.create(tcp_ping) "
             f"on agent {b.uuid}"
         )
-        while not b.notifications.empty():
-            b.notifications.get_nowait()
-        with pytest.raises(asyncio.TimeoutError):
-            await b.next_task(timeout=1.5)
         assert (await a.next_task(timeout=2))["task_event_type"] == {"tcp_ping": "127.0.0.1:9"}
+        tasks_of_b = await server.su("task_query_task", {"condition": [{"uuid": b.uuid}]})
+        assert len(tasks_of_b) == 1  # the one before the token was narrowed
 
-        later = int(time.time() * 1000) + 3_600_000
+        later = server.clock.now_ms() + 3_600_000
         phases: list[tuple[dict[str, Any], str]] = [
             ({"timestamp_from": later}, "is not valid yet"),
             ({"timestamp_from": None, "timestamp_to": int(time.time() * 1000)}, "has expired"),
         ]
         for change, reason in phases:
             await server.call("token_edit", token=server.super_token, target_token=key, **change)
-            rows = await next_fire(int(time.time() * 1000))
+            rows = await next_fire()
             assert [r["message"] for r in rows] == [
                 f"Task not created: token {key} that created the cron {reason}"
             ] * 2
             assert not any(r["success"] or r["relative_id"] for r in rows)
         await server.su("token_delete", key)
-        rows = await next_fire(int(time.time() * 1000))
+        rows = await next_fire()
         assert [r["message"] for r in rows] == [
             f"Task not created: token {key} that created the cron no longer exists"
         ] * 2
         await server.su("crontab_set_enable", "authority", False)
-        await asyncio.sleep(scaled(0.3))
     records = await server.su("task_query_task", {"condition": [{"cron_source": "authority"}]})
     tasks_of = {result["relative_id"] for result in await results_of(server, "authority")}
     assert {r["task_id"] for r in records} == tasks_of - {None}
@@ -888,10 +882,14 @@ async def test_cron_tasks_are_created_by_the_crons_creator(server: Server) -> No
                 }
             ],
         )
+        align(server.clock)
         await server.call(
-            "crontab_create", creator, "owned", EVERY_SECOND, agent_cron([agent.uuid], "version")
+            "crontab_create", creator, "owned", MINUTELY, agent_cron([agent.uuid], "version")
         )
-        tasks = [await agent.next_task(timeout=2) for _ in range(2)]
+        tasks = []
+        for _ in range(2):
+            await tick(server)
+            tasks.append(await agent.next_task(timeout=2))
         await server.su("crontab_set_enable", "owned", False)
     await server.su("task_create_task", agent.uuid, "version", 60_000)
     records = await server.su("task_query_task", {"condition": [{"cron_source": "owned"}]})
@@ -928,7 +926,7 @@ async def _serve(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
 
 
 async def test_a_server_killed_before_storing_rows_records_those_slots_once_as_interrupted(
-    database_url: str, tmp_path: Path
+    database_url: str, tmp_path: Path, held_ports: Callable[[], int]
 ) -> None:
     """A `taskd serve` SIGKILLed after claiming slots whose rows the database had refused comes
     back and records each such slot once as interrupted; every claimed slot has one row."""
@@ -938,7 +936,7 @@ async def test_a_server_killed_before_storing_rows_records_those_slots_once_as_i
         await store.migrate()
         token = await ensure_super_token(store)
         assert token is not None
-        port = free_port()
+        port = held_ports()
         config = tmp_path / "taskd.toml"
         config.write_text(
             "[server]\n"
@@ -964,7 +962,7 @@ async def test_a_server_killed_before_storing_rows_records_those_slots_once_as_i
             async def two_pending() -> bool:
                 return len(await store.pending_cron_fires()) >= 2
 
-            await wait_for(two_pending, timeout=5)
+            await until(two_pending, "two claimed slots")
         finally:
             process.send_signal(signal.SIGKILL)
             process.wait()
@@ -978,11 +976,11 @@ async def test_a_server_killed_before_storing_rows_records_those_slots_once_as_i
             interrupted = [r for r in rows if r["message"] == INTERRUPTED]
             return interrupted if len(interrupted) >= len(cut_short) else None
 
-        interrupted = await wait_for(settled, timeout=5)
+        interrupted = await until(settled, "the interrupted rows")
         assert sorted(r["run_time"] for r in interrupted) == cut_short
         assert all(not r["success"] and r["relative_id"] is None for r in interrupted)
         await server.su("crontab_set_enable", "crashy", False)
-        await asyncio.sleep(scaled(0.3))
+        await until(lambda: _idle(server), "the last fire")  # one that had started lands
         slots = [slot for slot, _ in await _slots_by_node(server, cron_id)]
         rows = await results_of(server, "crashy")
         assert await server.service.store.pending_cron_fires() == []

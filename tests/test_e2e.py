@@ -117,10 +117,10 @@ async def test_blocking_timeout_is_clamped_to_300000(server: Server) -> None:
         await call
 
 
-async def _deadline_of(conn: Any, task_id: int) -> int:
+def _deadline_of(conn: Any, task_id: int) -> int:
     from sqlalchemy import text
 
-    result = await conn.execute(text("select deadline from task where id = :i"), {"i": task_id})
+    result = conn.execute(text("select deadline from task where id = :i"), {"i": task_id})
     return int(result.scalar_one())
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Server, WsClient, unwrap
+from tests.helpers import Server, WsClient, unwrap, wait_for
 from tests.nodeget_agent import (
     NOT_ALLOWED,
     NodeGetAgent,
@@ -27,7 +27,6 @@ from tests.nodeget_agent import (
     nodeget_agent_config,
     task_kind,
 )
-from tests.test_cron_e2e import wait_for
 
 EVERY_SECOND = "* * * * * *"
 BLOCKING_MS = 5000

@@ -20,9 +20,8 @@ from typing import Any
 
 import orjson
 
-from tests.helpers import RpcError, ScriptedAgent, Server, WsClient, scaled
+from tests.helpers import RpcError, ScriptedAgent, Server, WsClient, scaled, wait_for
 from tests.nodeget_agent import NodeGetAgent, nodeget_agent
-from tests.test_cron_e2e import wait_for
 
 # the agent token the board pre-generates for a new node (tokenTemplates.ts)
 AGENT_PERMISSIONS: list[dict[str, Any]] = [

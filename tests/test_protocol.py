@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import uuid
+from dataclasses import fields
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -12,6 +15,12 @@ from hypothesis import strategies as st
 from taskd.errors import InvalidInput, InvalidParams
 from taskd.protocol import (
     CRON_TYPE,
+    RESULT_VARIANTS,
+    TASK_TYPES,
+    TASK_VARIANTS,
+    TaskEventResponse,
+    TaskPush,
+    TaskRecord,
     TaskResponse,
     limits_to_wire,
     parse_cron_result_query,
@@ -347,3 +356,42 @@ def test_arbitrary_json_never_escapes_as_another_error(value: Any) -> None:
     """Any JSON value either parses as a task type or raises InvalidParams, nothing else."""
     with contextlib.suppress(InvalidParams):
         parse_task_event_type(value)
+
+
+def test_each_task_kind_is_declared_once_by_its_variant() -> None:
+    """The kind list, the results and the ``type`` query condition all follow the variants."""
+    assert len(set(TASK_TYPES)) == len(TASK_TYPES) == len(TASK_VARIANTS)
+    assert {parse_task_event_type(example).kind for example in TASK_EXAMPLES} == set(TASK_TYPES)
+    assert [variant.kind for variant in RESULT_VARIANTS] == list(TASK_TYPES)
+    for kind in TASK_TYPES:
+        assert parse_task_query({"condition": [{"type": kind}]}).types == (kind,)
+    with pytest.raises(InvalidParams, match=r"condition\.0\.type"):
+        parse_task_query({"condition": [{"type": "pingg"}]})
+
+
+def test_replies_serialise_themselves_in_wire_order() -> None:
+    """TaskPush, TaskRecord and TaskEventResponse dump to the exact wire JSON, fields in order."""
+    push = orjson.loads(TaskPush(7, "tok", {"ping": "host"}).serialize(42))
+    assert push == {
+        "jsonrpc": "2.0",
+        "method": "task_register_task",
+        "params": {
+            "subscription": 42,
+            "result": {"task_id": 7, "task_token": "tok", "task_event_type": {"ping": "host"}},
+        },
+    }
+    agent = str(uuid.uuid4())
+    record = TaskRecord(1, agent, None, None, None, "ip", None, None)
+    assert list(orjson.loads(orjson.dumps(record))) == [f.name for f in fields(TaskRecord)]
+    response = TaskEventResponse(1, agent, "tok", 5, True, None, {"ping": 1.5})
+    assert orjson.dumps(response) == orjson.dumps(
+        {
+            "task_id": 1,
+            "agent_uuid": agent,
+            "task_token": "tok",
+            "timestamp": 5,
+            "success": True,
+            "error_message": None,
+            "task_event_result": {"ping": 1.5},
+        }
+    )

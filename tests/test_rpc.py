@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
+from pydantic import Field
 from sqlalchemy import event
 
 from taskd import rpc
+from taskd.protocol import AgentUuid
 from tests.helpers import Server, make_settings, running_server
 
 
@@ -48,6 +51,63 @@ async def test_unexpected_exception_is_internal_error_without_its_text(
     assert "secret detail" not in response.text
     assert hello["result"].startswith("hello")
     assert any("secret detail" in r.getMessage() or r.exc_info for r in caplog.records)
+
+
+@pytest.fixture
+def typed_method() -> Iterator[str]:
+    """A method whose params are typed: one parsed by its Parse marker, one by pydantic."""
+    name = "test_typed_params"
+
+    @rpc.method(name)
+    async def typed(
+        ctx: rpc.CallContext,
+        agent: AgentUuid,
+        count: Annotated[int, Field(ge=1, strict=True)] | None = None,
+        raw: Any = None,
+    ) -> dict[str, Any]:
+        """Answers what it was given."""
+        return {"agent": agent, "count": count, "raw": raw}
+
+    try:
+        yield name
+    finally:
+        del rpc.REGISTRY[name]
+
+
+async def test_typed_params_reach_the_method_parsed(server: Server, typed_method: str) -> None:
+    """A method gets its params parsed as annotated; a bad one is -32602 naming it, and a
+    missing one is reported before any value is parsed."""
+    upper = "6F1F7A5E-7A57-4D4B-9D0A-1C2B3C4D5E6F"
+    expected = {"agent": upper.lower(), "count": 3, "raw": {"any": ["thing"]}}
+    assert await server.call(typed_method, upper, 3, {"any": ["thing"]}) == expected
+    assert await server.call(typed_method, raw={"any": ["thing"]}, count=3, agent=upper) == (
+        expected
+    )
+    assert await server.call(typed_method, upper, None) == {
+        "agent": upper.lower(),
+        "count": None,
+        "raw": None,
+    }
+    for params, fragment in (
+        ([upper, "3"], "count: Input should be a valid integer"),
+        ([upper, True], "count: Input should be a valid integer"),
+        ([upper, 0], "count: Input should be greater than or equal to 1"),
+        (["nope"], "agent: 'nope' is not a valid UUID"),
+        ({"count": "x"}, "missing a required argument: 'agent'"),
+    ):
+        reply = await server.request(typed_method, params)
+        assert reply["error"]["code"] == -32602, params
+        assert fragment in reply["error"]["message"], reply
+
+
+async def test_params_are_checked_before_the_token(server: Server) -> None:
+    """A malformed param is answered -32602 naming it, even with a token that would be refused."""
+    reply = await server.request(
+        "task_create_task", ["nokey:nosecret", "not-a-uuid", {"ping": "host"}]
+    )
+    assert reply["error"]["code"] == -32602 and "target_uuid" in reply["error"]["message"]
+    reply = await server.request("task_create_task", ["nokey:nosecret", str(uuid.uuid4()), "ip"])
+    assert reply["error"]["code"] == 102
 
 
 async def test_params_binding_errors_name_the_param(server: Server) -> None:
@@ -129,8 +189,8 @@ async def test_a_large_batch_is_answered_in_order_a_window_at_a_time(roomy_serve
             out[0] -= 1
 
     for engine in server.service.store.read_engines:
-        event.listen(engine.sync_engine.pool, "checkout", checkout)
-        event.listen(engine.sync_engine.pool, "checkin", checkin)
+        event.listen(engine.pool, "checkout", checkout)
+        event.listen(engine.pool, "checkin", checkin)
     items = 12 * rpc.BATCH_WINDOW
     batch = [
         {

@@ -184,11 +184,11 @@ def test_every_method_has_a_row_in_the_matrix() -> None:
 async def snapshot(store: Store) -> dict[str, list[str]]:
     """Every row of every table (minus heartbeat-like columns), for before/after comparison."""
 
-    async def fetch(conn: Any) -> dict[str, list[str]]:
+    def fetch(conn: Any) -> dict[str, list[str]]:
         tables: dict[str, list[str]] = {}
         for table in SQLModel.metadata.sorted_tables:
             columns = [c for c in table.c if (table.name, c.name) not in VOLATILE]
-            rows = (await conn.execute(select(*columns))).all()
+            rows = conn.execute(select(*columns)).all()
             tables[str(table.name)] = sorted(repr(tuple(row)) for row in rows)
         return tables
 

@@ -13,7 +13,6 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, event, inspect
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import SQLModel
 
 from taskd.auth import NewToken, hash_secret
@@ -22,6 +21,8 @@ from taskd.errors import InvalidInput
 from taskd.models import TaskState
 from taskd.protocol import TaskResponse, parse_task_conditions
 from taskd.store import NewTask, Store, task_t
+from taskd.store.tasks import queued_rows
+from tests.helpers import scaled
 
 AGENT_A = str(uuid.uuid4())
 AGENT_B = str(uuid.uuid4())
@@ -112,15 +113,26 @@ async def test_a_lookup_the_database_cannot_make_is_refused_not_a_database_error
 async def test_writes_commit_while_every_read_connection_is_taken(store: Store) -> None:
     """A flood of reads holding every read connection never holds back a commit."""
     release = threading.Event()
-
-    async def hold(conn: AsyncConnection) -> None:
-        await conn.exec_driver_sql("SELECT 1")  # the connection is checked out and in use
-        await asyncio.to_thread(release.wait, 30)
-
     # pool_size=2: two read threads on SQLite, 2 + 2 overflow connections on PostgreSQL
-    holders = [asyncio.create_task(store.read(hold)) for _ in range(2 if store.is_sqlite else 4)]
-    await asyncio.sleep(0.2)
+    count = 2 if store.is_sqlite else 4
+    loop = asyncio.get_running_loop()
+    holding: asyncio.Queue[None] = asyncio.Queue()
+
+    def hold(conn: Connection) -> None:
+        conn.exec_driver_sql("SELECT 1")  # the connection is checked out and in use
+        # a read runs on a SQLite read thread, or in a greenlet on this loop (PostgreSQL)
+        loop.call_soon_threadsafe(holding.put_nowait, None)
+        while not release.is_set():
+            if store.is_sqlite:
+                release.wait(0.05)  # the read thread waits
+            else:
+                conn.exec_driver_sql("SELECT pg_sleep(0.01)")  # awaited: the loop runs on
+
+    holders = [asyncio.create_task(store.read(hold)) for _ in range(count)]
     try:
+        async with asyncio.timeout(scaled(10)):  # every read holds its connection
+            for _ in range(count):
+                await holding.get()
         now = now_ms()
         task = NewTask(str(uuid.uuid4()), "tok0000001", "version", "version", now + 60_000, now)
         async with asyncio.timeout(5):
@@ -235,7 +247,7 @@ async def test_every_query_form_is_served_by_an_index(store: Store) -> None:
     plans: dict[str, tuple[str, Any]] = {}
     found = {}
     for engine in store.read_engines:
-        event.listen(engine.sync_engine, "before_cursor_execute", capture)
+        event.listen(engine, "before_cursor_execute", capture)
     try:
         for name, conditions in forms.items():
             executed.clear()
@@ -244,25 +256,25 @@ async def test_every_query_form_is_served_by_an_index(store: Store) -> None:
             plans[name] = statement, parameters
     finally:
         for engine in store.read_engines:
-            event.remove(engine.sync_engine, "before_cursor_execute", capture)
+            event.remove(engine, "before_cursor_execute", capture)
     everything = await store.query_tasks(parse_task_conditions([]))
     assert {row.id for row in found["is_running"]} == {
         row.id for row in everything if row.timestamp is None
     }
     assert len(found["is_running"]) == 3 and all(len(rows) for rows in found.values())
 
-    async def explain(conn: AsyncConnection) -> dict[str, Any]:
+    def explain(conn: Connection) -> dict[str, Any]:
         verdicts = {}
         for name, (statement, parameters) in plans.items():
             if store.is_sqlite:
-                rows = await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+                rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
                 plan = [str(row[-1]) for row in rows]
                 verdicts[name] = (_index_lookup_sqlite(plan), plan)
             else:
                 # on a table this small a scan is cheapest: forbid it to see what the
                 # planner would use on a large one
-                await conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
-                rows = await conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {statement}", parameters)
+                conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+                rows = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {statement}", parameters)
                 [document] = rows.scalar_one()  # asyncpg decodes the json column
                 verdicts[name] = (_index_lookup_postgresql(document["Plan"]), document["Plan"])
         return verdicts
@@ -293,10 +305,7 @@ async def test_migrations_create_exactly_the_model_tables(store: Store) -> None:
         }
         return compare_metadata(context, SQLModel.metadata), reflected, declared
 
-    async def compare(conn: AsyncConnection) -> Any:
-        return await conn.run_sync(differences)
-
-    diff, reflected, declared = await store.read(compare)
+    diff, reflected, declared = await store.read(differences)
     assert diff == []
     assert reflected == declared
 
@@ -304,3 +313,28 @@ async def test_migrations_create_exactly_the_model_tables(store: Store) -> None:
 def _predicate(where: Any) -> str:
     """A partial index condition without the brackets and spaces databases add or drop."""
     return "" if where is None else re.sub(r"[()\s]", "", str(where))
+
+
+async def test_taking_queued_tasks_reads_only_the_queued_ones(store: Store) -> None:
+    """The statement that takes agents' queued tasks reads the partial index of queued tasks,
+    not every task those agents ever had, and takes exactly the queued ones."""
+    seeded = await _seed(store)
+    statement = store.backend.statement(queued_rows)
+    uuids = store.backend.list_arg([AGENT_A, AGENT_B])
+    args = tuple(statement.args({"uuids": uuids, "now": now_ms()}))
+
+    def plan(conn: Connection) -> str:
+        if store.is_sqlite:
+            rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement.sql}", args)
+            return "\n".join(str(row[-1]) for row in rows)
+        conn.exec_driver_sql("SET LOCAL enable_seqscan = off")  # as on a large table
+        rows = conn.exec_driver_sql(f"EXPLAIN {statement.sql}", args)
+        return "\n".join(str(row[0]) for row in rows)
+
+    text = await store.read(plan)
+    assert "ix_task_queued_uuid" in text and "ix_task_uuid" not in text.replace(
+        "ix_task_queued_uuid", ""
+    ), text
+    taken = await store.take_queued(AGENT_A, 60_000) + await store.take_queued(AGENT_B, 60_000)
+    queued = [row.id for row in seeded if row.state == TaskState.QUEUED]
+    assert sorted(task.id for task in taken) == sorted(queued)

@@ -24,7 +24,7 @@ from taskd.agent.tasks.web_shell import run
 from taskd.auth import normal_origin, origin_allowed
 from taskd.config import parse_agent_config
 from taskd.protocol import WebShell, parse_task_event_type
-from taskd.terminal import HideTokens
+from taskd.server import HideTokens
 from tests.helpers import (
     ScriptedAgent,
     Server,

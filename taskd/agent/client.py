@@ -5,7 +5,14 @@ with exponential backoff (1 s doubling to 60 s, ±20% jitter), re-subscribes
 after every reconnect and detects dead connections with WebSocket pings
 (``ping_interval_ms``, ``ping_timeout_ms``). Every result goes to the link's
 on-disk spool before the upload, and leaves it only when the server
-acknowledged it (a 108 "already uploaded" counts).
+acknowledged it (a 108 "already uploaded" counts). Host reports go the same way
+from the link's ``Outbox`` (``monitor_report``).
+
+When the server answers the WebSocket upgrade with plain HTTP (a proxy that
+does not pass WebSockets), the link falls back to JSON-RPC over HTTP POST to
+the same URL (ws→http, wss→https): it keeps reporting and uploads the spooled
+results, but gets no tasks (only a WebSocket carries pushes), and tries the
+upgrade again every ``http_fallback_retry_ms``.
 """
 
 from __future__ import annotations
@@ -17,18 +24,21 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
+import httpx
 import orjson
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from taskd.agent.spool import Spool, link_id
+from taskd.agent.monitor_report import Collector, Outbox
+from taskd.agent.spool import ReportBuffer, Spool, link_id
 from taskd.agent.tasks import TaskContext, TaskFailed, runner_for
 from taskd.config import AgentServer, AgentSettings, load_agent_settings
-from taskd.errors import TaskdError
+from taskd.errors import ErrorCode, TaskdError
 from taskd.protocol import ResultVariant, TaskVariant, parse_task_event_type
 
 logger = logging.getLogger(__name__)
@@ -40,6 +50,7 @@ CALL_TIMEOUT_S = 30.0
 RETRY_SPOOL_S = 30.0
 UNLIMITED_KINDS = frozenset({"web_shell"})
 """Kinds that hold a slot for as long as a person uses them do not count against the bound."""
+REPORT_JOURNAL = "reports.journal"
 
 
 def backoff_delays(start: float = BACKOFF_START_S, cap: float = BACKOFF_CAP_S) -> Any:
@@ -58,6 +69,22 @@ class RpcError(Exception):
         self.code = error.get("code")
 
 
+def _requests(ids: Any, calls: Sequence[tuple[str, list[Any]]]) -> tuple[list[Any], bytes]:
+    """The ids and the JSON of a request (one call) or a batch (several)."""
+    numbers = [next(ids) for _ in calls]
+    bodies = [
+        {"jsonrpc": "2.0", "method": method, "params": params, "id": number}
+        for number, (method, params) in zip(numbers, calls, strict=True)
+    ]
+    return numbers, orjson.dumps(bodies if len(bodies) > 1 else bodies[0])
+
+
+def _result(reply: dict[str, Any]) -> Any:
+    if "error" in reply:
+        raise RpcError(reply["error"])
+    return reply.get("result")
+
+
 class Rpc:
     """JSON-RPC over one WebSocket: calls matched to replies, notifications to a callback."""
 
@@ -71,21 +98,25 @@ class Rpc:
 
     async def call(self, method: str, params: list[Any]) -> Any:
         """Send a request and wait for its result; RpcError on an error reply."""
-        request_id = next(self._ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
+        return _result((await self.call_many([(method, params)]))[0])
+
+    async def call_many(self, calls: Sequence[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
+        """Send the calls in one frame (a batch if several); their reply objects in order."""
+        loop = asyncio.get_running_loop()
+        ids, body = _requests(self._ids, calls)
+        futures: list[asyncio.Future[dict[str, Any]]] = []
+        for request_id in ids:
+            futures.append(loop.create_future())
+            self._pending[request_id] = futures[-1]
         try:
-            body = {"jsonrpc": "2.0", "method": method, "params": params, "id": request_id}
-            await self.ws.send(orjson.dumps(body).decode())
+            await self.ws.send(body.decode())
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancellation
             # that arrives together with the reply, and the link would never stop
             async with asyncio.timeout(CALL_TIMEOUT_S):
-                reply = await future
+                return list(await asyncio.gather(*futures))
         finally:
-            self._pending.pop(request_id, None)
-        if "error" in reply:
-            raise RpcError(reply["error"])
-        return reply.get("result")
+            for request_id in ids:
+                self._pending.pop(request_id, None)
 
     async def read(self) -> None:
         """Dispatch incoming messages until the connection closes."""
@@ -111,6 +142,64 @@ class Rpc:
                     future.set_exception(ConnectionError("connection closed"))
 
 
+class HttpRpc:
+    """JSON-RPC over HTTP POST: the fallback transport where no WebSocket gets through."""
+
+    def __init__(self, url: str, verify: ssl.SSLContext | bool) -> None:
+        self.url = url
+        self.broken = asyncio.Event()
+        self._ids = itertools.count(1)
+        self._client = httpx.AsyncClient(
+            verify=verify,
+            timeout=CALL_TIMEOUT_S,
+            trust_env=False,
+            headers={"user-agent": "taskd-agent", "content-type": "application/json"},
+        )
+
+    async def __aenter__(self) -> HttpRpc:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self._client.aclose()
+
+    async def call(self, method: str, params: list[Any]) -> Any:
+        """Send a request and return its result; RpcError on an error reply."""
+        return _result((await self.call_many([(method, params)]))[0])
+
+    async def call_many(self, calls: Sequence[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
+        """POST the calls (a batch if several); their reply objects in order.
+
+        ConnectionError when no JSON-RPC answer comes back; the transport is then broken.
+        """
+        ids, body = _requests(self._ids, calls)
+        try:
+            response = await self._client.post(self.url, content=body)
+            data = orjson.loads(response.content)
+        except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
+            self.broken.set()
+            raise ConnectionError(f"HTTP POST to {self.url} failed: {exc}") from exc
+        replies = {
+            item.get("id"): item
+            for item in (data if isinstance(data, list) else [data])
+            if isinstance(item, dict)
+        }
+        if not any(request_id in replies for request_id in ids):
+            self.broken.set()
+            raise ConnectionError(f"HTTP {response.status_code} without a JSON-RPC reply")
+        missing = {"error": {"code": -32603, "message": "no reply to this call in the batch"}}
+        return [replies.get(request_id, missing) for request_id in ids]
+
+
+def http_url(ws_url: str) -> str:
+    """The HTTP twin of a WebSocket URL: ws→http, wss→https."""
+    return "http" + ws_url[2:]
+
+
 class ServerLink:
     """The agent's session with one server."""
 
@@ -118,9 +207,21 @@ class ServerLink:
         self.agent = agent
         self.server = server
         self.spool = spool
-        self.rpc: Rpc | None = None
+        self.rpc: Rpc | HttpRpc | None = None
         self.subscription: int | None = None
         self.subscribed = asyncio.Event()
+        self.upgrade_refused = False
+        self.on_http = False
+        self.outbox: Outbox | None = None
+        settings = agent.settings
+        journal = spool.directory / REPORT_JOURNAL
+        if settings.report_metrics:
+            buffer = ReportBuffer(
+                journal, settings.report_buffer_max_count, settings.report_buffer_max_age_ms
+            )
+            self.outbox = Outbox(server.name, server.token, settings, buffer, lambda: self.rpc)
+        else:  # reports switched off: what an earlier run buffered will not be sent
+            journal.unlink(missing_ok=True)
 
     @property
     def settings(self) -> AgentSettings:
@@ -138,17 +239,79 @@ class ServerLink:
 
     async def run_forever(self) -> None:
         """Stay connected and subscribed until cancelled."""
+        reports = asyncio.create_task(self.outbox.run()) if self.outbox else None
+        try:
+            await self._connect_forever()
+        finally:
+            if reports is not None:
+                reports.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reports
+            if self.outbox is not None:
+                self.outbox.buffer.close()
+
+    async def _connect_forever(self) -> None:
         delays = backoff_delays()
         while True:
+            self.upgrade_refused = False
             reason = await self._session()
             if self.subscribed.is_set():
                 delays = backoff_delays()  # it worked: start the backoff afresh
             self.subscribed.clear()
+            if self.upgrade_refused and self.settings.http_fallback:
+                self.on_http = await self._http_session(reason)
+                if self.on_http:
+                    delays = backoff_delays()
+                    continue  # the fallback served its time: try the WebSocket again now
+                reason += "; HTTP POST failed too"
+            else:
+                self.on_http = False
             delay = next(delays)
             logger.info(
                 "[%s] disconnected (%s); reconnect in %.1f s", self.server.name, reason, delay
             )
             await asyncio.sleep(delay)
+
+    async def _http_session(self, why: str) -> bool:
+        """Report and upload results over HTTP POST for ``http_fallback_retry_ms``.
+
+        Returns False at once if HTTP does not work either, or when it stops working.
+        """
+        url = http_url(self.server.ws_url)
+        async with HttpRpc(url, self._ssl() or True) as rpc:
+            try:
+                await self._check_server_uuid(rpc)
+            except RpcError as exc:
+                if self.server.server_uuid is not None:
+                    logger.warning("[%s] refused over HTTP: %s", self.server.name, exc)
+                    return False
+            except (ConnectionError, TimeoutError, OSError):
+                return False
+            logger.log(
+                logging.DEBUG if self.on_http else logging.INFO,  # once, not every retry
+                "[%s] no WebSocket (%s): reporting and uploading results over HTTP POST to %s; "
+                "no tasks until the WebSocket works again",
+                self.server.name,
+                why,
+                url,
+            )
+            self.rpc = rpc
+            if self.outbox is not None:
+                self.outbox.connected()
+            try:
+                await self.flush()
+                deadline = time.monotonic() + self.settings.http_fallback_retry_ms / 1000
+                while not rpc.broken.is_set() and (left := deadline - time.monotonic()) > 0:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(min(left, RETRY_SPOOL_S)):
+                            await rpc.broken.wait()
+                    if not rpc.broken.is_set() and len(self.spool):
+                        await self.flush()
+            finally:
+                self.rpc = None
+                if self.outbox is not None:
+                    self.outbox.disconnected()
+            return not rpc.broken.is_set()
 
     async def _session(self) -> str:
         """One connection: subscribe, deliver the spool, serve pushes. Returns why it ended."""
@@ -173,6 +336,9 @@ class ServerLink:
                     await self._subscribe(rpc)
                     self.rpc = rpc
                     self.subscribed.set()
+                    self.on_http = False
+                    if self.outbox is not None:
+                        self.outbox.connected()
                     await self.flush()
                     while not reader.done():
                         done, _ = await asyncio.wait({reader}, timeout=RETRY_SPOOL_S)
@@ -180,6 +346,8 @@ class ServerLink:
                             await self.flush()
                 finally:
                     self.rpc = None
+                    if self.outbox is not None:
+                        self.outbox.disconnected()
                     reader.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await reader
@@ -191,18 +359,26 @@ class ServerLink:
                         else "connection lost"
                     )
                 return f"closed: {ws.close_code} {ws.close_reason}".strip()
+        except websockets.InvalidHandshake as exc:
+            # an HTTP answer, but no WebSocket: perhaps a proxy that passes plain HTTP only
+            self.upgrade_refused = True
+            return f"upgrade refused: {exc}"
         except (OSError, TimeoutError, websockets.WebSocketException, ConnectionError) as exc:
             return f"{type(exc).__name__}: {exc}"
         except RpcError as exc:
             return f"refused: {exc}"
 
+    async def _check_server_uuid(self, rpc: Rpc | HttpRpc) -> None:
+        """RpcError unless the server is the pinned one (any JSON-RPC answer when none is)."""
+        server_uuid = await rpc.call("server_uuid", [])
+        if self.server.server_uuid is not None and server_uuid != self.server.server_uuid:
+            raise RpcError(
+                {"message": f"server_uuid is {server_uuid}, expected {self.server.server_uuid}"}
+            )
+
     async def _subscribe(self, rpc: Rpc) -> None:
         if self.server.server_uuid is not None:
-            server_uuid = await rpc.call("server_uuid", [])
-            if server_uuid != self.server.server_uuid:
-                raise RpcError(
-                    {"message": f"server_uuid is {server_uuid}, expected {self.server.server_uuid}"}
-                )
+            await self._check_server_uuid(rpc)
         self.subscription = await rpc.call(
             "task_register_task", [self.server.token, self.settings.agent_uuid]
         )
@@ -290,13 +466,17 @@ class ServerLink:
             if self.rpc is None or not await self._upload(self.rpc, response):
                 return
 
-    async def _upload(self, rpc: Rpc, response: dict[str, Any]) -> bool:
+    async def _upload(self, rpc: Rpc | HttpRpc, response: dict[str, Any]) -> bool:
         """Upload one result; False if the connection failed (the result stays spooled)."""
         task_id = int(response["task_id"])
         try:
             await rpc.call("task_upload_task_result", [self.server.token, response])
         except RpcError as exc:
-            if exc.code not in (105, 108, -32602):
+            if exc.code not in (
+                ErrorCode.NOT_FOUND,
+                ErrorCode.INVALID_INPUT,
+                ErrorCode.INVALID_PARAMS,
+            ):
                 logger.warning(
                     "[%s] upload of task %d failed: %s; will retry", self.server.name, task_id, exc
                 )
@@ -322,6 +502,7 @@ class Agent:
         self.slots = asyncio.Semaphore(settings.max_concurrency)
         self.links: list[ServerLink] = []
         self._link_tasks: list[asyncio.Task[None]] = []
+        self._collector: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._restart = asyncio.Event()
         self._reexec = False
@@ -344,13 +525,20 @@ class Agent:
             asyncio.create_task(link.run_forever(), name=f"link-{link.server.name}")
             for link in self.links
         ]
+        outboxes = [link.outbox for link in self.links if link.outbox is not None]
+        if outboxes:
+            collector = Collector(self.settings, outboxes)
+            self._collector = asyncio.create_task(collector.run(), name="host-reports")
 
     async def _stop_links(self) -> None:
-        for task in self._link_tasks:
-            task.cancel()
-        for task in self._link_tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # the collector first: nothing may reach an outbox once its link has closed it
+        for group in ([self._collector] if self._collector else [], self._link_tasks):
+            for task in group:
+                task.cancel()
+            for task in group:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._collector = None
 
     async def run(self) -> None:
         """Serve every server until cancelled; reload after config edits, re-exec after updates."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import uuid as uuid_module
-from typing import Any
+
+from typing_extensions import TypedDict
 
 from taskd.auth import (
     Need,
@@ -24,15 +25,54 @@ from taskd.auth import (
     lists_agents,
 )
 from taskd.errors import PermissionDenied
-from taskd.protocol import AgentScope, parse_uuid
+from taskd.protocol import AgentScope, AgentUuid, Token
 from taskd.roles import agent_limits
 from taskd.rpc import CallContext, method
 
 logger = logging.getLogger(__name__)
 
 
+class AgentInfo(TypedDict):
+    """One agent as agent_list shows it (times in ms)."""
+
+    uuid: str
+    online: bool
+    connected_since: int | None
+    first_seen: int
+    last_seen: int
+    remote_addr: str | None
+    node_id: str | None
+
+
+class AgentEnrolled(TypedDict):
+    """A new agent's UUID and its agent token (shown once)."""
+
+    uuid: AgentUuid
+    token: str
+
+
+class AgentUuids(TypedDict):
+    """NodeGet's list of agent UUIDs."""
+
+    uuids: list[AgentUuid]
+
+
+class AgentMode(TypedDict):
+    """An agent UUID and whether it is soft-deleted."""
+
+    uuid: AgentUuid
+    soft_delete: bool
+
+
+class AgentDeleted(TypedDict):
+    """Whether a soft delete found the agent, in words too."""
+
+    success: bool
+    message: str
+
+
 @method("agent_list")
-async def agent_list(ctx: CallContext, token: Any) -> list[dict[str, Any]]:
+async def agent_list(ctx: CallContext, token: Token) -> list[AgentInfo]:
     """Every agent the token may list: online or not, since when, last seen, address."""
     principal = await ctx.app.authenticate(token, ctx.remote)
     need = Need("agent", "list")
@@ -63,7 +103,9 @@ async def agent_list(ctx: CallContext, token: Any) -> list[dict[str, Any]]:
 
 
 @method("agent_enroll")
-async def agent_enroll(ctx: CallContext, token: Any, uuid: Any = None) -> dict[str, str]:
+async def agent_enroll(
+    ctx: CallContext, token: Token, uuid: AgentUuid | None = None
+) -> AgentEnrolled:
     """Enroll a new agent: its UUID (the proposed one if free) and its agent token, shown once.
 
     ``token`` is an enrollment token (``{"agent": "enroll"}``); each enrollment
@@ -71,9 +113,8 @@ async def agent_enroll(ctx: CallContext, token: Any, uuid: Any = None) -> dict[s
     agent's scope (or global); without one the server draws a UUID (global only).
     """
     principal = await ctx.app.authenticate(token, ctx.remote)
-    proposed = None if uuid is None else parse_uuid(uuid, "uuid")
-    authorize(principal, Need("agent", "enroll"), proposed)
-    agent_uuid = proposed or str(uuid_module.uuid4())
+    authorize(principal, Need("agent", "enroll"), uuid)
+    agent_uuid = uuid or str(uuid_module.uuid4())
     issued = NewToken.generate()
     await ctx.app.store.enroll_agent(
         principal.key,
@@ -119,7 +160,7 @@ def _listable(principal: Principal) -> set[str] | None:
 
 
 @method("nodeget-server_list_all_agent_uuid")
-async def list_all_agent_uuid(ctx: CallContext, token: Any) -> dict[str, list[str]]:
+async def list_all_agent_uuid(ctx: CallContext, token: Token) -> AgentUuids:
     """The UUIDs of the agents the token may list, soft-deleted ones left out, sorted."""
     principal = await ctx.app.authenticate(token, ctx.remote)
     listable = _listable(principal)
@@ -134,7 +175,7 @@ async def list_all_agent_uuid(ctx: CallContext, token: Any) -> dict[str, list[st
 
 
 @method("agent-uuid_list_all")
-async def agent_uuid_list_all(ctx: CallContext, token: Any) -> list[str]:
+async def agent_uuid_list_all(ctx: CallContext, token: Token) -> list[AgentUuid]:
     """Every agent UUID except the soft-deleted ones, sorted (global monitoring_uuid.list)."""
     principal = await ctx.app.authenticate(token, ctx.remote)
     authorize(principal, Need("monitoring_uuid", "list"))
@@ -143,7 +184,7 @@ async def agent_uuid_list_all(ctx: CallContext, token: Any) -> list[str]:
 
 
 @method("agent-uuid_list_all_with_agent_mode")
-async def agent_uuid_list_all_with_agent_mode(ctx: CallContext, token: Any) -> list[dict[str, Any]]:
+async def agent_uuid_list_all_with_agent_mode(ctx: CallContext, token: Token) -> list[AgentMode]:
     """Every agent UUID with whether it is soft-deleted, sorted (global monitoring_uuid.list)."""
     principal = await ctx.app.authenticate(token, ctx.remote)
     authorize(principal, Need("monitoring_uuid", "list"))
@@ -152,15 +193,14 @@ async def agent_uuid_list_all_with_agent_mode(ctx: CallContext, token: Any) -> l
 
 
 @method("agent-uuid_delete")
-async def agent_uuid_delete(ctx: CallContext, token: Any, agent_uuid: Any) -> dict[str, Any]:
+async def agent_uuid_delete(ctx: CallContext, token: Token, agent_uuid: AgentUuid) -> AgentDeleted:
     """Soft-delete an agent: left out of the lists, its history kept (global
     monitoring_uuid.delete); ``success`` is false for an unknown UUID."""
     principal = await ctx.app.authenticate(token, ctx.remote)
-    target = parse_uuid(agent_uuid, "agent_uuid")
     authorize(principal, Need("monitoring_uuid", "delete"))
-    found = await ctx.app.store.soft_delete_agent(target)
+    found = await ctx.app.store.soft_delete_agent(agent_uuid)
     if not found:
         return {"success": False, "message": "Agent UUID not found"}
-    ctx.app.hub.agent_deleted(target)
-    logger.info("agent %s soft-deleted by token %s", target, principal.key)
+    ctx.app.hub.agent_deleted(agent_uuid)
+    logger.info("agent %s soft-deleted by token %s", agent_uuid, principal.key)
     return {"success": True, "message": "Agent UUID soft-deleted"}

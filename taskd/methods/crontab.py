@@ -12,48 +12,108 @@ limited to the cron names its patterns cover.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any, NotRequired
+
+from pydantic import Field
+from typing_extensions import TypedDict
 
 from taskd import crontab
 from taskd.auth import Need, Principal, allows, authorize, is_global_scope
-from taskd.errors import InvalidInput, InvalidParams, PermissionDenied
-from taskd.methods.task import MAX_QUEUE_TTL_MS
+from taskd.errors import InvalidInput, PermissionDenied
 from taskd.protocol import (
     CRON_TYPE,
     AgentCron,
     CronResultPermission,
     CronResultQuery,
+    CronResultQueryParam,
+    CronType,
+    IdReply,
+    Parse,
+    QueueTtlMs,
+    Token,
     parse_as,
-    parse_cron_result_query,
 )
 from taskd.rpc import CallContext, method
 
 
-def _agent_cron(value: Any) -> AgentCron:
-    definition = parse_as(CRON_TYPE, "cron_type", value)
+def _agent_cron(value: Any, field: str) -> AgentCron:
+    definition = parse_as(CRON_TYPE, field, value)
     if not isinstance(definition, AgentCron):
         raise InvalidInput("server crons are not supported; use an agent cron")
     return definition
 
 
-def _queue_ttl(value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidParams("queue_ttl_ms: must be an integer")
-    if not 1 <= value <= MAX_QUEUE_TTL_MS:
-        raise InvalidParams(f"queue_ttl_ms: must be between 1 and {MAX_QUEUE_TTL_MS}")
-    return value
+def _name(value: Any, field: str) -> str:
+    return crontab.validate_name(value)
 
 
-def _stored(stored_cron_type: Any) -> AgentCron | None:
-    definition = CRON_TYPE.validate_python(stored_cron_type)
-    return definition if isinstance(definition, AgentCron) else None
+CronName = Annotated[
+    str, Parse(_name, wire=Annotated[str, Field(min_length=1, max_length=crontab.MAX_NAME_LENGTH)])
+]
+CronExpression = Annotated[
+    str,
+    Field(
+        description="sec min hour dom month dow [year], the classic five fields or a @shorthand, "
+        "in the server's timezone"
+    ),
+]
+"""Parsed by the method: the server's timezone is part of it."""
+AgentCronParam = Annotated[AgentCron, Parse(_agent_cron, wire=CronType)]
+"""A cron type; only agent crons are accepted."""
+Enable = Annotated[bool, Field(strict=True)]
 
 
-def _targets(stored_cron_type: Any) -> list[str]:
-    definition = _stored(stored_cron_type)
-    return definition.uuids if definition is not None else []
+class CronInfo(TypedDict):
+    """One cron as crontab_get shows it."""
+
+    id: int
+    name: str
+    enable: bool
+    cron_expression: str
+    cron_type: CronType
+    last_run_time: int | None
+    queue_ttl_ms: NotRequired[int]
+    """taskd extension, only when set."""
+
+
+class CronEdited(TypedDict):
+    """The cron edited."""
+
+    id: int
+    success: bool
+
+
+class CronDeleted(TypedDict):
+    """The change went through."""
+
+    success: bool
+
+
+class CronEnabled(TypedDict):
+    """The cron's new state."""
+
+    success: bool
+    enabled: bool
+
+
+class CronResultRecord(TypedDict):
+    """One fire's outcome for one agent, as crontab-result_query shows it."""
+
+    id: int
+    cron_id: int
+    cron_name: str
+    run_time: int
+    relative_id: int | None
+    success: bool
+    message: str
+
+
+class CronResultsDeleted(TypedDict):
+    """What crontab-result_delete removed."""
+
+    success: bool
+    deleted: int
+    condition_count: int
 
 
 def _scopes(uuids: Sequence[str]) -> Sequence[str | None]:
@@ -83,8 +143,8 @@ def _holds_anywhere(principal: Principal, need: Need) -> bool:
     )
 
 
-def _cron(row: Any) -> dict[str, Any]:
-    record = {
+def _cron(row: Any) -> CronInfo:
+    record: CronInfo = {
         "id": row.id,
         "name": row.name,
         "enable": row.enable,
@@ -100,68 +160,64 @@ def _cron(row: Any) -> dict[str, Any]:
 def _definition(
     ctx: CallContext,
     principal: Principal,
-    cron_expression: Any,
-    cron_type: Any,
-    queue_ttl_ms: Any,
+    cron_expression: str,
+    definition: AgentCron,
+    queue_ttl_ms: int | None,
 ) -> dict[str, Any]:
     """Validate a cron's definition and check the token may run it on every target."""
     schedule = crontab.parse_expression(cron_expression, ctx.app.settings.timezone)
-    definition = _agent_cron(cron_type)
-    ttl = _queue_ttl(queue_ttl_ms)
     _authorize_cron(principal, Need("crontab", "write"), definition.uuids)
     _authorize_targets(principal, Need("task", "create", definition.task.kind), definition.uuids)
     return {
         "cron_expression": schedule.expression,
         "cron_type": definition.to_wire(),
         "task_type": definition.task.kind,
-        "queue_ttl_ms": ttl,
+        "queue_ttl_ms": queue_ttl_ms,
     }
 
 
 @method("crontab_create")
 async def crontab_create(
     ctx: CallContext,
-    token: Any,
-    name: Any,
-    cron_expression: Any,
-    cron_type: Any,
-    queue_ttl_ms: Any = None,
-) -> dict[str, int]:
+    token: Token,
+    name: CronName,
+    cron_expression: CronExpression,
+    cron_type: AgentCronParam,
+    queue_ttl_ms: QueueTtlMs | None = None,
+) -> IdReply:
     """Create a cron; it fires from its next slot (queue_ttl_ms: queue tasks for offline agents)."""
     principal = await ctx.app.authenticate(token, ctx.remote)
-    cron_name = crontab.validate_name(name)
     values = _definition(ctx, principal, cron_expression, cron_type, queue_ttl_ms)
-    row = await ctx.app.store.insert_cron(
-        {"name": cron_name, "created_by": principal.key, **values}
-    )
-    await ctx.app.cron_changed(row.id)
+    row = await ctx.app.store.insert_cron({"name": name, "created_by": principal.key, **values})
+    await ctx.app.scheduler.cron_changed(row.id)
     return {"id": row.id}
 
 
 @method("crontab_edit")
 async def crontab_edit(
     ctx: CallContext,
-    token: Any,
-    name: Any,
-    cron_expression: Any,
-    cron_type: Any,
-    queue_ttl_ms: Any = None,
-) -> dict[str, Any]:
+    token: Token,
+    name: CronName,
+    cron_expression: CronExpression,
+    cron_type: AgentCronParam,
+    queue_ttl_ms: QueueTtlMs | None = None,
+) -> CronEdited:
     """Replace a cron's expression, targets and task; it applies from the next slot."""
     principal = await ctx.app.authenticate(token, ctx.remote)
-    cron_name = crontab.validate_name(name)
     values = _definition(ctx, principal, cron_expression, cron_type, queue_ttl_ms)
 
     def may_change(current: Any) -> None:
-        _authorize_cron(principal, Need("crontab", "write"), _targets(current.cron_type))
+        _authorize_cron(
+            principal, Need("crontab", "write"), crontab.cron_targets(current.cron_type)
+        )
 
-    row = await ctx.app.store.update_cron(cron_name, values, may_change)
-    await ctx.app.cron_changed(row.id)
+    row = await ctx.app.store.update_cron(name, values, may_change)
+    await ctx.app.scheduler.cron_changed(row.id)
     return {"id": row.id, "success": True}
 
 
 @method("crontab_get")
-async def crontab_get(ctx: CallContext, token: Any) -> list[dict[str, Any]]:
+async def crontab_get(ctx: CallContext, token: Token) -> list[CronInfo]:
     """Every cron whose target agents the token may read."""
     principal = await ctx.app.authenticate(token, ctx.remote)
     need = Need("crontab", "read")
@@ -171,36 +227,36 @@ async def crontab_get(ctx: CallContext, token: Any) -> list[dict[str, Any]]:
     return [
         _cron(row)
         for row in rows
-        if all(allows(principal, need, agent) for agent in _scopes(_targets(row.cron_type)))
+        if all(
+            allows(principal, need, agent) for agent in _scopes(crontab.cron_targets(row.cron_type))
+        )
     ]
 
 
 @method("crontab_delete")
-async def crontab_delete(ctx: CallContext, token: Any, name: Any) -> dict[str, bool]:
+async def crontab_delete(ctx: CallContext, token: Token, name: CronName) -> CronDeleted:
     """Delete a cron: it stops firing; its results stay."""
     principal = await ctx.app.authenticate(token, ctx.remote)
-    cron_name = crontab.validate_name(name)
 
     def may_delete(current: Any) -> None:
-        _authorize_cron(principal, Need("crontab", "delete"), _targets(current.cron_type))
+        _authorize_cron(
+            principal, Need("crontab", "delete"), crontab.cron_targets(current.cron_type)
+        )
 
-    row = await ctx.app.store.delete_cron(cron_name, may_delete)
-    await ctx.app.cron_changed(row.id)
+    row = await ctx.app.store.delete_cron(name, may_delete)
+    await ctx.app.scheduler.cron_changed(row.id)
     return {"success": True}
 
 
 @method("crontab_set_enable")
 async def crontab_set_enable(
-    ctx: CallContext, token: Any, name: Any, enable: Any
-) -> dict[str, bool]:
+    ctx: CallContext, token: Token, name: CronName, enable: Enable
+) -> CronEnabled:
     """Enable (from the next slot on) or disable a cron."""
     principal = await ctx.app.authenticate(token, ctx.remote)
-    cron_name = crontab.validate_name(name)
-    if not isinstance(enable, bool):
-        raise InvalidParams("enable: must be true or false")
 
     def may_change(current: Any) -> None:
-        definition = _stored(current.cron_type)
+        definition = crontab.stored_agent_cron(current.cron_type)
         targets = definition.uuids if definition is not None else []
         _authorize_cron(principal, Need("crontab", "write"), targets)
         if enable and definition is not None:
@@ -208,8 +264,8 @@ async def crontab_set_enable(
             need = Need("task", "create", definition.task.kind)
             _authorize_targets(principal, need, targets)
 
-    row = await ctx.app.store.update_cron(cron_name, {"enable": enable}, may_change)
-    await ctx.app.cron_changed(row.id)
+    row = await ctx.app.store.update_cron(name, {"enable": enable}, may_change)
+    await ctx.app.scheduler.cron_changed(row.id)
     return {"success": True, "enabled": enable}
 
 
@@ -251,7 +307,7 @@ async def _allowed_names(
     return allowed
 
 
-def _result(row: Any) -> dict[str, Any]:
+def _result(row: Any) -> CronResultRecord:
     return {
         "id": row.id,
         "cron_id": row.cron_id,
@@ -264,20 +320,22 @@ def _result(row: Any) -> dict[str, Any]:
 
 
 @method("crontab-result_query")
-async def crontab_result_query(ctx: CallContext, token: Any, query: Any) -> list[dict[str, Any]]:
+async def crontab_result_query(
+    ctx: CallContext, token: Token, query: CronResultQueryParam
+) -> list[CronResultRecord]:
     """Cron results matching every condition, newest first (default limit 1000)."""
     principal = await ctx.app.authenticate(token, ctx.remote)
-    parsed = parse_cron_result_query(query)
-    names = await _allowed_names(ctx, principal, "read", parsed)
-    rows = await ctx.app.store.query_cron_results(parsed, names)
+    names = await _allowed_names(ctx, principal, "read", query)
+    rows = await ctx.app.store.query_cron_results(query, names)
     return [_result(row) for row in rows]
 
 
 @method("crontab-result_delete")
-async def crontab_result_delete(ctx: CallContext, token: Any, query: Any) -> dict[str, Any]:
+async def crontab_result_delete(
+    ctx: CallContext, token: Token, query: CronResultQueryParam
+) -> CronResultsDeleted:
     """Delete the cron results matching every condition (all of them unless limited)."""
     principal = await ctx.app.authenticate(token, ctx.remote)
-    parsed = parse_cron_result_query(query)
-    names = await _allowed_names(ctx, principal, "delete", parsed)
-    deleted = await ctx.app.store.delete_cron_results(parsed, names)
-    return {"success": True, "deleted": deleted, "condition_count": parsed.condition_count}
+    names = await _allowed_names(ctx, principal, "delete", query)
+    deleted = await ctx.app.store.delete_cron_results(query, names)
+    return {"success": True, "deleted": deleted, "condition_count": query.condition_count}

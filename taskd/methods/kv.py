@@ -16,42 +16,67 @@ is what NodeGet-board's node list expects when no agent has a namespace yet.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+from typing_extensions import TypedDict
 
 from taskd.auth import Need, allows, authorize
 from taskd.errors import PermissionDenied
 from taskd.protocol import (
+    KvKey,
+    KvNamespace,
+    KvNamespaceKeys,
     KvNamespaceScope,
-    parse_kv_key,
-    parse_kv_namespace,
-    parse_kv_namespace_keys,
-    parse_kv_value,
+    KvValue,
+    Token,
 )
 from taskd.rpc import CallContext, method
 
 logger = logging.getLogger(__name__)
+
+
+class KvCreated(TypedDict):
+    """The namespace created, still empty."""
+
+    namespace: str
+    kv: dict[str, Any]
+
+
+class KvItem(TypedDict):
+    """One answer of kv_get_multi_value."""
+
+    namespace: str
+    key: str
+    value: Any
+
+
+class KvDone(TypedDict):
+    """A write or delete went through."""
+
+    success: Literal[True]
+
 
 NAMESPACE_MARKER = "__nodeget_namespace_marker__"
 """The key ``kv_create`` stores: a namespace exists while it holds a key."""
 
 
 @method("kv_create")
-async def kv_create(ctx: CallContext, token: Any, namespace: Any) -> dict[str, Any]:
+async def kv_create(ctx: CallContext, token: Token, namespace: KvNamespace) -> KvCreated:
     """Create a namespace (super token only); 108 if it exists."""
     principal = await ctx.app.authenticate(token, ctx.remote)
-    name = parse_kv_namespace(namespace)
     if not principal.is_super:
         raise PermissionDenied(
             f"Permission denied: only the super token can create a KV namespace "
             f"(token {principal.key} is not it)"
         )
-    await ctx.app.store.kv_create(name, NAMESPACE_MARKER)
-    logger.info("KV namespace %r created", name)
-    return {"namespace": name, "kv": {}}
+    await ctx.app.store.kv_create(namespace, NAMESPACE_MARKER)
+    logger.info("KV namespace %r created", namespace)
+    return {"namespace": namespace, "kv": {}}
 
 
 @method("kv_list_all_namespace")
-async def kv_list_all_namespace(ctx: CallContext, token: Any) -> list[str]:
+async def kv_list_all_namespace(ctx: CallContext, token: Token) -> list[str]:
     """The namespaces the token may list (kv.list_all_namespace), sorted."""
     principal = await ctx.app.authenticate(token, ctx.remote)
     need = Need("kv", "list_all_namespace")
@@ -71,22 +96,23 @@ async def kv_list_all_namespace(ctx: CallContext, token: Any) -> list[str]:
 
 
 @method("kv_get_value")
-async def kv_get_value(ctx: CallContext, token: Any, namespace: Any, key: Any) -> Any:
+async def kv_get_value(
+    ctx: CallContext, token: Token, namespace: KvNamespace, key: KvKey
+) -> Annotated[Any, Field(description="the JSON value, null if the key does not exist")]:
     """The value of a key; null if the key does not exist (105 if the namespace does not)."""
     principal = await ctx.app.authenticate(token, ctx.remote)
-    name, checked = parse_kv_namespace(namespace), parse_kv_key(key)
-    authorize(principal, Need("kv", "read", checked), namespace=name)
-    return await ctx.app.store.kv_get(name, checked)
+    authorize(principal, Need("kv", "read", key), namespace=namespace)
+    return await ctx.app.store.kv_get(namespace, key)
 
 
 @method("kv_get_multi_value")
 async def kv_get_multi_value(
-    ctx: CallContext, token: Any, namespace_key: Any
-) -> list[dict[str, Any]]:
+    ctx: CallContext, token: Token, namespace_key: KvNamespaceKeys
+) -> list[KvItem]:
     """``[{namespace, key, value}]`` in request order; a ``prefix*`` key gives every key it
     matches (sorted), an exact key its value or null. All items need kv.read, or none is read."""
     principal = await ctx.app.authenticate(token, ctx.remote)
-    items = parse_kv_namespace_keys(namespace_key)
+    items = namespace_key
     for name, pattern in items:
         authorize(principal, Need("kv", "read", pattern), namespace=name)
     if not items:
@@ -94,7 +120,7 @@ async def kv_get_multi_value(
     exact = [(name, key) for name, key in items if not key.endswith("*")]
     prefixed = [(name, key[:-1]) for name, key in items if key.endswith("*")]
     values, matched = await ctx.app.store.kv_get_many(exact, prefixed)
-    answer: list[dict[str, Any]] = []
+    answer: list[KvItem] = []
     for name, key in items:
         if not key.endswith("*"):
             answer.append({"namespace": name, "key": key, "value": values.get((name, key))})
@@ -110,30 +136,29 @@ async def kv_get_multi_value(
 
 @method("kv_set_value")
 async def kv_set_value(
-    ctx: CallContext, token: Any, namespace: Any, key: Any, value: Any
-) -> dict[str, bool]:
+    ctx: CallContext, token: Token, namespace: KvNamespace, key: KvKey, value: KvValue
+) -> KvDone:
     """Store any JSON value (up to 1 MiB) under a key of an existing namespace."""
     principal = await ctx.app.authenticate(token, ctx.remote)
-    name, checked = parse_kv_namespace(namespace), parse_kv_key(key)
-    authorize(principal, Need("kv", "write", checked), namespace=name)
-    await ctx.app.store.kv_set(name, checked, parse_kv_value(value))
+    authorize(principal, Need("kv", "write", key), namespace=namespace)
+    await ctx.app.store.kv_set(namespace, key, value)
     return {"success": True}
 
 
 @method("kv_delete_key")
-async def kv_delete_key(ctx: CallContext, token: Any, namespace: Any, key: Any) -> dict[str, bool]:
+async def kv_delete_key(
+    ctx: CallContext, token: Token, namespace: KvNamespace, key: KvKey
+) -> KvDone:
     """Delete a key (success also if it did not exist); 105 if the namespace does not exist."""
     principal = await ctx.app.authenticate(token, ctx.remote)
-    name, checked = parse_kv_namespace(namespace), parse_kv_key(key)
-    authorize(principal, Need("kv", "delete", checked), namespace=name)
-    await ctx.app.store.kv_delete(name, checked)
+    authorize(principal, Need("kv", "delete", key), namespace=namespace)
+    await ctx.app.store.kv_delete(namespace, key)
     return {"success": True}
 
 
 @method("kv_get_all_keys")
-async def kv_get_all_keys(ctx: CallContext, token: Any, namespace: Any) -> list[str]:
+async def kv_get_all_keys(ctx: CallContext, token: Token, namespace: KvNamespace) -> list[str]:
     """Every key of a namespace, sorted, its marker included (kv.list_all_keys)."""
     principal = await ctx.app.authenticate(token, ctx.remote)
-    name = parse_kv_namespace(namespace)
-    authorize(principal, Need("kv", "list_all_keys"), namespace=name)
-    return await ctx.app.store.kv_keys(name)
+    authorize(principal, Need("kv", "list_all_keys"), namespace=namespace)
+    return await ctx.app.store.kv_keys(namespace)

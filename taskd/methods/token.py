@@ -19,18 +19,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any, Literal, Required
+
+from pydantic import Field
+from typing_extensions import TypedDict
 
 from taskd.auth import Need, NewToken, Principal, authorize, hash_secret
 from taskd.errors import InvalidInput, InvalidParams, NotFound, PermissionDenied
-from taskd.protocol import Limit, limits_to_wire, parse_limits
+from taskd.protocol import Limit, Parse, Token, limits_to_wire, parse_limits
 from taskd.rpc import CallContext, method
 from taskd.store import SUPER_USERNAME
 
 logger = logging.getLogger(__name__)
 
 MAX_MS = (1 << 53) - 1
-VERSION = 1
+VERSION: Literal[1] = 1
 """The version of every token, as NodeGet stores it (a client's ``version`` is ignored)."""
 
 
@@ -55,7 +58,7 @@ def _ms(value: Any, field: str) -> int | None:
     return value
 
 
-def _text(value: Any, field: str, longest: int) -> str | None:
+def _text(value: Any, field: str, longest: int = 256) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or len(value) > longest:
@@ -112,31 +115,120 @@ def _window(timestamp_from: int | None, timestamp_to: int | None) -> None:
         raise InvalidInput("timestamp_from is after timestamp_to")
 
 
-def _creation(value: Any) -> dict[str, Any]:
+def _creation(value: Any, field: str = "token_creation") -> dict[str, Any]:
     """Check a ``token_creation`` object; unknown fields are ignored, as NodeGet (serde) does."""
     if not isinstance(value, dict):
         raise InvalidParams(
-            "token_creation: must be an object with token_limit and optional username, "
+            f"{field}: must be an object with token_limit and optional username, "
             "password, timestamp_from, timestamp_to, version, description, max_uses"
         )
     if "token_limit" not in value:
-        raise InvalidParams("token_creation.token_limit: required (a list of limits, [] for none)")
+        raise InvalidParams(f"{field}.token_limit: required (a list of limits, [] for none)")
     version = value.get("version")
     if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-        raise InvalidParams("token_creation.version: must be an integer or null")
-    username = _username(value.get("username"), "token_creation.username")
+        raise InvalidParams(f"{field}.version: must be an integer or null")
+    username = _username(value.get("username"), f"{field}.username")
     password = value.get("password")
     if (username is None) != (password is None):
-        raise InvalidParams("token_creation.username and password: give both or neither")
+        raise InvalidParams(f"{field}.username and password: give both or neither")
     return {
-        "limits": parse_limits(value["token_limit"], "token_creation.token_limit"),
+        "limits": parse_limits(value["token_limit"], f"{field}.token_limit"),
         "username": username,
-        "password": None if password is None else _password(password, "token_creation.password"),
-        "timestamp_from": _ms(value.get("timestamp_from"), "token_creation.timestamp_from"),
-        "timestamp_to": _ms(value.get("timestamp_to"), "token_creation.timestamp_to"),
-        "description": _text(value.get("description"), "token_creation.description", 256),
-        "max_uses": _max_uses(value.get("max_uses"), "token_creation.max_uses"),
+        "password": None if password is None else _password(password, f"{field}.password"),
+        "timestamp_from": _ms(value.get("timestamp_from"), f"{field}.timestamp_from"),
+        "timestamp_to": _ms(value.get("timestamp_to"), f"{field}.timestamp_to"),
+        "description": _text(value.get("description"), f"{field}.description"),
+        "max_uses": _max_uses(value.get("max_uses"), f"{field}.max_uses"),
     }
+
+
+_Ms = Annotated[int, Field(ge=0, le=MAX_MS)] | None
+_Username = Annotated[str, Field(min_length=1, max_length=128)] | None
+_Password = Annotated[str, Field(min_length=6, max_length=256)]
+_Description = Annotated[str, Field(max_length=256)] | None
+_MaxUses = Annotated[int, Field(ge=1, le=MAX_MS)] | None
+
+
+class TokenCreation(TypedDict, total=False):
+    """``token_creation``: a new token's limits, and optionally its login and window."""
+
+    token_limit: Required[list[Limit]]
+    username: _Username
+    password: _Password | None
+    timestamp_from: _Ms
+    timestamp_to: _Ms
+    version: Annotated[int | None, Field(description="ignored: always 1")]
+    description: _Description
+    max_uses: _MaxUses
+
+
+Creation = Annotated[dict[str, Any], Parse(_creation, wire=TokenCreation)]
+TargetToken = Annotated[
+    tuple[str, ...],
+    Parse(
+        _names, wire=Annotated[str, Field(min_length=1, description="a token's key or username")]
+    ),
+]
+"""The names a target param may mean (see ``_names``)."""
+Ms = Annotated[int | None, Parse(_ms, wire=_Ms)]
+Description = Annotated[str | None, Parse(_text, wire=_Description)]
+MaxUses = Annotated[int | None, Parse(_max_uses, wire=_MaxUses)]
+Password = Annotated[str, Parse(_password, wire=_Password)]
+LoginName = Annotated[str | None, Parse(_login_name, wire=_Username)]
+Limits = Annotated[list[Limit], Parse(parse_limits)]
+
+
+class TokenInfo(TypedDict):
+    """A token as NodeGet shows it, then taskd's extras."""
+
+    version: Literal[1]
+    token_key: str
+    timestamp_from: int | None
+    timestamp_to: int | None
+    token_limit: list[Limit]
+    username: Annotated[str | None, Field(description="root for the super token")]
+    is_super: bool
+    description: str | None
+    max_uses: int | None
+    uses: int
+    created_at: int
+    updated_at: int
+
+
+class TokenIssued(TypedDict):
+    """A token's key and secret: the secret is shown this once."""
+
+    key: str
+    secret: str
+
+
+class TokenList(TypedDict):
+    """Every token."""
+
+    tokens: list[TokenInfo]
+
+
+class TokenEdited(TypedDict):
+    """The token edited."""
+
+    success: bool
+    id: int
+    token_key: str
+
+
+class TokenDeleted(TypedDict):
+    """The token deleted, and whether it was named by key or username."""
+
+    message: str
+    rows_affected: int
+    matched_by: Annotated[str, Field(description="token_key or username: what named it")]
+
+
+class PasswordChanged(TypedDict):
+    """The password was changed."""
+
+    success: bool
+    message: str
 
 
 # --------------------------------------------------------------------------- escalation guard
@@ -240,7 +332,7 @@ def _may_take_over(holder: Principal, row: Any, *, window: bool = True) -> None:
     _may_grant(holder, parse_limits(row.limits), row.timestamp_to, window=window)
 
 
-def _info(row: Any) -> dict[str, Any]:
+def _info(row: Any) -> TokenInfo:
     """A token as NodeGet shows it, then taskd's extras; never its secret or any hash.
 
     The super token shows as NodeGet's does: username ``root`` and no limits (it
@@ -262,7 +354,7 @@ def _info(row: Any) -> dict[str, Any]:
     }
 
 
-def _issued(token: NewToken) -> dict[str, str]:
+def _issued(token: NewToken) -> TokenIssued:
     return {"key": token.key, "secret": token.secret}
 
 
@@ -272,14 +364,12 @@ async def _reauthenticate(ctx: CallContext, key: str) -> None:
     A subscription is authorised once, when it is made: without this a revoked or
     rolled agent token would go on receiving tasks over its open WebSocket.
     """
-    ended = await ctx.app.token_changed(key, revoke=True)
+    ended = await ctx.app.revocation.token_changed(key, revoke=True)
 
     async def close() -> None:
         # after the reply: a caller rolling its own token over this connection gets it
         for sub in ended:
-            close_soon = getattr(sub.peer, "close_soon", None)
-            if close_soon is not None:
-                close_soon(1008)
+            sub.peer.close_soon(1008)
 
     if ended:
         ctx.after_reply.append(close)
@@ -289,7 +379,7 @@ async def _reauthenticate(ctx: CallContext, key: str) -> None:
 
 
 @method("token_get")
-async def token_get(ctx: CallContext, token: Any, supertoken: Any = None) -> dict[str, Any]:
+async def token_get(ctx: CallContext, token: Token, supertoken: Token | None = None) -> TokenInfo:
     """A token's key, limits, window and username (never its secret); any token may read itself.
 
     With ``supertoken`` (the super token, or one with ``{"token": "read"}``) ``token``
@@ -311,11 +401,13 @@ async def token_get(ctx: CallContext, token: Any, supertoken: Any = None) -> dic
 
 
 @method("token_create")
-async def token_create(ctx: CallContext, father_token: Any, token_creation: Any) -> dict[str, str]:
+async def token_create(
+    ctx: CallContext, father_token: Token, token_creation: Creation
+) -> TokenIssued:
     """Create a token; its secret is returned this once and stored only hashed."""
     principal = await ctx.app.authenticate(father_token, ctx.remote)
     authorize(principal, Need("token", "write"))
-    request = _creation(token_creation)
+    request = token_creation
     start, end = request["timestamp_from"], request["timestamp_to"]
     if end is None and not principal.is_super:
         end = principal.timestamp_to  # a token cannot outlive the one that made it
@@ -340,7 +432,7 @@ async def token_create(ctx: CallContext, father_token: Any, token_creation: Any)
 
 
 @method("token_list_all_tokens")
-async def token_list_all_tokens(ctx: CallContext, token: Any) -> dict[str, list[dict[str, Any]]]:
+async def token_list_all_tokens(ctx: CallContext, token: Token) -> TokenList:
     """Every token as ``token_get`` shows it (never a secret), oldest first."""
     principal = await ctx.app.authenticate(token, ctx.remote)
     authorize(principal, Need("token", "read"))
@@ -350,28 +442,25 @@ async def token_list_all_tokens(ctx: CallContext, token: Any) -> dict[str, list[
 @method("token_edit")
 async def token_edit(
     ctx: CallContext,
-    token: Any,
-    target_token: Any,
-    limit: Any = UNCHANGED,
-    timestamp_from: Any = UNCHANGED,
-    timestamp_to: Any = UNCHANGED,
-    description: Any = UNCHANGED,
-    max_uses: Any = UNCHANGED,
-) -> dict[str, Any]:
+    token: Token,
+    target_token: TargetToken,
+    limit: Limits = UNCHANGED,
+    timestamp_from: Ms = UNCHANGED,
+    timestamp_to: Ms = UNCHANGED,
+    description: Description = UNCHANGED,
+    max_uses: MaxUses = UNCHANGED,
+) -> TokenEdited:
     """Replace a token's limits (and taskd's window, description, max_uses; omitted ones stay)."""
     principal = await ctx.app.authenticate(token, ctx.remote)
     authorize(principal, Need("token", "write"))
-    names = _names(target_token)
-    changes: dict[str, Any] = {}
-    if limit is not UNCHANGED:
-        changes["limits"] = parse_limits(limit, "limit")
-    for field, value in (("timestamp_from", timestamp_from), ("timestamp_to", timestamp_to)):
-        if value is not UNCHANGED:
-            changes[field] = _ms(value, field)
-    if description is not UNCHANGED:
-        changes["description"] = _text(description, "description", 256)
-    if max_uses is not UNCHANGED:
-        changes["max_uses"] = _max_uses(max_uses, "max_uses")
+    given: dict[str, Any] = {
+        "limits": limit,
+        "timestamp_from": timestamp_from,
+        "timestamp_to": timestamp_to,
+        "description": description,
+        "max_uses": max_uses,
+    }
+    changes = {field: value for field, value in given.items() if value is not UNCHANGED}
 
     def change(row: Any) -> dict[str, Any]:
         _may_take_over(principal, row)
@@ -390,21 +479,20 @@ async def token_edit(
             values["limits"] = limits_to_wire(new_limits)
         return values
 
-    row = await ctx.app.store.update_token(names, change)
+    row = await ctx.app.store.update_token(target_token, change)
     if changes.keys() - {"description", "max_uses"}:
         await _reauthenticate(ctx, row.key)
     else:
-        await ctx.app.token_changed(row.key, revoke=False)
+        await ctx.app.revocation.token_changed(row.key, revoke=False)
     logger.info("token %s edited by token %s", row.key, principal.key)
     return {"success": True, "id": row.id, "token_key": row.key}
 
 
 @method("token_delete")
-async def token_delete(ctx: CallContext, token: Any, target_token: Any) -> dict[str, Any]:
+async def token_delete(ctx: CallContext, token: Token, target_token: TargetToken) -> TokenDeleted:
     """Revoke a token (by key, else username) at once; the super token cannot be deleted."""
     principal = await ctx.app.authenticate(token, ctx.remote)
     authorize(principal, Need("token", "delete"))
-    names = _names(target_token)
 
     def check(row: Any) -> None:
         if row.is_super:
@@ -412,7 +500,7 @@ async def token_delete(ctx: CallContext, token: Any, target_token: Any) -> dict[
         # deleting only takes power away: the holder's own window does not matter here
         _may_take_over(principal, row, window=False)
 
-    row, matched_by = await ctx.app.store.delete_token(names, check)
+    row, matched_by = await ctx.app.store.delete_token(target_token, check)
     await _reauthenticate(ctx, row.key)
     logger.info("token %s deleted by token %s", row.key, principal.key)
     return {
@@ -424,12 +512,12 @@ async def token_delete(ctx: CallContext, token: Any, target_token: Any) -> dict[
 
 @method("token_roll_token_secret")
 async def token_roll_token_secret(
-    ctx: CallContext, token: Any, target_token: Any = None
-) -> dict[str, str]:
+    ctx: CallContext, token: Token, target_token: TargetToken | None = None
+) -> TokenIssued:
     """Give a token (default: the caller) a new secret; the old one stops working at once."""
     principal = await ctx.app.authenticate(token, ctx.remote)
     authorize(principal, Need("token", "write"))
-    names = (principal.key,) if target_token is None else _names(target_token)
+    names = (principal.key,) if target_token is None else target_token
     secret = NewToken.generate().secret
 
     def change(row: Any) -> dict[str, Any]:
@@ -444,33 +532,35 @@ async def token_roll_token_secret(
 
 @method("token_change_password")
 async def token_change_password(
-    ctx: CallContext, token: Any, target_token: Any, new_password: Any, username: Any = None
-) -> dict[str, Any]:
+    ctx: CallContext,
+    token: Token,
+    target_token: TargetToken,
+    new_password: Password,
+    username: LoginName = None,
+) -> PasswordChanged:
     """Set a token's password (and its username, if given: taskd extension)."""
     principal = await ctx.app.authenticate(token, ctx.remote)
     authorize(principal, Need("token", "write"))
-    names = _names(target_token)
-    name = _login_name(username, "username")
-    password_hash = await ctx.app.auth.hash_password(_password(new_password, "new_password"))
+    password_hash = await ctx.app.auth.hash_password(new_password)
 
     def change(row: Any) -> dict[str, Any]:
         _may_take_over(principal, row)
         values = {"password_hash": password_hash}
         if row.is_super:  # its username is fixed: the one NodeGet's clients know it by
-            if name not in (None, SUPER_USERNAME):
+            if username not in (None, SUPER_USERNAME):
                 raise InvalidInput(f"The super token's username is always {SUPER_USERNAME!r}")
             values["username"] = SUPER_USERNAME
-        elif name == SUPER_USERNAME:
+        elif username == SUPER_USERNAME:
             raise InvalidInput(f"Username {SUPER_USERNAME!r} is reserved for the super token")
-        elif name is not None:
-            values["username"] = name
+        elif username is not None:
+            values["username"] = username
         elif row.username is None:
             raise InvalidInput(
                 f"Token {row.key} has no username to log in with; give one with the password"
             )
         return values
 
-    row = await ctx.app.store.update_token(names, change)
+    row = await ctx.app.store.update_token(target_token, change)
     await _reauthenticate(ctx, row.key)
     logger.info("token %s got a new password from token %s", row.key, principal.key)
     return {"success": True, "message": "Password changed successfully"}

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ from tests.helpers import (
     Server,
     add_token,
     agent_token_limits,
-    free_port,
     make_settings,
     running_server,
     scaled,
@@ -192,10 +191,12 @@ async def test_whitelist_refuses_default_kinds(server: Server, tmp_path: Path) -
     assert result["success"] is False and "version is not allowed" in result["error_message"]
 
 
-async def test_reconnects_and_resubscribes_after_a_server_restart(tmp_path: Path) -> None:
+async def test_reconnects_and_resubscribes_after_a_server_restart(
+    tmp_path: Path, held_ports: Callable[[], int]
+) -> None:
     """The agent keeps trying while the server is down and subscribes again when it is back."""
     settings = make_settings(tmp_sqlite_url(tmp_path))
-    port = free_port()
+    port = held_ports()
     agent_uuid = str(uuid.uuid4())
     async with running_server(settings, port=port) as first:
         token = first.super_token
@@ -219,10 +220,12 @@ async def test_reconnects_and_resubscribes_after_a_server_restart(tmp_path: Path
             assert result["success"] is True
 
 
-async def test_result_made_while_disconnected_is_delivered_once(tmp_path: Path) -> None:
+async def test_result_made_while_disconnected_is_delivered_once(
+    tmp_path: Path, held_ports: Callable[[], int]
+) -> None:
     """A task finishing while the server is down is spooled and stored after reconnect."""
     settings = make_settings(tmp_sqlite_url(tmp_path))
-    port = free_port()
+    port = held_ports()
     agent_uuid = str(uuid.uuid4())
     async with slow_http(1.0) as url:
         async with running_server(settings, port=port) as first:
@@ -342,13 +345,13 @@ async def test_unattributable_old_spool_is_left_alone(
 
 
 async def test_renamed_servers_keep_their_spooled_results(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, held_ports: Callable[[], int]
 ) -> None:
     """A result spooled for a server reaches it exactly once after the server names are swapped."""
     caplog.set_level(logging.INFO, logger="taskd.agent.client")
     agent_uuid = str(uuid.uuid4())
     first_settings = make_settings(tmp_sqlite_url(tmp_path / "a"))
-    first_port = free_port()
+    first_port = held_ports()
     state = tmp_path / "state"
     async with (
         running_server(make_settings(tmp_sqlite_url(tmp_path / "b"))) as other,

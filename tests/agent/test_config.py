@@ -79,8 +79,9 @@ async def _read(path: Path) -> str:
 
 
 async def _edit(path: Path, text: str) -> None:
-    task = parse_task_event_type({"edit_config": text})
-    assert isinstance(task, EditConfig)
+    # built without the wire check: a server that does not check the TOML (NodeGet's does
+    # not) hands the agent anything, so the agent's own validation is what is tested here
+    task = EditConfig.model_construct(edit_config=text)
     result = await run_edit_config(task, _context(path))
     assert result.edit_config is True
 
@@ -339,6 +340,7 @@ async def test_moved_server_takes_a_new_token_in_clear(config_file: Path) -> Non
             _config(top='self_update_find_links = "/tmp/wheels"'),
             "self_update_find_links would change",
         ),
+        (_config(top="report_metrics = false"), _config(), "report_metrics would be enabled"),
         (
             _config(),
             _config(
@@ -383,6 +385,7 @@ async def test_edit_config_cannot_widen_what_the_agent_allows(
         (_config("ignore_cert = true"), _config()),
         (_config(), _config(f'server_uuid = "{SERVER_UUID}"')),
         (_config(top="exec_timeout_ms = 60000"), _config(top="exec_timeout_ms = 5000")),
+        (_config(), _config(top="report_metrics = false")),
         (
             _config(
                 extra='[[server]]\nname = "b"\nws_url = "ws://10.1.1.1:1/"\ntoken = "K:S"\n'

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from taskd.agent.tasks import TaskContext, runner_for
 from taskd.agent.tasks import ip as ip_task
@@ -63,13 +62,6 @@ async def echo_server(
         await asyncio.gather(*handlers, return_exceptions=True)
 
 
-def closed_url() -> str:
-    """An http URL on a port nobody listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}/"
-
-
 def context(*urls: str) -> TaskContext:
     """A context from a real agent config document whose ip_echo_urls are ``urls``."""
     listed = ", ".join(f'"{url}"' for url in urls)
@@ -102,7 +94,7 @@ async def test_ipv6_is_written_in_canonical_form() -> None:
     assert result.ip == (None, PUBLIC_V6)
 
 
-async def test_garbage_and_dead_endpoints_give_null() -> None:
+async def test_garbage_and_dead_endpoints_give_null(held_ports: Callable[[], int]) -> None:
     """Bodies that are not addresses, error statuses and unreachable URLs leave both slots null."""
     async with (
         echo_server(b"<html>your ip is 203.0.113.7</html>") as html,
@@ -110,15 +102,17 @@ async def test_garbage_and_dead_endpoints_give_null() -> None:
         echo_server(PUBLIC_V4.encode(), status=500) as failing,
         echo_server(b"1" * 2000) as huge,
     ):
-        urls = (html, binary, failing, huge, closed_url(), "not a url", "http://[::1")
+        closed = f"http://127.0.0.1:{held_ports()}/"
+        urls = (html, binary, failing, huge, closed, "not a url", "http://[::1")
         result = await ip_task.run(ip_task_event(), context(*urls))
     assert result.ip == (None, None)
 
 
-async def test_one_good_endpoint_among_bad_ones() -> None:
+async def test_one_good_endpoint_among_bad_ones(held_ports: Callable[[], int]) -> None:
     """A working IPv4 echo still counts when the other endpoints fail."""
+    closed = f"http://127.0.0.1:{held_ports()}/"
     async with echo_server(b"garbage") as garbage, echo_server(PUBLIC_V4.encode()) as v4:
-        result = await ip_task.run(ip_task_event(), context(garbage, closed_url(), v4))
+        result = await ip_task.run(ip_task_event(), context(garbage, closed, v4))
     assert result.ip == (PUBLIC_V4, None)
 
 

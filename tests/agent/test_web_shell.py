@@ -30,7 +30,7 @@ from taskd.config import parse_agent_config
 from taskd.protocol import WebShell, WebShellResult, WebShellSpec
 from tests.agent.test_cli_agent import nohup_agent
 from tests.agent.test_client import running_agent, wait_online
-from tests.helpers import Server, free_port, make_settings, running_server, scaled, tmp_sqlite_url
+from tests.helpers import Server, make_settings, running_server, scaled, tmp_sqlite_url
 
 AGENT_UUID = "6f1c1a52-8c43-4d4e-9a51-6c4a3f0e2b10"
 TERMINAL_ID = "0b7e5a8e-2f1d-4c55-b1f9-3a2d6c7e8f90"
@@ -327,9 +327,9 @@ async def test_error_frame_fails_the_task() -> None:
     )
 
 
-async def test_unreachable_relay_fails_the_task() -> None:
+async def test_unreachable_relay_fails_the_task(held_ports: Callable[[], int]) -> None:
     """A refused connection fails the task with the reason and the address."""
-    port = free_port()
+    port = held_ports()
     with pytest.raises(TaskFailed) as failed:
         await run(shell_task("ws://x.example/auto_gen"), context(f"ws://127.0.0.1:{port}/"))
     assert str(failed.value).startswith(f"cannot connect the terminal to 127.0.0.1:{port}")

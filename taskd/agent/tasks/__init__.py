@@ -54,30 +54,26 @@ def default_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
-MODULES: dict[str, str] = {
-    "ping": "ping",
-    "tcp_ping": "tcp_ping",
+SHARED_MODULES: dict[str, str] = {
     "http_ping": "http",
     "http_request": "http",
-    "dns": "dns",
-    "web_shell": "web_shell",
-    "execute": "execute",
     "read_config": "config",
     "edit_config": "config",
-    "ip": "ip",
-    "version": "version",
-    "self_update": "self_update",
 }
-"""Task kind → module under taskd.agent.tasks that runs it."""
+"""The kinds whose module is not named after the kind: one module serves related kinds.
+
+The kinds themselves are declared once, by the variants in ``taskd.protocol``.
+"""
 
 
 def runner_for(kind: str, settings: AgentSettings) -> tuple[Runner, float]:
     """The runner of a task kind and the client's hard timeout for it in seconds.
 
-    A module that serves several kinds names its runners ``run_<kind>``; a module
-    whose limit depends on the settings defines ``timeout_s(settings)``.
+    A kind runs in the module named after it (or in ``SHARED_MODULES``); a module
+    that serves several kinds names its runners ``run_<kind>``; a module whose
+    limit depends on the settings defines ``timeout_s(settings)``.
     """
-    module = importlib.import_module(f"taskd.agent.tasks.{MODULES[kind]}")
+    module = importlib.import_module(f"taskd.agent.tasks.{SHARED_MODULES.get(kind, kind)}")
     runner: Runner = getattr(module, f"run_{kind}", None) or module.run
     limit = getattr(module, "timeout_s", None)
     timeout: float = limit(settings) if limit is not None else getattr(module, "TIMEOUT_S", 60.0)

@@ -10,8 +10,8 @@ A server's secret is only kept for the same ``ws_url``: otherwise the edit
 could send it to another host.
 
 edit_config can narrow what the agent allows, never widen it: compared with
-the current file, it may not turn on an ``allow_*`` flag, ``allow_task`` or
-``ignore_cert``, add kinds to or empty a non-empty ``allow_task_type``, change
+the current file, it may not turn on an ``allow_*`` flag, ``allow_task``,
+``ignore_cert`` or ``report_metrics``, add kinds to or empty a non-empty ``allow_task_type``, change
 or drop a ``server_uuid`` pin, or change ``terminal_shell`` or the self-update
 sources. A ``[[server]]`` whose name or ws_url is new is held to the defaults.
 
@@ -133,6 +133,8 @@ def _widenings(current: AgentSettings, edited: AgentSettings) -> list[str]:
     found = [
         f"{key} would change" for key in FIXED_KEYS if getattr(edited, key) != getattr(current, key)
     ]
+    if edited.report_metrics and not current.report_metrics:
+        found.append("report_metrics would be enabled")
     for server in edited.servers:
         before = next(
             (s for s in current.servers if (s.name, s.ws_url) == (server.name, server.ws_url)),

@@ -17,8 +17,11 @@ more memory than one printing a page.
 The program runs in its own session, so it and everything it starts form one
 process group: a timeout sends SIGTERM to the group, then SIGKILL to whatever
 is still alive ``KILL_GRACE_S`` later. It starts with every signal at its
-default action and none blocked, whatever the agent inherited (``nohup ... &``
-ignores SIGINT, SIGQUIT and SIGHUP).
+default action: ``taskd agent`` catches the signals it inherited ignored
+(``nohup ... &`` ignores SIGINT, SIGQUIT and SIGHUP), and a caught signal is
+reset at exec. No Python code runs between fork and exec (a ``preexec_fn``
+forks a threaded agent, where a lock held by another thread at that moment can
+stall the child).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import os
 import signal
 from pathlib import Path
 
-from taskd.agent.tasks import TaskContext, TaskFailed, default_signals
+from taskd.agent.tasks import TaskContext, TaskFailed
 from taskd.config import AgentSettings
 from taskd.protocol import Execute, ExecuteResult
 
@@ -67,7 +70,6 @@ async def run(task: Execute, ctx: TaskContext) -> ExecuteResult:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=default_signals,
         )
     except OSError as exc:
         raise TaskFailed(f"cannot start {spec.cmd}: {exc.strerror or exc}") from None

@@ -1,0 +1,41 @@
+"""The database: every statement of taskd, built from the tables of ``models.py``.
+
+- ``database.py``  the base: backend, writer, migrations, ``read`` / ``write``
+- ``writer.py``    the group-commit writer every write goes through
+- ``backend.py``   what a database gives the store; ``sqlite.py`` and ``postgres.py``
+- ``tasks.py``, ``agents.py``, ``tokens.py``, ``crons.py``, ``kv.py``, ``nodes.py``
+                   the queries and writes of each table, ``Store`` has them all
+- ``records.py``   the task rows handed in and out
+
+A caller is answered after its write is committed. The store raises domain errors
+(``NotFound``, ``AlreadyUploaded`` ...) and knows nothing of RPC.
+"""
+
+from __future__ import annotations
+
+from taskd.models import task_t
+from taskd.store.agents import AgentQueries
+from taskd.store.backend import Channels
+from taskd.store.crons import CronQueries
+from taskd.store.kv import KvQueries
+from taskd.store.nodes import NodeQueries
+from taskd.store.records import NewTask, QueuedTask
+from taskd.store.tasks import TaskQueries
+from taskd.store.tokens import SUPER_USERNAME, TokenQueries
+
+__all__ = [
+    "SUPER_USERNAME",
+    "Channels",
+    "NewTask",
+    "QueuedTask",
+    "Store",
+    "task_t",
+]
+
+
+class Store(TaskQueries, AgentQueries, TokenQueries, CronQueries, KvQueries, NodeQueries):
+    """The database behind taskd; an async context manager (see ``Database``)."""
+
+    async def __aenter__(self) -> Store:
+        await super().__aenter__()
+        return self
