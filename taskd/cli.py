@@ -944,6 +944,7 @@ def _add_agent_enroll(agent: argparse.ArgumentParser) -> None:
 
 def cmd_schemas(args: argparse.Namespace) -> int:
     """Write (or with --check, verify) the JSON Schemas and openrpc.json."""
+    import taskd.methods  # noqa: F401 - registers every method the document describes
     from taskd import schemas
 
     directory = Path(args.dir)

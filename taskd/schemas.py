@@ -16,7 +16,6 @@ import orjson
 from pydantic import TypeAdapter
 from pydantic.json_schema import JsonSchemaMode
 
-import taskd.methods  # noqa: F401 - registers every method
 from taskd import __version__, protocol
 from taskd.rpc import REGISTRY, MethodInfo
 
@@ -49,7 +48,11 @@ def _methods() -> list[MethodInfo]:
 
 @cache
 def openrpc_document() -> dict[str, Any]:
-    """The OpenRPC 1.2 description of every method, from its param and result annotations."""
+    """The OpenRPC 1.2 description of every method, from its param and result annotations.
+
+    It describes the methods registered when it is first called: the server and
+    ``taskd schemas`` import ``taskd.methods`` first.
+    """
     methods = _methods()
     inputs: list[tuple[tuple[str, str], JsonSchemaMode, TypeAdapter[Any]]] = [
         (("wire", name), "validation", TypeAdapter(annotation))

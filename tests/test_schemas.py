@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import taskd.methods  # noqa: F401 - registers every method
 from taskd.rpc import REGISTRY
 from taskd.schemas import WIRE_TYPES, openrpc_document, wire_schemas
 
