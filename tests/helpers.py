@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import re
 import socket
 import time
 import uuid
@@ -18,6 +19,7 @@ import asyncpg
 import httpx
 import orjson
 import websockets
+from websockets.asyncio.connection import Connection
 
 from taskd.auth import ensure_super_token
 from taskd.clock import Clock
@@ -355,3 +357,43 @@ async def add_token(server: Server, limits: list[dict[str, Any]], **fields: Any)
 def tmp_sqlite_url(directory: Path) -> str:
     """A SQLite database URL in ``directory``."""
     return f"sqlite+aiosqlite:///{directory / 'taskd.db'}"
+
+
+async def read_until(ws: Connection, pattern: bytes, timeout: float = 10) -> bytes:
+    """Collect binary frames until ``pattern`` (a regex) matches; return everything read."""
+    seen = b""
+    async with asyncio.timeout(scaled(timeout)):
+        while not re.search(pattern, seen):
+            frame = await ws.recv()
+            assert isinstance(frame, bytes), f"PTY output must come as binary frames: {frame!r}"
+            seen += frame
+    return seen
+
+
+def alive(pid: int) -> bool:
+    """Whether a process with that pid exists (zombies count as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def gone(pid: int, timeout: float = 10) -> bool:
+    """Wait until the process ``pid`` no longer exists."""
+    deadline = time.monotonic() + scaled(timeout)
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def has_ipv6_loopback() -> bool:
+    """Whether a TCP socket can bind ::1 here."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True

@@ -72,6 +72,11 @@ def rid() -> str:
     return str(uuid.uuid4())
 
 
+def rpc(method: str, params: Any) -> dict[str, Any]:
+    """One JSON-RPC request as the board builds it: version 2.0 and a fresh UUID id."""
+    return {"jsonrpc": "2.0", "id": rid(), "method": method, "params": params}
+
+
 def now_ms() -> int:
     """Wall-clock milliseconds."""
     return int(time.time() * 1000)
@@ -128,21 +133,9 @@ class Board(WsClient):
 async def test_server_info_the_board_reads(server: Server) -> None:
     """The heartbeat, server UUID and version calls answer with what the servers page shows."""
     async with Board(server.ws_url) as board:
-        hello = board_result(
-            await board.send(
-                {"jsonrpc": "2.0", "id": rid(), "method": "nodeget-server_hello", "params": []}
-            )
-        )
-        server_uuid = board_result(
-            await board.send(
-                {"jsonrpc": "2.0", "id": rid(), "method": "nodeget-server_uuid", "params": []}
-            )
-        )
-        version = board_result(
-            await board.send(
-                {"jsonrpc": "2.0", "id": rid(), "method": "nodeget-server_version", "params": []}
-            )
-        )
+        hello = board_result(await board.send(rpc("nodeget-server_hello", [])))
+        server_uuid = board_result(await board.send(rpc("nodeget-server_uuid", [])))
+        version = board_result(await board.send(rpc("nodeget-server_version", [])))
     assert isinstance(hello, str) and hello
     assert server_uuid == server.settings.server_uuid
     # shown as `${cargo_version}-${git_commit_sha}`; the node delete page compares cargo_version
@@ -160,11 +153,9 @@ async def test_token_pages(server: Server) -> None:
         # AddAgentDialog → preGenerateToken
         agent_token = board_result(
             await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "token_create",
-                    "params": {
+                rpc(
+                    "token_create",
+                    {
                         "father_token": su,
                         "token_creation": {
                             "username": f"[agent]:{agent_uuid}",
@@ -180,18 +171,16 @@ async def test_token_pages(server: Server) -> None:
                             ],
                         },
                     },
-                }
+                )
             )
         )
         # CreateTokenCard → useCreateToken(serializeTokenPayload(visitor template))
         visitor_name = "visitor-template-h3Jd9sKq0PzW1mXc"
         visitor = board_result(
             await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "token_create",
-                    "params": {
+                rpc(
+                    "token_create",
+                    {
                         "father_token": su,
                         "token_creation": {
                             "version": 1,
@@ -203,39 +192,16 @@ async def test_token_pages(server: Server) -> None:
                             "timestamp_to": expires,
                         },
                     },
-                }
+                )
             )
         )
-        listed = board_result(
-            await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "token_list_all_tokens",
-                    "params": {"token": su},
-                }
-            )
-        )
+        listed = board_result(await board.send(rpc("token_list_all_tokens", {"token": su})))
         detail = board_result(
-            await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "token_get",
-                    "params": {"supertoken": su, "token": visitor["key"]},
-                }
-            )
+            await board.send(rpc("token_get", {"supertoken": su, "token": visitor["key"]}))
         )
         # stores/permission: the visitor signed in reads its own permissions
         own = board_result(
-            await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "token_get",
-                    "params": {"token": f"{visitor['key']}:{visitor['secret']}"},
-                }
-            )
+            await board.send(rpc("token_get", {"token": f"{visitor['key']}:{visitor['secret']}"}))
         )
         # editTokenCard → useEditToken(mapTokenDetailToForm(detail) with one more permission)
         new_limit = [
@@ -243,11 +209,9 @@ async def test_token_pages(server: Server) -> None:
         ]
         edited = board_result(
             await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "token_edit",
-                    "params": {
+                rpc(
+                    "token_edit",
+                    {
                         "token": su,
                         "target_token": visitor["key"],
                         "version": 1,
@@ -255,50 +219,22 @@ async def test_token_pages(server: Server) -> None:
                         "username": visitor_name,
                         "timestamp_to": expires,
                     },
-                }
+                )
             )
         )
         after_edit = board_result(
-            await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "token_get",
-                    "params": {"supertoken": su, "token": visitor_name},
-                }
-            )
+            await board.send(rpc("token_get", {"supertoken": su, "token": visitor_name}))
         )
         # token list page deletes by token_key; the node delete page by username
         deleted_by_key = board_result(
-            await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "token_delete",
-                    "params": {"token": su, "target_token": visitor["key"]},
-                }
-            )
+            await board.send(rpc("token_delete", {"token": su, "target_token": visitor["key"]}))
         )
         deleted_by_name = board_result(
             await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "token_delete",
-                    "params": {"token": su, "target_token": f"[agent]:{agent_uuid}"},
-                }
+                rpc("token_delete", {"token": su, "target_token": f"[agent]:{agent_uuid}"})
             )
         )
-        relisted = board_result(
-            await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "token_list_all_tokens",
-                    "params": {"token": su},
-                }
-            )
-        )
+        relisted = board_result(await board.send(rpc("token_list_all_tokens", {"token": su})))
     for created in (agent_token, visitor):
         assert isinstance(created["key"], str) and created["key"]
         assert isinstance(created["secret"], str) and created["secret"]
@@ -332,35 +268,12 @@ async def test_node_list_and_node_delete(server: Server) -> None:
     async with nodeget_agent(server) as agent, Board(server.ws_url) as board:
         node = agent.uuid
         uuids = board_result(
-            await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "nodeget-server_list_all_agent_uuid",
-                    "params": {"token": su},
-                }
-            )
+            await board.send(rpc("nodeget-server_list_all_agent_uuid", {"token": su}))
         )
-        namespaces = board_result(
-            await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "kv_list_all_namespace",
-                    "params": {"token": su},
-                }
-            )
-        )
+        namespaces = board_result(await board.send(rpc("kv_list_all_namespace", {"token": su})))
         # useAgentInfo.fixAgentNamespace → afterAgentCreate
         created_ns = board_result(
-            await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "kv_create",
-                    "params": {"token": su, "namespace": node},
-                }
-            )
+            await board.send(rpc("kv_create", {"token": su, "namespace": node}))
         )
         metadata = {
             "metadata_name": "节点" + node[-6:],
@@ -376,59 +289,43 @@ async def test_node_list_and_node_delete(server: Server) -> None:
         for key, value in metadata.items():  # useKv.setValue: set, then read back
             set_reply = board_result(
                 await board.send(
-                    {
-                        "jsonrpc": "2.0",
-                        "id": rid(),
-                        "method": "kv_set_value",
-                        "params": {"token": su, "namespace": node, "key": key, "value": value},
-                    }
+                    rpc(
+                        "kv_set_value", {"token": su, "namespace": node, "key": key, "value": value}
+                    )
                 )
             )
             assert set_reply == {"success": True}
             read_back = board_result(
-                await board.send(
-                    {
-                        "jsonrpc": "2.0",
-                        "id": rid(),
-                        "method": "kv_get_value",
-                        "params": {"token": su, "namespace": node, "key": key},
-                    }
-                )
+                await board.send(rpc("kv_get_value", {"token": su, "namespace": node, "key": key}))
             )
             assert read_back == value, key
         # NodeManageTabAgents.persistOrders: one batch of kv_set_value
         order_replies = await board.batch(
             [
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "kv_set_value",
-                    "params": {"token": su, "namespace": node, "key": "metadata_order", "value": 1},
-                }
+                rpc(
+                    "kv_set_value",
+                    {"token": su, "namespace": node, "key": "metadata_order", "value": 1},
+                )
             ]
         )
         # the node list: every metadata key of the nodes with a namespace
         node_list = board_result(
             await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "kv_get_multi_value",
-                    "params": {
+                rpc(
+                    "kv_get_multi_value",
+                    {
                         "token": su,
                         "namespace_key": [{"namespace": node, "key": "metadata_*"}],
                     },
-                }
+                )
             )
         )
         # cron page: metadata_name of every listed node, with a namespace or not
         names = board_result(
             await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "kv_get_multi_value",
-                    "params": {
+                rpc(
+                    "kv_get_multi_value",
+                    {
                         "token": su,
                         "namespace_key": [
                             {"namespace": node, "key": "metadata_name"},
@@ -436,86 +333,44 @@ async def test_node_list_and_node_delete(server: Server) -> None:
                             {"namespace": stranger, "key": "metadata_*"},
                         ],
                     },
-                }
+                )
             )
         )
         # useBackendExtra.getAgentConfigWsUrl: the "global" namespace, an unset key
-        board_result(
-            await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "kv_create",
-                    "params": {"token": su, "namespace": "global"},
-                }
-            )
-        )
+        board_result(await board.send(rpc("kv_create", {"token": su, "namespace": "global"})))
         ws_url = board_result(
             await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "kv_get_value",
-                    "params": {"token": su, "namespace": "global", "key": "agent_config_ws_url"},
-                }
+                rpc(
+                    "kv_get_value",
+                    {"token": su, "namespace": "global", "key": "agent_config_ws_url"},
+                )
             )
         )
         # useKv.deleteNamespace: every key, then one batch of kv_delete_key
         keys = board_result(
-            await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "kv_get_all_keys",
-                    "params": {"token": su, "namespace": node},
-                }
-            )
+            await board.send(rpc("kv_get_all_keys", {"token": su, "namespace": node}))
         )
         delete_replies = await board.batch(
-            [
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "kv_delete_key",
-                    "params": {"token": su, "namespace": node, "key": key},
-                }
-                for key in keys
-            ]
+            [rpc("kv_delete_key", {"token": su, "namespace": node, "key": key}) for key in keys]
         )
         emptied = board_result(
             await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "kv_get_multi_value",
-                    "params": {
+                rpc(
+                    "kv_get_multi_value",
+                    {
                         "token": su,
                         "namespace_key": [{"namespace": node, "key": "metadata_*"}],
                     },
-                }
+                )
             )
         )
     # NodeSettingTabDelete, after the agent was uninstalled (its connection is gone)
     async with Board(server.ws_url) as board:
         soft_deleted = board_result(
-            await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "agent-uuid_delete",
-                    "params": {"token": su, "agent_uuid": node},
-                }
-            )
+            await board.send(rpc("agent-uuid_delete", {"token": su, "agent_uuid": node}))
         )
         uuids_after = board_result(
-            await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "nodeget-server_list_all_agent_uuid",
-                    "params": {"token": su},
-                }
-            )
+            await board.send(rpc("nodeget-server_list_all_agent_uuid", {"token": su}))
         )
     assert node in uuids["uuids"]
     assert isinstance(namespaces, list) and node not in namespaces
@@ -550,31 +405,27 @@ async def test_task_requests(server: Server) -> None:
         # usePingTask: create, then poll the record with [{task_id}, "last"]
         ping = board_result(
             await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "task_create_task",
-                    "params": {
+                rpc(
+                    "task_create_task",
+                    {
                         "token": su,
                         "target_uuid": node,
                         "task_type": {"tcp_ping": "www.example.com:80"},
                     },
-                }
+                )
             )
         )
 
         async def ping_record() -> dict[str, Any] | None:
             records = board_result(
                 await board.send(
-                    {
-                        "jsonrpc": "2.0",
-                        "id": rid(),
-                        "method": "task_query",
-                        "params": {
+                    rpc(
+                        "task_query",
+                        {
                             "token": su,
                             "task_data_query": {"condition": [{"task_id": ping["id"]}, "last"]},
                         },
-                    }
+                    )
                 )
             )
             return records[-1] if records and records[-1]["success"] is not None else None
@@ -583,60 +434,52 @@ async def test_task_requests(server: Server) -> None:
         # useAgentInfo.fetchAgentIp / fetchAgentVersion
         ip = board_result(
             await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "task_create_task_blocking",
-                    "params": {
+                rpc(
+                    "task_create_task_blocking",
+                    {
                         "token": su,
                         "target_uuid": node,
                         "task_type": "ip",
                         "timeout_ms": 8000,
                     },
-                },
+                ),
                 timeout=8.2,
             )
         )
         version = board_result(
             await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "task_create_task_blocking",
-                    "params": {
+                rpc(
+                    "task_create_task_blocking",
+                    {
                         "token": su,
                         "target_uuid": node,
                         "task_type": "version",
                         "timeout_ms": 8000,
                     },
-                },
+                ),
                 timeout=8.2,
             )
         )
         # useBatchExec: create, then one batch of task_query per task id
         executed = board_result(
             await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "task_create_task",
-                    "params": {
+                rpc(
+                    "task_create_task",
+                    {
                         "token": su,
                         "target_uuid": node,
                         "task_type": {"execute": {"cmd": "echo", "args": ["batch", "exec"]}},
                     },
-                }
+                )
             )
         )
         # WebTerminal.createTask
         terminal_id = str(uuid.uuid4())
         shell = board_result(
             await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "task_create_task",
-                    "params": {
+                rpc(
+                    "task_create_task",
+                    {
                         "token": su,
                         "target_uuid": node,
                         "task_type": {
@@ -646,74 +489,61 @@ async def test_task_requests(server: Server) -> None:
                             }
                         },
                     },
-                },
+                ),
                 timeout=10,
             )
         )
         await wait_for(lambda: _uploads(agent, 5))
         exec_replies = await board.batch(
             [
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "task_query",
-                    "params": {
+                rpc(
+                    "task_query",
+                    {
                         "token": su,
                         "task_data_query": {"condition": [{"task_id": executed["id"]}]},
                     },
-                }
+                )
             ]
         )
         # useTask.queryByUuid / queryByType
         by_uuid = board_result(
             await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "task_query",
-                    "params": {
+                rpc(
+                    "task_query",
+                    {
                         "token": su,
                         "task_data_query": {"condition": [{"uuid": node}, {"limit": 100}]},
                     },
-                }
+                )
             )
         )
         by_type = board_result(
             await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "task_query",
-                    "params": {
+                rpc(
+                    "task_query",
+                    {
                         "token": su,
                         "task_data_query": {"condition": [{"type": "tcp_ping"}, {"limit": 100}]},
                     },
-                }
+                )
             )
         )
         # useLifecycle.afterAgentDelete("data") / useTask.deleteByUuid
         deleted = board_result(
             await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "task_delete",
-                    "params": {"token": su, "conditions": [{"uuid": node}]},
-                },
+                rpc("task_delete", {"token": su, "conditions": [{"uuid": node}]}),
                 timeout=10,
             )
         )
         left = board_result(
             await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "task_query",
-                    "params": {
+                rpc(
+                    "task_query",
+                    {
                         "token": su,
                         "task_data_query": {"condition": [{"uuid": node}, {"limit": 100}]},
                     },
-                }
+                )
             )
         )
     assert agent.errors == []
@@ -751,11 +581,7 @@ async def test_cron_pages(server: Server) -> None:
         start = now_ms()
 
         async def send(method: str, params: dict[str, Any]) -> Any:
-            return board_result(
-                await board.send(
-                    {"jsonrpc": "2.0", "id": rid(), "method": method, "params": params}
-                )
-            )
+            return board_result(await board.send(rpc(method, params)))
 
         async def history(*condition: Any) -> list[dict[str, Any]]:
             rows: list[dict[str, Any]] = await send(
@@ -878,9 +704,7 @@ async def test_visitor_token_sees_the_public_node_list(server: Server) -> None:
         node = agent.uuid
 
         async def send(method: str, params: dict[str, Any]) -> dict[str, Any]:
-            return await board.send(
-                {"jsonrpc": "2.0", "id": rid(), "method": method, "params": params}
-            )
+            return await board.send(rpc(method, params))
 
         created = board_result(
             await send(
@@ -949,26 +773,22 @@ async def test_errors_carry_nodeget_codes_and_prefixes(server: Server) -> None:
     async with ScriptedAgent(server.ws_url, su) as silent, Board(server.ws_url) as board:
 
         async def error_of(method: str, params: dict[str, Any]) -> dict[str, Any]:
-            reply = await board.send(
-                {"jsonrpc": "2.0", "id": rid(), "method": method, "params": params}
-            )
+            reply = await board.send(rpc(method, params))
             assert "error" in reply, reply
             error: dict[str, Any] = reply["error"]
             return error
 
         board_result(
             await board.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid(),
-                    "method": "crontab_create",
-                    "params": {
+                rpc(
+                    "crontab_create",
+                    {
                         "token": su,
                         "name": "ping-offline",
                         "cron_expression": "0 * * * * *",
                         "cron_type": cron,
                     },
-                }
+                )
             )
         )
         errors = {

@@ -30,8 +30,11 @@ from tests.helpers import (
     Server,
     add_token,
     agent_token_limits,
+    alive,
+    gone,
     make_settings,
     postgres_database,
+    read_until,
     running_server,
     scaled,
     unwrap,
@@ -106,17 +109,6 @@ def start_runner(server: Server, shell: ShellTask) -> asyncio.Task[Any]:
     return asyncio.create_task(run(task, ctx))
 
 
-async def read_until(ws: ClientConnection, pattern: bytes, timeout: float = 10) -> bytes:
-    """Collect binary frames until ``pattern`` (a regex) matches; return everything read."""
-    seen = b""
-    async with asyncio.timeout(scaled(timeout)):
-        while not re.search(pattern, seen):
-            frame = await ws.recv()
-            assert isinstance(frame, bytes), f"PTY output must come as binary frames: {frame!r}"
-            seen += frame
-    return seen
-
-
 async def refusal(url: str, **connect: Any) -> tuple[dict[str, Any], int | None]:
     """Connect, expect one error frame and a close; return the frame and the close code."""
     async with websockets.connect(url, **connect) as ws:
@@ -125,25 +117,6 @@ async def refusal(url: str, **connect: Any) -> tuple[dict[str, Any], int | None]
         with pytest.raises(websockets.ConnectionClosed):
             await asyncio.wait_for(ws.recv(), scaled(5))
     return orjson.loads(frame), ws.close_code
-
-
-def alive(pid: int) -> bool:
-    """Whether a process with that pid exists (zombies count as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-async def gone(pid: int, timeout: float = 10) -> bool:
-    """Wait until the process ``pid`` no longer exists."""
-    deadline = time.monotonic() + scaled(timeout)
-    while alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
 
 
 async def test_shell_session_end_to_end(server: Server) -> None:

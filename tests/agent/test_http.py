@@ -6,9 +6,7 @@ import asyncio
 import base64
 import contextlib
 import json
-import shutil
 import socket
-import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ from taskd.agent.tasks import TaskContext, TaskFailed, runner_for
 from taskd.agent.tasks.http import MAX_BODY_BYTES, TIMEOUT_S, run_http_ping, run_http_request
 from taskd.config import parse_agent_config
 from taskd.protocol import HttpPing, HttpRequest, HttpRequestSpec
-from tests.helpers import scaled
+from tests.helpers import has_ipv6_loopback, scaled
 
 BINARY = bytes([0xFF, 0xFE, 0x00, 0x80, 0xC3, 0x28])
 TEXT = "héllo, wörld ✓\n"
@@ -39,16 +37,7 @@ def _context(ignore_cert: bool = False) -> TaskContext:
     return TaskContext(settings=settings, server=settings.servers[0], task_id=1, task_token="x")
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-HAS_IPV6 = _has_ipv6_loopback()
+HAS_IPV6 = has_ipv6_loopback()
 needs_ipv6 = pytest.mark.skipif(not HAS_IPV6, reason="this machine has no IPv6 loopback")
 
 
@@ -367,25 +356,6 @@ async def test_request_ipv4_auto_cannot_reach_ipv6(target: Target) -> None:
 
 
 # --------------------------------------------------------------------------- TLS
-
-
-@pytest.fixture
-def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    """A fresh self-signed certificate for 127.0.0.1 and its key, made by openssl."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("the openssl command is not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
-            *("-keyout", str(key), "-out", str(cert)),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 @pytest.fixture

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +16,12 @@ import orjson
 import psutil
 import pytest
 
-from taskd.agent.client import Agent
 from taskd.agent.monitor_report import REPORT_DYNAMIC, REPORT_STATIC, REPORT_SUMMARY
 from taskd.agent.spool import ReportBuffer, Spool, link_id
 from taskd.config import AgentSettings, parse_agent_config
 from taskd.errors import InvalidInput
 from tests.agent.endpoint import Endpoint, no_upgrade_proxy, running_endpoint
+from tests.agent.test_client import running_agent
 from tests.helpers import scaled
 
 TOKEN = "KEY:SECRET"
@@ -40,19 +39,6 @@ def settings_for(url: str, agent_uuid: str, extra: str = FAST) -> AgentSettings:
         f'agent_uuid = "{agent_uuid}"\n{extra}\n'
         f'[[server]]\nname = "s"\nws_url = "{url}"\ntoken = "{TOKEN}"\n'
     )
-
-
-@contextlib.asynccontextmanager
-async def running_agent(settings: AgentSettings, state: Path) -> AsyncIterator[Agent]:
-    """Run an Agent in this event loop until the block ends."""
-    agent = Agent(settings, state)
-    task = asyncio.create_task(agent.run())
-    try:
-        yield agent
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def _gaps(times: list[int]) -> list[int]:

@@ -13,21 +13,12 @@ from taskd.agent.tasks import TaskContext, TaskFailed, runner_for
 from taskd.agent.tasks.tcp_ping import TIMEOUT_S, run
 from taskd.config import parse_agent_config
 from taskd.protocol import TcpPing
-from tests.helpers import scaled
+from tests.helpers import has_ipv6_loopback, scaled
 
 
 def _context() -> TaskContext:
     settings = parse_agent_config('[[server]]\nws_url = "ws://127.0.0.1:1/"\ntoken = "t"\n')
     return TaskContext(settings=settings, server=settings.servers[0], task_id=1, task_token="x")
-
-
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 @contextlib.asynccontextmanager
@@ -74,7 +65,7 @@ async def test_name_is_resolved() -> None:
     assert peer == "127.0.0.1"
 
 
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback")
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="this machine has no IPv6 loopback")
 async def test_connects_over_ipv6() -> None:
     """A bracketed IPv6 target connects over IPv6."""
     async with _listener("::1") as (port, peers):

@@ -6,9 +6,7 @@ import asyncio
 import contextlib
 import logging
 import re
-import shutil
 import ssl
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,7 +17,6 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import orjson
 import pytest
 import websockets
-from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -30,7 +27,15 @@ from taskd.config import parse_agent_config
 from taskd.protocol import WebShell, WebShellResult, WebShellSpec
 from tests.agent.test_cli_agent import nohup_agent
 from tests.agent.test_client import running_agent, wait_online
-from tests.helpers import Server, make_settings, running_server, scaled, tmp_sqlite_url
+from tests.helpers import (
+    Server,
+    gone,
+    make_settings,
+    read_until,
+    running_server,
+    scaled,
+    tmp_sqlite_url,
+)
 
 AGENT_UUID = "6f1c1a52-8c43-4d4e-9a51-6c4a3f0e2b10"
 TERMINAL_ID = "0b7e5a8e-2f1d-4c55-b1f9-3a2d6c7e8f90"
@@ -68,36 +73,6 @@ async def relay(
         port = server.sockets[0].getsockname()[1]
         scheme = "wss" if ssl_context is not None else "ws"
         yield f"{scheme}://127.0.0.1:{port}", paths
-
-
-async def read_until(ws: Connection, pattern: bytes, timeout: float = 10) -> bytes:
-    """Collect binary frames until ``pattern`` (a regex) matches; return everything read."""
-    seen = b""
-    async with asyncio.timeout(scaled(timeout)):
-        while not re.search(pattern, seen):
-            frame = await ws.recv()
-            assert isinstance(frame, bytes), f"PTY output must come as binary frames: {frame!r}"
-            seen += frame
-    return seen
-
-
-def alive(pid: int) -> bool:
-    """Whether a process with that pid exists (zombies count as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-async def gone(pid: int, timeout: float = 10) -> bool:
-    """Wait until the process ``pid`` no longer exists."""
-    deadline = time.monotonic() + scaled(timeout)
-    while alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
 
 
 def test_interface_finds_runner_with_a_limit_beyond_the_longest_session() -> None:
@@ -394,25 +369,6 @@ async def test_terminal_traffic_is_not_logged(caplog: pytest.LogCaptureFixture) 
     text = "\n".join(record.getMessage() for record in agent_side)
     assert "tok7" not in text
     assert "s3cr3t" not in text
-
-
-@pytest.fixture
-def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    """A fresh self-signed certificate for 127.0.0.1 and its key, made by openssl."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("the openssl command is not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
-            *("-keyout", str(key), "-out", str(cert)),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 async def test_wss_certificates_are_checked_unless_ignored(certificate: tuple[Path, Path]) -> None:
