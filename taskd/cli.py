@@ -1029,7 +1029,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-LONG_RUNNING = (cmd_serve, cmd_agent, cmd_demo)
+LONG_RUNNING = (cmd_serve, cmd_agent, _run_agent, cmd_demo)
+"""Commands that must survive a vanished peer: SIGPIPE stays ignored for them."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -359,8 +359,9 @@ class ServerLink:
                         else "connection lost"
                     )
                 return f"closed: {ws.close_code} {ws.close_reason}".strip()
-        except websockets.InvalidHandshake as exc:
+        except (websockets.InvalidStatus, websockets.InvalidHeader) as exc:
             # an HTTP answer, but no WebSocket: perhaps a proxy that passes plain HTTP only
+            # (no answer at all, such as a reset, is InvalidMessage: an ordinary reconnect)
             self.upgrade_refused = True
             return f"upgrade refused: {exc}"
         except (OSError, TimeoutError, websockets.WebSocketException, ConnectionError) as exc:

@@ -186,3 +186,34 @@ async def test_auto_gen_uuid_is_written_back_into_the_config(
     assert "# managed by hand" in text and "# filled in on first start" in text
     assert tomllib.loads(text)["server"][0]["token"] == server.super_token
     assert (tmp_path / "agent.state" / "spool").is_dir(), "the spool lives next to the config"
+
+
+async def test_an_agent_survives_a_server_that_resets_its_connections(tmp_path: Path) -> None:
+    """An agent whose connections are reset mid-handshake keeps SIGPIPE ignored and retries."""
+    resets = 0
+
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal resets
+        resets += 1
+        writer.transport.abort()
+
+    listener = await asyncio.start_server(reset, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    async with (
+        listener,
+        agent_process(
+            tmp_path,
+            *("--server", f"ws://127.0.0.1:{port}/", "--token", "KEY:SECRET"),
+            *("--uuid", str(uuid.uuid4()), "--state-dir", str(tmp_path / "state")),
+        ) as process,
+    ):
+        for _ in range(int(scaled(START_S) / 0.1)):
+            if resets >= 2 or process.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert process.returncode is None, (tmp_path / "agent.log").read_text()
+        assert resets >= 2, "the agent did not come back after a reset"
+        assert signal.SIGPIPE in status_signals(proc_status(process.pid), "SigIgn")
+        assert await stop(process) == 0
+    log = (tmp_path / "agent.log").read_text()
+    assert "HTTP POST" not in log, "a reset is no reason to fall back to HTTP"
