@@ -1,4 +1,5 @@
-"""SQLModel tables: tasks, tokens, agents, crons and their fire history, cluster nodes, KV.
+"""SQLModel tables: tasks, tokens, agents, crons and their fire history, cluster nodes, KV,
+host monitoring reports.
 
 The single source of column names, types and order: the store builds every statement
 from these tables (``task_t`` and the others are their typed Core handles).
@@ -17,6 +18,8 @@ from sqlalchemy import (
     Dialect,
     Index,
     Integer,
+    SmallInteger,
+    String,
     Table,
     Text,
     TypeDecorator,
@@ -251,6 +254,89 @@ class Node(SQLModel, table=True):
     heartbeat: int = _ms()
 
 
+class StaticMonitoring(SQLModel, table=True):
+    """A host's static report (CPU, system, GPUs); a new row only when its data hash changes."""
+
+    __tablename__ = "static_monitoring"
+    __table_args__ = (Index("ix_static_monitoring_uuid_time", "uuid", "time"),)
+
+    id: int | None = _id()
+    uuid: str = Field(max_length=36)
+    time: int = _ms()
+    storage_time: int = _ms()
+    data_hash: str = Field(max_length=64)
+    cpu: Any = Field(sa_column=Column(JsonColumn, nullable=False))
+    system: Any = Field(sa_column=Column(JsonColumn, nullable=False))
+    gpu: Any = Field(sa_column=Column(JsonColumn, nullable=False))
+
+
+def _key_uuid() -> Any:
+    return Field(default=None, sa_column=Column(String(36), primary_key=True))
+
+
+def _key_time() -> Any:
+    return Field(default=None, sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+
+
+class DynamicMonitoring(SQLModel, table=True):
+    """A host's dynamic report, kept as sent (cpu, ram, load, system, disk, network, gpu)."""
+
+    __tablename__ = "dynamic_monitoring"
+
+    uuid: str = _key_uuid()
+    time: int = _key_time()
+    storage_time: int = _ms()
+    data: Any = Field(sa_column=Column(JsonColumn, nullable=False))
+
+
+def _small() -> Any:
+    return Field(default=None, sa_column=Column(SmallInteger, nullable=True))
+
+
+def _int() -> Any:
+    return Field(default=None, sa_column=Column(Integer, nullable=True))
+
+
+def _big() -> Any:
+    return Field(default=None, sa_column=Column(BigInteger, nullable=True))
+
+
+class DynamicMonitoringSummary(SQLModel, table=True):
+    """A host's flat summary, one typed column per figure (what charts read).
+
+    ``cpu_usage`` and the loads are stored times ten, as sent (NodeGet's format).
+    """
+
+    __tablename__ = "dynamic_monitoring_summary"
+
+    uuid: str = _key_uuid()
+    time: int = _key_time()
+    storage_time: int = _ms()
+    cpu_usage: int | None = _small()
+    gpu_usage: int | None = _small()
+    used_swap: int | None = _big()
+    total_swap: int | None = _big()
+    used_memory: int | None = _big()
+    total_memory: int | None = _big()
+    available_memory: int | None = _big()
+    load_one: int | None = _small()
+    load_five: int | None = _small()
+    load_fifteen: int | None = _small()
+    uptime: int | None = _int()
+    boot_time: int | None = _big()
+    process_count: int | None = _int()
+    total_space: int | None = _big()
+    available_space: int | None = _big()
+    read_speed: int | None = _big()
+    write_speed: int | None = _big()
+    tcp_connections: int | None = _int()
+    udp_connections: int | None = _int()
+    total_received: int | None = _big()
+    total_transmitted: int | None = _big()
+    transmit_speed: int | None = _big()
+    receive_speed: int | None = _big()
+
+
 def _table(model: type[SQLModel]) -> Table:
     """The Core table of a model (SQLModel leaves ``__table__`` untyped)."""
     table: Table = model.__table__  # type: ignore[attr-defined]
@@ -265,3 +351,6 @@ cron_t = _table(Cron)
 cron_result_t = _table(CronResult)
 cron_fire_t = _table(CronFire)
 node_t = _table(Node)
+static_monitoring_t = _table(StaticMonitoring)
+dynamic_monitoring_t = _table(DynamicMonitoring)
+summary_t = _table(DynamicMonitoringSummary)
