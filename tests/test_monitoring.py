@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import copy
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from taskd.agent.monitor import Monitor, summarize
-from tests.helpers import RpcError, Server, add_token
+from taskd.config import parse_agent_config
+from taskd.roles import role_limits
+from tests.agent.test_client import running_agent
+from tests.helpers import RpcError, Server, add_token, wait_for
 
 A = str(uuid.uuid4())
 B = str(uuid.uuid4())
@@ -363,3 +367,37 @@ async def test_deletes_remove_the_rows_their_conditions_select(server: Server) -
     assert reply["deleted"] == 3
     assert (await server.su("agent_delete_static", []))["deleted"] == 0
     assert len(await query_summary(server)) == 2
+
+
+async def test_a_running_agent_reports_to_the_server(server: Server, tmp_path: Path) -> None:
+    """A real agent with an agent-role token reports its host; the server stores its static
+    report once, its dynamic reports and its summaries, and lists the agent."""
+    agent_uuid = str(uuid.uuid4())
+    token = await add_token(server, role_limits("agent", agents=[agent_uuid]))
+    settings = parse_agent_config(
+        f'agent_uuid = "{agent_uuid}"\n'
+        "dynamic_summary_report_interval_ms = 100\n"
+        "dynamic_report_interval_ms = 200\n"
+        f'[[server]]\nname = "s"\nws_url = "{server.ws_url}"\ntoken = "{token}"\n'
+    )
+
+    async def summaries() -> list[Any] | None:
+        rows = await query_summary(server, {"uuid": agent_uuid})
+        return rows if len(rows) >= 3 else None
+
+    async with running_agent(settings, tmp_path / "state"):
+        rows = await wait_for(summaries, timeout=15)
+        dynamic = await wait_for(
+            lambda: server.su(
+                "agent_query_dynamic",
+                {"fields": ["cpu", "ram"], "condition": [{"uuid": agent_uuid}]},
+            ),
+            timeout=15,
+        )
+    assert all(row["total_memory"] > 0 and 0 <= row["cpu_usage"] <= 100 for row in rows)
+    assert dynamic[0]["ram"]["total_memory"] == rows[0]["total_memory"]
+    static = await server.su(
+        "agent_query_static", {"fields": ["system"], "condition": [{"uuid": agent_uuid}]}
+    )
+    assert len(static) == 1 and static[0]["system"]["system_host_name"]
+    assert agent_uuid in [agent["uuid"] for agent in await server.su("agent_list")]

@@ -53,8 +53,8 @@ I64_MAX = 2**63 - 1
 SUMMARY_LIMITS: dict[str, int] = {
     "cpu_usage": 1000,
     "gpu_usage": 100,
-    **dict.fromkeys(("load_one", "load_five", "load_fifteen"), 2 ** 15 - 1),
-    **dict.fromkeys(("uptime", "process_count", "tcp_connections", "udp_connections"), 2 ** 31 - 1),
+    **dict.fromkeys(("load_one", "load_five", "load_fifteen"), 2**15 - 1),
+    **dict.fromkeys(("uptime", "process_count", "tcp_connections", "udp_connections"), 2**31 - 1),
 }
 """The largest value of each summary figure that is not a 64-bit one (its column's range)."""
 TENTHS = frozenset({"cpu_usage", "load_one", "load_five", "load_fifteen"})
