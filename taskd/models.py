@@ -16,6 +16,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     Dialect,
+    Float,
     Index,
     Integer,
     SmallInteger,
@@ -335,6 +336,36 @@ class DynamicMonitoringSummary(SQLModel, table=True):
     total_transmitted: int | None = _big()
     transmit_speed: int | None = _big()
     receive_speed: int | None = _big()
+
+
+ROLLUP_FIGURES: tuple[str, ...] = tuple(
+    name
+    for name in DynamicMonitoringSummary.model_fields
+    if name not in ("uuid", "time", "storage_time")
+)
+"""The summary figures a rollup keeps count, sum, min and max of."""
+ROLLUP_PARTS = ("count", "sum", "min", "max")
+
+summary_rollup_t = Table(
+    "dynamic_monitoring_summary_rollup",
+    SQLModel.metadata,
+    Column("uuid", String(36), primary_key=True),
+    Column("resolution", Integer, primary_key=True, autoincrement=False),
+    Column("bucket", BigInteger, primary_key=True, autoincrement=False),
+    *(
+        Column(
+            f"{name}_{part}",
+            {"count": Integer, "sum": Float, "min": BigInteger, "max": BigInteger}[part],
+            nullable=part != "count",
+            default=None,
+        )
+        for name in ROLLUP_FIGURES
+        for part in ROLLUP_PARTS
+    ),
+)
+"""Summaries rolled up per agent into buckets of ``resolution`` ms starting at ``bucket``
+(ms): per figure how many reports had it, their sum, min and max (written as each
+summary is stored; see store/monitoring.py)."""
 
 
 def _table(model: type[SQLModel]) -> Table:

@@ -24,6 +24,7 @@ from typing import (
     Any,
     ClassVar,
     Literal,
+    NotRequired,
     Protocol,
     TypeVar,
     Union,
@@ -2029,12 +2030,20 @@ MonitoringConditions = Annotated[
 """A bare monitoring condition list, parsed into one MonitoringWindow."""
 
 
+Resolution = Literal["raw", "1m", "1h", "auto"]
+"""Where summaries are read from: raw rows, 1-minute or 1-hour rollups, or ``auto``: the
+finest one giving at most about ``AUTO_POINTS`` points over the range asked."""
+_RESOLUTION = TypeAdapter(Resolution)
+
+
 @dataclass(frozen=True)
 class MonitoringQuery:
-    """A parsed ``{fields, condition}``: the fields asked (in order, once each) and the rows."""
+    """A parsed ``{fields, condition}`` (and a summary's ``resolution``): the fields asked
+    (in order, once each) and the rows."""
 
     fields: tuple[str, ...]
     window: MonitoringWindow
+    resolution: Resolution = "raw"
 
 
 _STATIC_FIELDS_ADAPTER = TypeAdapter(list[StaticField])
@@ -2042,15 +2051,19 @@ _DYNAMIC_FIELDS_ADAPTER = TypeAdapter(list[DynamicField])
 _SUMMARY_FIELDS_ADAPTER = TypeAdapter(list[SummaryField])
 
 
-def _monitoring_query(adapter: TypeAdapter[list[Any]]) -> Parser:
+def _monitoring_query(adapter: TypeAdapter[list[Any]], summary: bool = False) -> Parser:
+    keys = {"fields", "condition", "resolution"} if summary else {"fields", "condition"}
+
     def parse(value: Any, field: str) -> MonitoringQuery:
-        if not isinstance(value, dict) or not set(value) <= {"fields", "condition"}:
+        if not isinstance(value, dict) or not set(value) <= keys:
             raise InvalidParams(
-                f'{field}: must be an object {{"fields": [...], "condition": [...]}}'
+                f"{field}: must be an object with {', '.join(sorted(keys))} (unknown: "
+                f"{', '.join(sorted(set(value) - keys)) if isinstance(value, dict) else '-'})"
             )
         fields = parse_as(adapter, f"{field}.fields", value.get("fields", []))
         window = parse_monitoring_conditions(value.get("condition", []), f"{field}.condition")
-        return MonitoringQuery(tuple(dict.fromkeys(fields)), window)
+        resolution = parse_as(_RESOLUTION, f"{field}.resolution", value.get("resolution", "raw"))
+        return MonitoringQuery(tuple(dict.fromkeys(fields)), window, resolution)
 
     return parse
 
@@ -2070,11 +2083,13 @@ class DynamicDataQuery(TypedDict):
 
 
 class DynamicSummaryQuery(TypedDict):
-    """``{"fields": [...], "condition": [...]}`` of agent_query_dynamic_summary (no fields:
-    every field)."""
+    """``{"fields": [...], "condition": [...], "resolution": ...}`` of
+    agent_query_dynamic_summary (no fields: every field; resolution: taskd's, ``raw`` by
+    default)."""
 
     fields: list[SummaryField]
     condition: list[MonitoringCondition]
+    resolution: NotRequired[Resolution]
 
 
 StaticQueryParam = Annotated[
@@ -2084,5 +2099,6 @@ DynamicQueryParam = Annotated[
     MonitoringQuery, Parse(_monitoring_query(_DYNAMIC_FIELDS_ADAPTER), wire=DynamicDataQuery)
 ]
 SummaryQueryParam = Annotated[
-    MonitoringQuery, Parse(_monitoring_query(_SUMMARY_FIELDS_ADAPTER), wire=DynamicSummaryQuery)
+    MonitoringQuery,
+    Parse(_monitoring_query(_SUMMARY_FIELDS_ADAPTER, summary=True), wire=DynamicSummaryQuery),
 ]

@@ -401,3 +401,64 @@ async def test_a_running_agent_reports_to_the_server(server: Server, tmp_path: P
     )
     assert len(static) == 1 and static[0]["system"]["system_host_name"]
     assert agent_uuid in [agent["uuid"] for agent in await server.su("agent_list")]
+
+
+async def test_rollups_keep_min_avg_max_per_minute_and_hour(server: Server) -> None:
+    """Summaries seeded across months roll up into 1-minute and 1-hour buckets as they are
+    stored (a resend counts once, a missing figure is left out of its average), and summary
+    queries answer from the resolution asked, or for ``auto`` the one fitting ~500 points."""
+    token = await add_token(server, reporter_limits(A))
+    hour = 3_600_000
+    start = server.clock.now_ms() // hour * hour - 90 * 24 * hour  # three months ago
+    # minute 0: cpu 10%, 20%, 30%; minute 1: 50%, 70%; then one report a month later
+    seeded = [(0, 100), (20_000, 200), (40_000, 300), (60_000, 500), (80_000, 700)]
+    for offset, cpu in seeded:
+        summary = {**summary_at(A, start + offset, cpu), "gpu_usage": 40 if cpu == 100 else None}
+        await server.call("agent_report_dynamic_summary", token, summary)
+    await server.call("agent_report_dynamic_summary", token, summary_at(A, start + 20_000, 900))
+    month_later = start + 30 * 24 * hour
+    await server.call("agent_report_dynamic_summary", token, summary_at(A, month_later, 400))
+
+    def query(resolution: str, low: int, high: int) -> dict[str, Any]:
+        return {
+            "fields": ["cpu_usage", "gpu_usage"],
+            "condition": [{"uuid": A}, {"timestamp_from_to": [low, high]}],
+            "resolution": resolution,
+        }
+
+    minutes = await server.su("agent_query_dynamic_summary", query("1m", start, start + hour))
+    assert [
+        (m["timestamp"], m["cpu_usage_min"], m["cpu_usage"], m["cpu_usage_max"]) for m in minutes
+    ] == [
+        (start, 10.0, 20.0, 30.0),
+        (start + 60_000, 50.0, 60.0, 70.0),
+    ]
+    assert minutes[0]["gpu_usage"] == 40 and minutes[1]["gpu_usage"] is None
+    assert {m["resolution"] for m in minutes} == {"1m"}
+    hours = await server.su("agent_query_dynamic_summary", query("1h", start, month_later))
+    assert [
+        (h["timestamp"], h["cpu_usage_min"], h["cpu_usage"], h["cpu_usage_max"]) for h in hours
+    ] == [
+        (start, 10.0, 36.0, 70.0),
+        (month_later, 40.0, 40.0, 40.0),
+    ]
+    raw = await server.su("agent_query_dynamic_summary", query("raw", start, start + hour))
+    assert [r["cpu_usage"] for r in raw] == [10.0, 20.0, 30.0, 50.0, 70.0]
+
+    auto_month = await server.su("agent_query_dynamic_summary", query("auto", start, month_later))
+    assert {r["resolution"] for r in auto_month} == {"1h"}
+    day = 24 * hour
+    auto_day = await server.su("agent_query_dynamic_summary", query("auto", start, start + day))
+    assert {r["resolution"] for r in auto_day} == {"1m"}
+    auto_hour = await server.su("agent_query_dynamic_summary", query("auto", start, start + hour))
+    assert auto_hour == raw
+
+    message = await failed(
+        server, -32602, "agent_query_dynamic_summary", server.super_token, query("5m", 0, 1)
+    )
+    assert "resolution" in message
+    reader = await add_token(
+        server,
+        [{"scopes": [{"agent_uuid": B}], "permissions": [{"dynamic_monitoring_summary": "read"}]}],
+    )
+    await failed(server, 102, "agent_query_dynamic_summary", reader, query("1h", 0, month_later))

@@ -12,6 +12,10 @@ Queries and deletes take NodeGet's conditions; without a ``uuid`` condition they
 need the global scope. Queries need ``{"read": field}`` for each field asked
 (static and dynamic: with no fields, one readable field, and only ``uuid`` and
 ``timestamp`` are answered; summary: no fields means every field).
+
+taskd extension: a summary query's ``resolution`` (``raw``, ``1m``, ``1h``, ``auto``)
+answers rollup buckets for ``1m``/``1h``: each figure's average, ``<figure>_min`` and
+``<figure>_max``, ``timestamp`` being the bucket's start.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from taskd.protocol import (
     Token,
 )
 from taskd.rpc import CallContext, method
-from taskd.store.monitoring import Kind
+from taskd.store.monitoring import ROLLUP_RESOLUTIONS, Kind
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +61,8 @@ SUMMARY_LIMITS: dict[str, int] = {
     **dict.fromkeys(("uptime", "process_count", "tcp_connections", "udp_connections"), 2**31 - 1),
 }
 """The largest value of each summary figure that is not a 64-bit one (its column's range)."""
+AUTO_POINTS = 500
+"""About how many points an ``auto`` summary query answers over its range."""
 TENTHS = frozenset({"cpu_usage", "load_one", "load_five", "load_fifteen"})
 """Summary figures stored as ten times the value, answered as the value."""
 
@@ -278,10 +284,47 @@ async def agent_query_dynamic_summary(
     ``cpu_usage`` and the loads as values, not tenths."""
     query = dynamic_summary_query
     fields: Sequence[str] = query.fields or SUMMARY_FIELDS
-    rows = await _query(
-        ctx, token, "dynamic_monitoring_summary", "summary", fields, fields, query.window
+    resolution = query.resolution
+    if resolution == "auto":
+        resolution = auto_resolution(query.window, ctx.app.clock.now_ms())
+    if resolution == "raw":
+        rows = await _query(
+            ctx, token, "dynamic_monitoring_summary", "summary", fields, fields, query.window
+        )
+        return [_summary_item(row, fields) for row in rows]
+    principal = await ctx.app.authenticate(token, ctx.remote)
+    _authorize_scope(
+        principal, _read_needs("dynamic_monitoring_summary", fields, fields)[0], query.window.uuids
     )
-    return [_summary_item(row, fields) for row in rows]
+    if len(query.window.uuids) > 1:
+        return []
+    buckets = await ctx.app.store.rollup_rows(ROLLUP_RESOLUTIONS[resolution], query.window)
+    return [_rollup_item(row, fields, resolution) for row in buckets]
+
+
+def auto_resolution(window: MonitoringWindow, now_ms: int) -> Literal["raw", "1m", "1h"]:
+    """The finest resolution giving at most about AUTO_POINTS points over the window (its
+    end defaults to now, its start to an hour before its end)."""
+    end = window.time_to if window.time_to is not None else now_ms
+    start = window.time_from if window.time_from is not None else end - 3_600_000
+    step = max(end - start, 0) / AUTO_POINTS
+    if step < ROLLUP_RESOLUTIONS["1m"]:
+        return "raw"
+    if step < ROLLUP_RESOLUTIONS["1h"]:
+        return "1m"
+    return "1h"
+
+
+def _rollup_item(row: Mapping[str, Any], fields: Sequence[str], resolution: str) -> dict[str, Any]:
+    """A bucket as a summary row: each figure's average, and its ``_min`` and ``_max``."""
+    item: dict[str, Any] = {"uuid": row["uuid"], "timestamp": row["time"], "resolution": resolution}
+    for name in fields:
+        count = row[f"{name}_count"]
+        average = row[f"{name}_sum"] / count if count else None
+        item[name] = _summary_value(name, average)
+        item[f"{name}_min"] = _summary_value(name, row[f"{name}_min"])
+        item[f"{name}_max"] = _summary_value(name, row[f"{name}_max"])
+    return item
 
 
 async def _multi_last(

@@ -6,9 +6,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Connection, Table, delete, func, select
+from sqlalchemy import ColumnElement, Connection, Table, case, delete, func, select
 
-from taskd.models import dynamic_monitoring_t, static_monitoring_t, summary_t
+from taskd.models import (
+    ROLLUP_FIGURES,
+    ROLLUP_PARTS,
+    dynamic_monitoring_t,
+    static_monitoring_t,
+    summary_rollup_t,
+    summary_t,
+)
 from taskd.protocol import MAX_MONITORING_ROWS, MonitoringWindow
 from taskd.store.database import Database
 
@@ -18,6 +25,10 @@ TABLES: dict[Kind, Table] = {
     "dynamic": dynamic_monitoring_t,
     "summary": summary_t,
 }
+
+
+ROLLUP_RESOLUTIONS: dict[str, int] = {"1m": 60_000, "1h": 3_600_000}
+"""The rollups kept, by name, in ms per bucket."""
 
 
 def _where(window: MonitoringWindow, table: Table) -> list[ColumnElement[bool]]:
@@ -58,18 +69,85 @@ class MonitoringQueries(Database):
     async def store_report(
         self, kind: Literal["dynamic", "summary"], row: Mapping[str, Any]
     ) -> None:
-        """Store a dynamic report or summary; one stored for that time already is kept."""
+        """Store a dynamic report or summary; one stored for that time already is kept.
+
+        A summary stored is added to its 1-minute and 1-hour rollup buckets in the same
+        transaction (a resend is not: it is not stored).
+        """
         table = TABLES[kind]
         statement = (
             self.backend.insert(table)
             .values(**row)
             .on_conflict_do_nothing(index_elements=[table.c.uuid, table.c.time])
+            .returning(table.c.time)
+        )
+        rollups = (
+            [self._rollup(row, resolution) for resolution in ROLLUP_RESOLUTIONS.values()]
+            if kind == "summary"
+            else []
         )
 
         def store(conn: Connection) -> None:
-            conn.execute(statement)
+            if conn.execute(statement).first() is None:
+                return  # stored already
+            for rollup in rollups:
+                conn.execute(rollup)
 
         await self.write(store)
+
+    def _rollup(self, row: Mapping[str, Any], resolution: int) -> Any:
+        """The upsert adding a summary to its bucket of ``resolution`` ms."""
+        values: dict[str, Any] = {
+            "uuid": row["uuid"],
+            "resolution": resolution,
+            "bucket": row["time"] - row["time"] % resolution,
+        }
+        for name in ROLLUP_FIGURES:
+            value = row.get(name)
+            values[f"{name}_count"] = 0 if value is None else 1
+            for part in ("sum", "min", "max"):
+                values[f"{name}_{part}"] = value
+        insert = self.backend.insert(summary_rollup_t).values(**values)
+        new, old = insert.excluded, summary_rollup_t.c
+        changes: dict[str, Any] = {}
+        for name in ROLLUP_FIGURES:
+            count, total, low, high = (f"{name}_{part}" for part in ROLLUP_PARTS)
+            changes[count] = old[count] + new[count]
+            changes[total] = case(
+                (new[total].is_(None), old[total]),
+                (old[total].is_(None), new[total]),
+                else_=old[total] + new[total],
+            )
+            changes[low] = case(
+                (old[low].is_(None) | (new[low] < old[low]), new[low]), else_=old[low]
+            )
+            changes[high] = case(
+                (old[high].is_(None) | (new[high] > old[high]), new[high]), else_=old[high]
+            )
+        return insert.on_conflict_do_update(
+            index_elements=[old.uuid, old.resolution, old.bucket], set_=changes
+        )
+
+    async def rollup_rows(self, resolution: int, window: MonitoringWindow) -> list[dict[str, Any]]:
+        """The rollup buckets of ``window`` (bucket start as ``time``; at most
+        MAX_MONITORING_ROWS), as column mappings."""
+        table = summary_rollup_t
+        clauses = [table.c.resolution == resolution, *(table.c.uuid == u for u in window.uuids)]
+        if window.time_from is not None:
+            clauses.append(table.c.bucket >= window.time_from - window.time_from % resolution)
+        if window.time_to is not None:
+            clauses.append(table.c.bucket <= window.time_to)
+        statement = select(table, table.c.bucket.label("time")).where(*clauses)
+        if window.limit is not None:
+            statement = statement.order_by(table.c.bucket.desc())
+        else:
+            statement = statement.order_by(table.c.bucket.asc())
+        statement = statement.limit(min(window.limit or MAX_MONITORING_ROWS, MAX_MONITORING_ROWS))
+
+        def fetch(conn: Connection) -> list[dict[str, Any]]:
+            return [dict(row._mapping) for row in conn.execute(statement)]
+
+        return await self.read(fetch)
 
     async def monitoring_rows(self, kind: Kind, window: MonitoringWindow) -> list[dict[str, Any]]:
         """The rows of ``window`` (at most MAX_MONITORING_ROWS), as column mappings."""

@@ -1,4 +1,4 @@
-"""static_monitoring, dynamic_monitoring, dynamic_monitoring_summary: host reports
+"""static_monitoring, dynamic_monitoring, dynamic_monitoring_summary(_rollup): host reports
 
 Revision ID: 0007
 Revises: 0006
@@ -81,10 +81,24 @@ def upgrade() -> None:
         *(sa.Column(name, kind(), nullable=True) for name, kind in SUMMARY_COLUMNS),
         sa.PrimaryKeyConstraint("uuid", "time"),
     )
+    parts = {"count": sa.Integer, "sum": sa.Float, "min": sa.BigInteger, "max": sa.BigInteger}
+    op.create_table(
+        "dynamic_monitoring_summary_rollup",
+        sa.Column("uuid", sa.String(length=36), nullable=False),
+        sa.Column("resolution", sa.Integer(), autoincrement=False, nullable=False),
+        sa.Column("bucket", sa.BigInteger(), autoincrement=False, nullable=False),
+        *(
+            sa.Column(f"{name}_{part}", kind(), nullable=part != "count")
+            for name, _ in SUMMARY_COLUMNS
+            for part, kind in parts.items()
+        ),
+        sa.PrimaryKeyConstraint("uuid", "resolution", "bucket"),
+    )
 
 
 def downgrade() -> None:
     """Revert this revision."""
+    op.drop_table("dynamic_monitoring_summary_rollup")
     op.drop_table("dynamic_monitoring_summary")
     op.drop_table("dynamic_monitoring")
     op.drop_index("ix_static_monitoring_uuid_time", table_name="static_monitoring")
