@@ -18,7 +18,14 @@ from taskd.agent.monitor import Monitor, summarize
 from taskd.config import parse_agent_config
 from taskd.roles import role_limits
 from tests.agent.test_client import running_agent
-from tests.helpers import RpcError, Server, add_token, wait_for
+from tests.helpers import (
+    RpcError,
+    Server,
+    add_token,
+    make_settings,
+    running_server,
+    wait_for,
+)
 
 A = str(uuid.uuid4())
 B = str(uuid.uuid4())
@@ -462,3 +469,56 @@ async def test_rollups_keep_min_avg_max_per_minute_and_hour(server: Server) -> N
         [{"scopes": [{"agent_uuid": B}], "permissions": [{"dynamic_monitoring_summary": "read"}]}],
     )
     await failed(server, 102, "agent_query_dynamic_summary", reader, query("1h", 0, month_later))
+
+
+async def test_retention_prunes_each_table_in_chunks_as_the_clock_moves(
+    database_url: str,
+) -> None:
+    """With the server's clock moved ahead (no waiting), a prune pass deletes the raw rows,
+    rollups and superseded static reports past their retention, in chunks smaller than the
+    backlog, and keeps what is younger and each agent's newest static report."""
+    settings = make_settings(
+        database_url,
+        monitoring_dynamic_retention_s=60,
+        monitoring_summary_retention_s=3600,
+        monitoring_rollup_1m_retention_s=86400,
+        monitoring_rollup_1h_retention_s=30 * 86400,
+        monitoring_static_retention_s=86400,
+        monitoring_prune_interval_s=3600,
+    )
+    async with running_server(settings) as server:
+        token = await add_token(server, reporter_limits(A))
+        now = server.clock.now_ms() // 60_000 * 60_000  # the summaries share a minute
+        static, dynamic, _ = reports(A, now)
+        await server.call("agent_report_static", token, static)
+        changed = {**static, "data_hash": [(b + 1) % 256 for b in static["data_hash"]]}
+        await server.call("agent_report_static", token, {**changed, "time": now + 1})
+        await server.call("agent_report_dynamic", token, dynamic)
+        for second in range(25):
+            await server.call("agent_report_dynamic_summary", token, summary_at(A, now + second))
+
+        async def count(kind: str, resolution: str = "raw") -> int:
+            query: dict[str, Any] = {"fields": [], "condition": [{"uuid": A}]}
+            if kind == "summary":
+                query["resolution"] = resolution
+                return len(await server.su("agent_query_dynamic_summary", query))
+            return len(await server.su(f"agent_query_{kind}", query))
+
+        assert await server.service.pruner.prune() == 0
+        server.clock.advance(2 * 3600)  # past raw dynamic and summary retention
+        pruned = server.service.pruner
+        pruned.chunk = 10  # the 25 summaries go in three writes
+        assert await pruned.prune() == 1 + 25
+        assert (await count("dynamic"), await count("summary")) == (0, 0)
+        assert await count("summary", "1m") == 1 and await count("summary", "1h") == 1
+        assert await count("static") == 2
+
+        server.clock.advance(2 * 86400)  # past 1-minute rollups and static retention
+        assert await pruned.prune() == 2
+        assert await count("summary", "1m") == 0 and await count("summary", "1h") == 1
+        [kept] = await server.su("agent_query_static", {"fields": [], "condition": []})
+        assert kept["timestamp"] == now + 1
+
+        server.clock.advance(30 * 86400)
+        assert await pruned.prune() == 1
+        assert await count("summary", "1h") == 0 and await count("static") == 1

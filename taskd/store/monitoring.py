@@ -210,3 +210,31 @@ class MonitoringQueries(Database):
             return deleted
 
         return await self.write(remove)
+
+    async def prune_monitoring(
+        self, kind: Kind | Literal["1m", "1h"], agent_uuid: str, before_ms: int, chunk: int
+    ) -> int:
+        """Delete up to ``chunk`` of one agent's rows older than ``before_ms``, oldest first
+        (its newest static report is always kept); how many went."""
+        if kind in ROLLUP_RESOLUTIONS:
+            table, time = summary_rollup_t, summary_rollup_t.c.bucket
+            clauses = [table.c.resolution == ROLLUP_RESOLUTIONS[kind]]
+        else:
+            table = TABLES[kind]  # type: ignore[index]
+            time, clauses = table.c.time, []
+        key = table.c.id if table is static_monitoring_t else time
+        chosen = (
+            select(key)
+            .where(table.c.uuid == agent_uuid, time < before_ms, *clauses)
+            .order_by(time)
+            .limit(chunk)
+        )
+        if table is static_monitoring_t:
+            newest = select(func.max(table.c.id)).where(table.c.uuid == agent_uuid)
+            chosen = chosen.where(key != newest.scalar_subquery())
+        statement = delete(table).where(table.c.uuid == agent_uuid, *clauses, key.in_(chosen))
+
+        def remove(conn: Connection) -> int:
+            return int(conn.execute(statement).rowcount)
+
+        return await self.write(remove)
