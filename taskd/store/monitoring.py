@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Connection, Table, case, delete, func, select
+from sqlalchemy import ColumnElement, Connection, Table, bindparam, case, delete, func, select
+from sqlalchemy.sql.expression import ClauseElement
 
 from taskd.models import (
     ROLLUP_FIGURES,
@@ -17,7 +19,9 @@ from taskd.models import (
     summary_t,
 )
 from taskd.protocol import MAX_MONITORING_ROWS, MonitoringWindow
+from taskd.store.backend import Backend, Driver
 from taskd.store.database import Database
+from taskd.store.writer import HotOp
 
 Kind = Literal["static", "dynamic", "summary"]
 TABLES: dict[Kind, Table] = {
@@ -45,6 +49,133 @@ def _where(window: MonitoringWindow, table: Table) -> list[ColumnElement[bool]]:
     return clauses
 
 
+def _inserter(table: Table) -> Callable[[Backend], ClauseElement]:
+    def build(backend: Backend) -> ClauseElement:
+        names = [column.name for column in table.c]
+        insert = backend.insert(table).values({name: bindparam(name) for name in names})
+        return insert.on_conflict_do_nothing(index_elements=[table.c.uuid, table.c.time])
+
+    return build
+
+
+def _stored_already(table: Table) -> Callable[[Backend], ClauseElement]:
+    def build(backend: Backend) -> ClauseElement:
+        return select(table.c.uuid, table.c.time).where(
+            backend.one_of(table.c.uuid, "uuids"), backend.one_of(table.c.time, "times")
+        )
+
+    return build
+
+
+_INSERT = {"dynamic": _inserter(dynamic_monitoring_t), "summary": _inserter(summary_t)}
+_STORED = {"dynamic": _stored_already(dynamic_monitoring_t), "summary": _stored_already(summary_t)}
+
+
+def _rollup_upsert(backend: Backend) -> ClauseElement:
+    """Add a batch's figures to a rollup bucket: counts and sums add up, min and max hold."""
+    names = [column.name for column in summary_rollup_t.c]
+    insert = backend.insert(summary_rollup_t).values({name: bindparam(name) for name in names})
+    new, old = insert.excluded, summary_rollup_t.c
+    changes: dict[str, Any] = {}
+    for name in ROLLUP_FIGURES:
+        count, total, low, high = (f"{name}_{part}" for part in ROLLUP_PARTS)
+        changes[count] = old[count] + new[count]
+        changes[total] = case(
+            (new[total].is_(None), old[total]),
+            (old[total].is_(None), new[total]),
+            else_=old[total] + new[total],
+        )
+        changes[low] = case((old[low].is_(None) | (new[low] < old[low]), new[low]), else_=old[low])
+        changes[high] = case(
+            (old[high].is_(None) | (new[high] > old[high]), new[high]), else_=old[high]
+        )
+    return insert.on_conflict_do_update(
+        index_elements=[old.uuid, old.resolution, old.bucket], set_=changes
+    )
+
+
+def _add_to_buckets(
+    buckets: dict[tuple[str, int, int], dict[str, Any]], row: Mapping[str, Any]
+) -> None:
+    for resolution in ROLLUP_RESOLUTIONS.values():
+        key = (row["uuid"], resolution, row["time"] - row["time"] % resolution)
+        bucket = buckets.get(key)
+        if bucket is None:
+            bucket = buckets[key] = {"uuid": key[0], "resolution": key[1], "bucket": key[2]}
+            for name in ROLLUP_FIGURES:
+                bucket[f"{name}_count"] = 0
+                bucket[f"{name}_sum"] = bucket[f"{name}_min"] = bucket[f"{name}_max"] = None
+        for name in ROLLUP_FIGURES:
+            value = row.get(name)
+            if value is None:
+                continue
+            bucket[f"{name}_count"] += 1
+            if bucket[f"{name}_sum"] is None:
+                bucket[f"{name}_sum"] = bucket[f"{name}_min"] = bucket[f"{name}_max"] = value
+            else:
+                bucket[f"{name}_sum"] += value
+                bucket[f"{name}_min"] = min(bucket[f"{name}_min"], value)
+                bucket[f"{name}_max"] = max(bucket[f"{name}_max"], value)
+
+
+async def _store_new(
+    driver: Driver, kind: Literal["dynamic", "summary"], ops: Sequence[Any]
+) -> list[dict[str, Any]]:
+    """Insert the rows of ``ops`` not stored yet (the first of a batch for one key); those
+    rows. All waiting reports are two statements, whatever their number."""
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for op in ops:
+        rows.setdefault((op.row["uuid"], op.row["time"]), op.row)
+    backend = driver.backend
+    stored = backend.statement(_STORED[kind])
+    found = await driver.fetch(
+        stored,
+        *stored.args(
+            {
+                "uuids": backend.list_arg(sorted({u for u, _ in rows})),
+                "times": backend.list_arg(sorted({t for _, t in rows})),
+            }
+        ),
+    )
+    for uuid, time in found:
+        rows.pop((uuid, time), None)
+    if rows:
+        insert = backend.statement(_INSERT[kind])
+        await driver.execute_many(insert, [insert.args(row) for _, row in sorted(rows.items())])
+    return list(rows.values())
+
+
+@dataclass(eq=False)
+class DynamicStoredOp(HotOp):
+    """Store a dynamic report; all waiting ones together."""
+
+    row: Mapping[str, Any]
+
+    @classmethod
+    async def run_all(cls, driver: Driver, ops: Sequence[Any]) -> list[Any]:
+        await _store_new(driver, "dynamic", ops)
+        return [None] * len(ops)
+
+
+@dataclass(eq=False)
+class SummaryStoredOp(HotOp):
+    """Store a summary and add it to its 1-minute and 1-hour rollups; all waiting ones
+    together, each bucket updated once per batch."""
+
+    row: Mapping[str, Any]
+
+    @classmethod
+    async def run_all(cls, driver: Driver, ops: Sequence[Any]) -> list[Any]:
+        buckets: dict[tuple[str, int, int], dict[str, Any]] = {}
+        for row in await _store_new(driver, "summary", ops):
+            _add_to_buckets(buckets, row)
+        if buckets:
+            upsert = driver.backend.statement(_rollup_upsert)
+            # in key order, so batches of two nodes cannot deadlock on each other's rows
+            await driver.execute_many(upsert, [upsert.args(b) for _, b in sorted(buckets.items())])
+        return [None] * len(ops)
+
+
 class MonitoringQueries(Database):
     """Host monitoring rows."""
 
@@ -69,64 +200,10 @@ class MonitoringQueries(Database):
     async def store_report(
         self, kind: Literal["dynamic", "summary"], row: Mapping[str, Any]
     ) -> None:
-        """Store a dynamic report or summary; one stored for that time already is kept.
-
-        A summary stored is added to its 1-minute and 1-hour rollup buckets in the same
-        transaction (a resend is not: it is not stored).
-        """
-        table = TABLES[kind]
-        statement = (
-            self.backend.insert(table)
-            .values(**row)
-            .on_conflict_do_nothing(index_elements=[table.c.uuid, table.c.time])
-            .returning(table.c.time)
-        )
-        rollups = (
-            [self._rollup(row, resolution) for resolution in ROLLUP_RESOLUTIONS.values()]
-            if kind == "summary"
-            else []
-        )
-
-        def store(conn: Connection) -> None:
-            if conn.execute(statement).first() is None:
-                return  # stored already
-            for rollup in rollups:
-                conn.execute(rollup)
-
-        await self.write(store)
-
-    def _rollup(self, row: Mapping[str, Any], resolution: int) -> Any:
-        """The upsert adding a summary to its bucket of ``resolution`` ms."""
-        values: dict[str, Any] = {
-            "uuid": row["uuid"],
-            "resolution": resolution,
-            "bucket": row["time"] - row["time"] % resolution,
-        }
-        for name in ROLLUP_FIGURES:
-            value = row.get(name)
-            values[f"{name}_count"] = 0 if value is None else 1
-            for part in ("sum", "min", "max"):
-                values[f"{name}_{part}"] = value
-        insert = self.backend.insert(summary_rollup_t).values(**values)
-        new, old = insert.excluded, summary_rollup_t.c
-        changes: dict[str, Any] = {}
-        for name in ROLLUP_FIGURES:
-            count, total, low, high = (f"{name}_{part}" for part in ROLLUP_PARTS)
-            changes[count] = old[count] + new[count]
-            changes[total] = case(
-                (new[total].is_(None), old[total]),
-                (old[total].is_(None), new[total]),
-                else_=old[total] + new[total],
-            )
-            changes[low] = case(
-                (old[low].is_(None) | (new[low] < old[low]), new[low]), else_=old[low]
-            )
-            changes[high] = case(
-                (old[high].is_(None) | (new[high] > old[high]), new[high]), else_=old[high]
-            )
-        return insert.on_conflict_do_update(
-            index_elements=[old.uuid, old.resolution, old.bucket], set_=changes
-        )
+        """Store a dynamic report or summary, answered once committed; one stored for that
+        time already is kept (a resend). A stored summary is added to its rollups."""
+        full = {column.name: row.get(column.name) for column in TABLES[kind].c}
+        await self.submit(DynamicStoredOp(full) if kind == "dynamic" else SummaryStoredOp(full))
 
     async def rollup_rows(self, resolution: int, window: MonitoringWindow) -> list[dict[str, Any]]:
         """The rollup buckets of ``window`` (bucket start as ``time``; at most
