@@ -460,10 +460,18 @@ async def test_rollups_keep_min_avg_max_per_minute_and_hour(server: Server) -> N
     auto_month = await server.su("agent_query_dynamic_summary", query("auto", start, month_later))
     assert {r["resolution"] for r in auto_month} == {"1h"}
     day = 24 * hour
-    auto_day = await server.su("agent_query_dynamic_summary", query("auto", start, start + day))
-    assert {r["resolution"] for r in auto_day} == {"1m"}
-    auto_hour = await server.su("agent_query_dynamic_summary", query("auto", start, start + hour))
-    assert auto_hour == raw
+    # three months ago raw rows (6 h) and 1-minute rollups (3 days) are past retention
+    auto_old = await server.su("agent_query_dynamic_summary", query("auto", start, start + hour))
+    assert {r["resolution"] for r in auto_old} == {"1h"}
+    now = server.clock.now_ms()
+    recent = summary_at(A, now - 60_000, 250)
+    await server.call("agent_report_dynamic_summary", token, recent)
+    auto_day = await server.su("agent_query_dynamic_summary", query("auto", now - day, now))
+    assert [(r["resolution"], r["cpu_usage"]) for r in auto_day] == [("1m", 25.0)]
+    auto_hour = await server.su("agent_query_dynamic_summary", query("auto", now - hour, now))
+    assert auto_hour == [
+        {"uuid": A, "timestamp": recent["time"], "cpu_usage": 25.0, "gpu_usage": None}
+    ]
 
     message = await failed(
         server, -32602, "agent_query_dynamic_summary", server.super_token, query("5m", 0, 1)

@@ -28,6 +28,7 @@ from typing_extensions import TypedDict
 
 from taskd.auth import Need, Principal, allows, authorize
 from taskd.errors import InvalidInput
+from taskd.monitoring import retentions
 from taskd.protocol import (
     DYNAMIC_FIELDS,
     STATIC_FIELDS,
@@ -286,7 +287,10 @@ async def agent_query_dynamic_summary(
     fields: Sequence[str] = query.fields or SUMMARY_FIELDS
     resolution = query.resolution
     if resolution == "auto":
-        resolution = auto_resolution(query.window, ctx.app.clock.now_ms())
+        kept = retentions(ctx.app.settings)
+        resolution = auto_resolution(
+            query.window, ctx.app.clock.now_ms(), {"raw": kept["summary"], "1m": kept["1m"]}
+        )
     if resolution == "raw":
         rows = await _query(
             ctx, token, "dynamic_monitoring_summary", "summary", fields, fields, query.window
@@ -302,15 +306,23 @@ async def agent_query_dynamic_summary(
     return [_rollup_item(row, fields, resolution) for row in buckets]
 
 
-def auto_resolution(window: MonitoringWindow, now_ms: int) -> Literal["raw", "1m", "1h"]:
+def auto_resolution(
+    window: MonitoringWindow, now_ms: int, kept_ms: Mapping[str, int] | None = None
+) -> Literal["raw", "1m", "1h"]:
     """The finest resolution giving at most about AUTO_POINTS points over the window (its
-    end defaults to now, its start to an hour before its end)."""
+    end defaults to now, its start to an hour before its end) whose rows are still kept at
+    the window's start (``kept_ms``: retention of ``raw`` and ``1m``)."""
     end = window.time_to if window.time_to is not None else now_ms
     start = window.time_from if window.time_from is not None else end - 3_600_000
     step = max(end - start, 0) / AUTO_POINTS
-    if step < ROLLUP_RESOLUTIONS["1m"]:
+    kept = kept_ms or {}
+
+    def fits(name: str, finest_step: int) -> bool:
+        return step < finest_step and start >= now_ms - kept.get(name, now_ms)
+
+    if fits("raw", ROLLUP_RESOLUTIONS["1m"]):
         return "raw"
-    if step < ROLLUP_RESOLUTIONS["1h"]:
+    if fits("1m", ROLLUP_RESOLUTIONS["1h"]):
         return "1m"
     return "1h"
 
