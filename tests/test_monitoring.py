@@ -535,3 +535,107 @@ async def test_retention_prunes_each_table_in_chunks_as_the_clock_moves(
         server.clock.advance(30 * 86400)
         assert await pruned.prune() == 1
         assert await count("summary", "1h") == 0 and await count("static") == 1
+
+
+NODEGET_STATIC: dict[str, Any] = {
+    "data_hash": [171, 205, 18, 52, 86, 120, 144, 171, 205, 239, 1, 35, 69, 103, 137, 171],
+    "cpu": {
+        "physical_cores": 16,
+        "logical_cores": 32,
+        "per_core": [
+            {"id": 1, "name": "CPU 1", "vendor_id": "AuthenticAMD", "brand": "AMD Ryzen 9 8945HX"}
+        ],
+    },
+    "system": {
+        "system_name": "Windows",
+        "system_kernel": "26200",
+        "system_kernel_version": "Windows 11 IoT Enterprise LTSC 2024",
+        "system_os_version": "11 (26200)",
+        "system_os_long_version": "Windows 11 IoT Enterprise LTSC 2024",
+        "distribution_id": "windows",
+        "system_host_name": "DESKTOP-BI8T1T9",
+        "arch": "x86_64",
+        "virtualization": "HyperV",
+    },
+    "gpu": [{"id": 1, "name": "RTX 5060", "cuda_cores": 3328, "architecture": "Blackwell"}],
+}
+"""NodeGet's documented StaticMonitoringData example (without uuid and time)."""
+NODEGET_DYNAMIC: dict[str, Any] = {
+    "cpu": {
+        "per_core": [{"id": 1, "cpu_usage": 13.43, "frequency_mhz": 2007}],
+        "total_cpu_usage": 4.04,
+    },
+    "ram": {
+        "total_memory": 68501925888,
+        "available_memory": 41439596544,
+        "used_memory": 27062329344,
+        "total_swap": 0,
+        "used_swap": 0,
+    },
+    "load": {"one": 0, "five": 0, "fifteen": 0},
+    "system": {"boot_time": 1769337198, "uptime": 6970, "process_count": 313},
+    "disk": [
+        {
+            "kind": "Ssd",
+            "name": "",
+            "file_system": "NTFS",
+            "mount_point": "C:\\",
+            "total_space": 322057531392,
+            "available_space": 91563786240,
+            "is_removable": False,
+            "is_read_only": False,
+            "read_speed": 35741,
+            "write_speed": 49550,
+        }
+    ],
+    "network": {
+        "interfaces": [
+            {
+                "interface_name": "WLAN",
+                "total_received": 527863209,
+                "total_transmitted": 484144450,
+                "receive_speed": 5559,
+                "transmit_speed": 1626,
+            }
+        ],
+        "udp_connections": 67,
+        "tcp_connections": 165,
+    },
+    "gpu": [
+        {
+            "id": 1,
+            "used_memory": 2169692160,
+            "total_memory": 8546942976,
+            "graphics_clock_mhz": 510,
+            "sm_clock_mhz": 510,
+            "memory_clock_mhz": 405,
+            "video_clock_mhz": 622,
+            "utilization_gpu": 5,
+            "utilization_memory": 30,
+            "temperature": 51,
+        }
+    ],
+}
+"""NodeGet's documented DynamicMonitoringData example (without uuid and time)."""
+
+
+async def test_nodegets_documented_reports_are_stored_as_sent(server: Server) -> None:
+    """NodeGet's own example reports, sent with named params as its agent does, are stored
+    and read back unchanged, and NodeGet-board's multi-last reads find them."""
+    token = await add_token(server, role_limits("agent", agents=[A]))
+    now = server.clock.now_ms()
+    static = {"uuid": A.upper(), "time": now, **NODEGET_STATIC}
+    dynamic = {"uuid": A, "time": now, **NODEGET_DYNAMIC}
+    reply = await server.call("agent_report_static", token=token, static_monitoring_data=static)
+    assert reply == {"status": "stored"}
+    reply = await server.call("agent_report_dynamic", token=token, dynamic_monitoring_data=dynamic)
+    assert reply == {"status": "stored"}
+    [row] = await server.su("agent_static_data_multi_last_query", [A], ["cpu", "system", "gpu"])
+    assert row == {
+        "uuid": A,
+        "timestamp": now,
+        **{k: NODEGET_STATIC[k] for k in ("cpu", "system", "gpu")},
+    }
+    fields = ["cpu", "ram", "load", "system", "disk", "network", "gpu"]
+    [row] = await server.su("agent_dynamic_data_multi_last_query", [A], fields)
+    assert row == {"uuid": A, "timestamp": now, **NODEGET_DYNAMIC}
