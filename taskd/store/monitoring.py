@@ -7,7 +7,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Connection, Table, bindparam, case, delete, func, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    String,
+    Table,
+    bindparam,
+    case,
+    delete,
+    func,
+    select,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.expression import ClauseElement
 
 from taskd.models import (
@@ -31,6 +42,8 @@ TABLES: dict[Kind, Table] = {
 }
 
 
+LAST_CHUNK = 5000
+"""Agents looked up by one multi-last statement (each is a bound parameter)."""
 ROLLUP_RESOLUTIONS: dict[str, int] = {"1m": 60_000, "1h": 3_600_000}
 """The rollups kept, by name, in ms per bucket."""
 
@@ -243,23 +256,53 @@ class MonitoringQueries(Database):
         return await self.read(fetch)
 
     async def monitoring_last(self, kind: Kind, uuids: Sequence[str]) -> list[dict[str, Any]]:
-        """The newest row of each agent in ``uuids`` that has one, in the order asked."""
+        """The newest row of each agent in ``uuids`` that has one, in the order asked.
+
+        One index seek per agent (the newest time of the agent, then its row by key),
+        whatever the number of rows each agent has.
+        """
         table = TABLES[kind]
-        newest = (
-            select(table.c.uuid, func.max(table.c.time).label("time"))
-            .where(table.c.uuid.in_(set(uuids)))
-            .group_by(table.c.uuid)
-            .subquery()
-        )
-        statement = select(table).join(
-            newest, (table.c.uuid == newest.c.uuid) & (table.c.time == newest.c.time)
-        )
+        asked = list(dict.fromkeys(uuids))
+        statements = []
+        for start in range(0, len(asked), LAST_CHUNK):
+            chunk = asked[start : start + LAST_CHUNK]
+            key: ColumnElement[Any]
+            listed: Any
+            if self.is_sqlite:  # SQLite names no columns of a VALUES list: a JSON array
+                listed = func.json_each(self.backend.list_arg(chunk)).table_valued(
+                    "value", name="wanted"
+                )
+                key = listed.c.value
+            else:  # one array parameter, however many agents
+                listed = (
+                    func.unnest(bindparam("uuids", value=list(chunk), type_=ARRAY(String)))
+                    .table_valued("uuid", name="wanted")
+                    .render_derived()
+                )
+                key = listed.c.uuid
+            inner = table.alias("newest")
+            newest_time = (
+                select(func.max(inner.c.time)).where(inner.c.uuid == key).scalar_subquery()
+            )
+            last = (
+                select(key.label("uuid"), newest_time.label("time")).select_from(listed).subquery()
+            )
+            statements.append(
+                select(table).join(
+                    last, (table.c.uuid == last.c.uuid) & (table.c.time == last.c.time)
+                )
+            )
 
         def fetch(conn: Connection) -> list[dict[str, Any]]:
             found: dict[str, dict[str, Any]] = {}
-            for row in conn.execute(statement):
-                found.setdefault(row.uuid, dict(row._mapping))
-            return [found[uuid] for uuid in dict.fromkeys(uuids) if uuid in found]
+            for statement in statements:
+                for row in conn.execute(statement):
+                    # static rows may share a time: the newest id wins
+                    if row.uuid not in found or (
+                        kind == "static" and row.id > found[row.uuid]["id"]
+                    ):
+                        found[row.uuid] = dict(row._mapping)
+            return [found[uuid] for uuid in asked if uuid in found]
 
         return await self.read(fetch)
 
