@@ -22,6 +22,7 @@ from taskd.cluster import CHANNELS, Cluster
 from taskd.config import ServerSettings
 from taskd.hub import Hub
 from taskd.metrics import Metrics
+from taskd.monitoring import Pruner
 from taskd.revocation import Revocation
 from taskd.scheduler import Scheduler
 from taskd.store import Store
@@ -80,6 +81,7 @@ class App:
             settings, self.store, self.hub, self.cluster, self.authenticate
         )
         self.revocation = Revocation(self.auth, self.hub, self.terminals, self.cluster)
+        self.pruner = Pruner(self.store, settings, self.clock)
         self.metrics.gauge(
             "taskd_agents_connected",
             "Agents subscribed to this node",
@@ -116,6 +118,13 @@ class App:
             await stack.enter_async_context(_every(SEEN_FLUSH_S, self.hub.flush_seen, "taskd-seen"))
             await stack.enter_async_context(
                 _every(CHECKPOINT_S, self.store.checkpoint, "taskd-checkpoint")
+            )
+            await stack.enter_async_context(
+                _every(
+                    self.settings.monitoring_prune_interval_s,
+                    self.pruner.prune,
+                    "taskd-monitoring-prune",
+                )
             )
         except BaseException:
             await stack.aclose()

@@ -237,16 +237,12 @@ def _demo_tokens(settings: ServerSettings, agent_uuid: str, path: Path) -> dict[
 
     async def create() -> dict[str, str]:
         from taskd.auth import NewToken, hash_secret
+        from taskd.roles import agent_limits
         from taskd.store import Store
 
         made: dict[str, str] = {}
         roles = {
-            "agent": [
-                {
-                    "scopes": [{"agent_uuid": agent_uuid}],
-                    "permissions": [{"task": "listen"}, {"task": {"write": "*"}}],
-                }
-            ],
+            "agent": agent_limits(agent_uuid),
             "caller": [
                 {
                     "scopes": ["global"],

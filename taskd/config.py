@@ -109,6 +109,12 @@ class ServerSettings:
     db_pool_size: int = 10
     max_batch_items: int = 10_000
     trust_forwarded_for: tuple[str, ...] = ()
+    monitoring_dynamic_retention_s: int = 1800
+    monitoring_summary_retention_s: int = 6 * 3600
+    monitoring_rollup_1m_retention_s: int = 3 * 86400
+    monitoring_rollup_1h_retention_s: int = 400 * 86400
+    monitoring_static_retention_s: int = 400 * 86400
+    monitoring_prune_interval_s: int = 60
 
     @property
     def is_sqlite(self) -> bool:
@@ -131,7 +137,7 @@ def _server_value(name: str, value: Any) -> Any:
         "node_grace_ms",
         "db_pool_size",
         "max_batch_items",
-    ):
+    ) or name.startswith("monitoring_"):
         return _int(value, name, 1)
     if name in ("ws_ping_interval_s", "ws_ping_timeout_s", "auth_rate_per_s"):
         try:

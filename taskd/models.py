@@ -1,4 +1,5 @@
-"""SQLModel tables: tasks, tokens, agents, crons and their fire history, cluster nodes, KV.
+"""SQLModel tables: tasks, tokens, agents, crons and their fire history, cluster nodes, KV,
+host monitoring reports.
 
 The single source of column names, types and order: the store builds every statement
 from these tables (``task_t`` and the others are their typed Core handles).
@@ -15,8 +16,11 @@ from sqlalchemy import (
     BigInteger,
     Column,
     Dialect,
+    Float,
     Index,
     Integer,
+    SmallInteger,
+    String,
     Table,
     Text,
     TypeDecorator,
@@ -251,6 +255,119 @@ class Node(SQLModel, table=True):
     heartbeat: int = _ms()
 
 
+class StaticMonitoring(SQLModel, table=True):
+    """A host's static report (CPU, system, GPUs); a new row only when its data hash changes."""
+
+    __tablename__ = "static_monitoring"
+    __table_args__ = (Index("ix_static_monitoring_uuid_time", "uuid", "time"),)
+
+    id: int | None = _id()
+    uuid: str = Field(max_length=36)
+    time: int = _ms()
+    storage_time: int = _ms()
+    data_hash: str = Field(max_length=64)
+    cpu: Any = Field(sa_column=Column(JsonColumn, nullable=False))
+    system: Any = Field(sa_column=Column(JsonColumn, nullable=False))
+    gpu: Any = Field(sa_column=Column(JsonColumn, nullable=False))
+
+
+def _key_uuid() -> Any:
+    return Field(default=None, sa_column=Column(String(36), primary_key=True))
+
+
+def _key_time() -> Any:
+    return Field(default=None, sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+
+
+class DynamicMonitoring(SQLModel, table=True):
+    """A host's dynamic report, kept as sent (cpu, ram, load, system, disk, network, gpu)."""
+
+    __tablename__ = "dynamic_monitoring"
+
+    uuid: str = _key_uuid()
+    time: int = _key_time()
+    storage_time: int = _ms()
+    data: Any = Field(sa_column=Column(JsonColumn, nullable=False))
+
+
+def _small() -> Any:
+    return Field(default=None, sa_column=Column(SmallInteger, nullable=True))
+
+
+def _int() -> Any:
+    return Field(default=None, sa_column=Column(Integer, nullable=True))
+
+
+def _big() -> Any:
+    return Field(default=None, sa_column=Column(BigInteger, nullable=True))
+
+
+class DynamicMonitoringSummary(SQLModel, table=True):
+    """A host's flat summary, one typed column per figure (what charts read).
+
+    ``cpu_usage`` and the loads are stored times ten, as sent (NodeGet's format).
+    """
+
+    __tablename__ = "dynamic_monitoring_summary"
+
+    uuid: str = _key_uuid()
+    time: int = _key_time()
+    storage_time: int = _ms()
+    cpu_usage: int | None = _small()
+    gpu_usage: int | None = _small()
+    used_swap: int | None = _big()
+    total_swap: int | None = _big()
+    used_memory: int | None = _big()
+    total_memory: int | None = _big()
+    available_memory: int | None = _big()
+    load_one: int | None = _small()
+    load_five: int | None = _small()
+    load_fifteen: int | None = _small()
+    uptime: int | None = _int()
+    boot_time: int | None = _big()
+    process_count: int | None = _int()
+    total_space: int | None = _big()
+    available_space: int | None = _big()
+    read_speed: int | None = _big()
+    write_speed: int | None = _big()
+    tcp_connections: int | None = _int()
+    udp_connections: int | None = _int()
+    total_received: int | None = _big()
+    total_transmitted: int | None = _big()
+    transmit_speed: int | None = _big()
+    receive_speed: int | None = _big()
+
+
+ROLLUP_FIGURES: tuple[str, ...] = tuple(
+    name
+    for name in DynamicMonitoringSummary.model_fields
+    if name not in ("uuid", "time", "storage_time")
+)
+"""The summary figures a rollup keeps count, sum, min and max of."""
+ROLLUP_PARTS = ("count", "sum", "min", "max")
+
+summary_rollup_t = Table(
+    "dynamic_monitoring_summary_rollup",
+    SQLModel.metadata,
+    Column("uuid", String(36), primary_key=True),
+    Column("resolution", Integer, primary_key=True, autoincrement=False),
+    Column("bucket", BigInteger, primary_key=True, autoincrement=False),
+    *(
+        Column(
+            f"{name}_{part}",
+            {"count": Integer, "sum": Float, "min": BigInteger, "max": BigInteger}[part],
+            nullable=part != "count",
+            default=None,
+        )
+        for name in ROLLUP_FIGURES
+        for part in ROLLUP_PARTS
+    ),
+)
+"""Summaries rolled up per agent into buckets of ``resolution`` ms starting at ``bucket``
+(ms): per figure how many reports had it, their sum, min and max (written as each
+summary is stored; see store/monitoring.py)."""
+
+
 def _table(model: type[SQLModel]) -> Table:
     """The Core table of a model (SQLModel leaves ``__table__`` untyped)."""
     table: Table = model.__table__  # type: ignore[attr-defined]
@@ -265,3 +382,6 @@ cron_t = _table(Cron)
 cron_result_t = _table(CronResult)
 cron_fire_t = _table(CronFire)
 node_t = _table(Node)
+static_monitoring_t = _table(StaticMonitoring)
+dynamic_monitoring_t = _table(DynamicMonitoring)
+summary_t = _table(DynamicMonitoringSummary)

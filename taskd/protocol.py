@@ -24,6 +24,7 @@ from typing import (
     Any,
     ClassVar,
     Literal,
+    NotRequired,
     Protocol,
     TypeVar,
     Union,
@@ -33,6 +34,7 @@ from urllib.parse import urlsplit
 
 import orjson
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -1726,3 +1728,377 @@ def limits_to_wire(limits: Sequence[Limit]) -> list[Any]:
         }
         for limit in limits
     ]
+
+
+# --------------------------------------------------------------------------- monitoring
+
+SUMMARY_FIELDS: tuple[str, ...] = (
+    "cpu_usage",
+    "gpu_usage",
+    "used_swap",
+    "total_swap",
+    "used_memory",
+    "total_memory",
+    "available_memory",
+    "load_one",
+    "load_five",
+    "load_fifteen",
+    "uptime",
+    "boot_time",
+    "process_count",
+    "total_space",
+    "available_space",
+    "read_speed",
+    "write_speed",
+    "tcp_connections",
+    "udp_connections",
+    "total_received",
+    "total_transmitted",
+    "transmit_speed",
+    "receive_speed",
+)
+"""The figures of a DynamicMonitoringSummaryData, in NodeGet's order."""
+SummaryField = Literal[
+    "cpu_usage",
+    "gpu_usage",
+    "used_swap",
+    "total_swap",
+    "used_memory",
+    "total_memory",
+    "available_memory",
+    "load_one",
+    "load_five",
+    "load_fifteen",
+    "uptime",
+    "boot_time",
+    "process_count",
+    "total_space",
+    "available_space",
+    "read_speed",
+    "write_speed",
+    "tcp_connections",
+    "udp_connections",
+    "total_received",
+    "total_transmitted",
+    "transmit_speed",
+    "receive_speed",
+]
+STATIC_FIELDS: tuple[StaticField, ...] = ("cpu", "system", "gpu")
+DYNAMIC_FIELDS: tuple[DynamicField, ...] = (
+    "cpu",
+    "ram",
+    "load",
+    "system",
+    "disk",
+    "network",
+    "gpu",
+)
+
+
+class ReportPart(BaseModel):
+    """A part of a host report: the named fields are checked, other fields are kept as sent
+    (taskd's agent adds some, e.g. ``system.ipv4``)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+
+
+class StaticCpu(ReportPart):
+    """StaticCPUData."""
+
+    physical_cores: int
+    logical_cores: int
+    per_core: list[dict[str, Any]]
+
+
+ReportUuid = Annotated[str, AfterValidator(canonical_uuid)]
+"""The agent UUID inside a report, in canonical form."""
+
+
+class StaticMonitoringData(WireModel):
+    """StaticMonitoringData: what a host is; ``data_hash`` (16 bytes) tells a changed report."""
+
+    uuid: ReportUuid
+    time: int
+    data_hash: Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(max_length=64)]
+    cpu: StaticCpu
+    system: dict[str, Any]
+    gpu: list[dict[str, Any]]
+
+
+class DynamicCpu(ReportPart):
+    """DynamicCPUData."""
+
+    per_core: list[dict[str, Any]]
+    total_cpu_usage: float
+
+
+class DynamicRam(ReportPart):
+    """DynamicRamData (bytes)."""
+
+    total_memory: int
+    available_memory: int
+    used_memory: int
+    total_swap: int
+    used_swap: int
+
+
+class DynamicLoad(ReportPart):
+    """DynamicLoadData."""
+
+    one: float
+    five: float
+    fifteen: float
+
+
+class DynamicSystem(ReportPart):
+    """DynamicSystemData (seconds)."""
+
+    boot_time: int
+    uptime: int
+    process_count: int
+
+
+class DynamicDisk(ReportPart):
+    """DynamicPerDiskData (bytes, bytes/s)."""
+
+    mount_point: str
+    total_space: int
+    available_space: int
+    read_speed: int
+    write_speed: int
+
+
+class DynamicInterface(ReportPart):
+    """DynamicPerNetworkInterfaceData (bytes, bytes/s)."""
+
+    interface_name: str
+    total_received: int
+    total_transmitted: int
+    receive_speed: int
+    transmit_speed: int
+
+
+class DynamicNetwork(ReportPart):
+    """DynamicNetworkData."""
+
+    interfaces: list[DynamicInterface]
+    udp_connections: int
+    tcp_connections: int
+
+
+class DynamicMonitoringData(WireModel):
+    """DynamicMonitoringData: how a host is doing, kept as sent."""
+
+    uuid: ReportUuid
+    time: int
+    cpu: DynamicCpu
+    ram: DynamicRam
+    load: DynamicLoad
+    system: DynamicSystem
+    disk: list[DynamicDisk]
+    network: DynamicNetwork
+    gpu: list[dict[str, Any]]
+
+
+class DynamicMonitoringSummaryData(WireModel):
+    """DynamicMonitoringSummaryData: flat figures, each optional; ``cpu_usage`` and the
+    loads are ten times the value, as integers."""
+
+    uuid: ReportUuid
+    time: int
+    cpu_usage: int | None = None
+    gpu_usage: int | None = None
+    used_swap: int | None = None
+    total_swap: int | None = None
+    used_memory: int | None = None
+    total_memory: int | None = None
+    available_memory: int | None = None
+    load_one: int | None = None
+    load_five: int | None = None
+    load_fifteen: int | None = None
+    uptime: int | None = None
+    boot_time: int | None = None
+    process_count: int | None = None
+    total_space: int | None = None
+    available_space: int | None = None
+    read_speed: int | None = None
+    write_speed: int | None = None
+    tcp_connections: int | None = None
+    udp_connections: int | None = None
+    total_received: int | None = None
+    total_transmitted: int | None = None
+    transmit_speed: int | None = None
+    receive_speed: int | None = None
+
+
+class StorageTimeFromToCondition(WireModel):
+    """``{"storage_time_from_to": [a, b]}``: when the server stored the row, inclusive, ms."""
+
+    storage_time_from_to: tuple[int, int] = Field(strict=False)
+
+
+class StorageTimeFromCondition(WireModel):
+    """``{"storage_time_from": a}`` inclusive, ms."""
+
+    storage_time_from: int
+
+
+class StorageTimeToCondition(WireModel):
+    """``{"storage_time_to": b}`` inclusive, ms."""
+
+    storage_time_to: int
+
+
+MonitoringCondition = TypeAliasType(
+    "MonitoringCondition",
+    Union[  # noqa: UP007
+        Literal["last"],
+        Annotated[dict[str, None], WithJsonSchema(_null_form("last"))],
+        UuidCondition,
+        TimestampFromToCondition,
+        TimestampFromCondition,
+        TimestampToCondition,
+        StorageTimeFromToCondition,
+        StorageTimeFromCondition,
+        StorageTimeToCondition,
+        LimitCondition,
+    ],
+)
+"""One QueryCondition of a monitoring query or delete (schema only: parsed by
+parse_monitoring_conditions)."""
+_MONITORING_CONDITIONS: dict[str, type[WireModel]] = {
+    "uuid": UuidCondition,
+    "timestamp_from_to": TimestampFromToCondition,
+    "timestamp_from": TimestampFromCondition,
+    "timestamp_to": TimestampToCondition,
+    "storage_time_from_to": StorageTimeFromToCondition,
+    "storage_time_from": StorageTimeFromCondition,
+    "storage_time_to": StorageTimeToCondition,
+    "limit": LimitCondition,
+}
+MAX_MONITORING_ROWS = 10_000
+"""The default and largest number of rows a monitoring query answers (NodeGet's)."""
+
+
+class MonitoringWindow(WireModel):
+    """Parsed monitoring conditions, all ANDed: the rows a query or delete is about.
+
+    With a ``limit`` (``last`` is 1) the newest rows are chosen, newest first;
+    otherwise rows come oldest first.
+    """
+
+    uuids: tuple[str, ...] = ()
+    time_from: int | None = None
+    time_to: int | None = None
+    storage_from: int | None = None
+    storage_to: int | None = None
+    limit: int | None = None
+    condition_count: int = 0
+
+
+def parse_monitoring_conditions(value: Any, field: str = "condition") -> MonitoringWindow:
+    """Parse a monitoring QueryCondition list into one MonitoringWindow."""
+    parsed = _parse_conditions(value, field, _MONITORING_CONDITIONS, ("last",))
+    storage = _Gathered.of(
+        [c for c in parsed if isinstance(c, WireModel) and _is_storage_condition(c)]
+    )
+    other = _Gathered.of(
+        [c for c in parsed if not isinstance(c, WireModel) or not _is_storage_condition(c)]
+    )
+    return MonitoringWindow(
+        uuids=tuple(dict.fromkeys(other.take("uuid"))),
+        time_from=other.low,
+        time_to=other.high,
+        storage_from=storage.low,
+        storage_to=storage.high,
+        limit=other.final_limit,
+        condition_count=len(value),
+    )
+
+
+def _is_storage_condition(condition: WireModel) -> bool:
+    return isinstance(
+        condition,
+        StorageTimeFromToCondition | StorageTimeFromCondition | StorageTimeToCondition,
+    )
+
+
+MonitoringConditions = Annotated[
+    MonitoringWindow,
+    Parse(parse_monitoring_conditions, wire=list[MonitoringCondition]),
+]
+"""A bare monitoring condition list, parsed into one MonitoringWindow."""
+
+
+Resolution = Literal["raw", "1m", "1h", "auto"]
+"""Where summaries are read from: raw rows, 1-minute or 1-hour rollups, or ``auto``: the
+finest one giving at most about ``AUTO_POINTS`` points over the range asked."""
+_RESOLUTION = TypeAdapter(Resolution)
+
+
+@dataclass(frozen=True)
+class MonitoringQuery:
+    """A parsed ``{fields, condition}`` (and a summary's ``resolution``): the fields asked
+    (in order, once each) and the rows."""
+
+    fields: tuple[str, ...]
+    window: MonitoringWindow
+    resolution: Resolution = "raw"
+
+
+_STATIC_FIELDS_ADAPTER = TypeAdapter(list[StaticField])
+_DYNAMIC_FIELDS_ADAPTER = TypeAdapter(list[DynamicField])
+_SUMMARY_FIELDS_ADAPTER = TypeAdapter(list[SummaryField])
+
+
+def _monitoring_query(adapter: TypeAdapter[list[Any]], summary: bool = False) -> Parser:
+    keys = {"fields", "condition", "resolution"} if summary else {"fields", "condition"}
+
+    def parse(value: Any, field: str) -> MonitoringQuery:
+        if not isinstance(value, dict) or not set(value) <= keys:
+            raise InvalidParams(
+                f"{field}: must be an object with {', '.join(sorted(keys))} (unknown: "
+                f"{', '.join(sorted(set(value) - keys)) if isinstance(value, dict) else '-'})"
+            )
+        fields = parse_as(adapter, f"{field}.fields", value.get("fields", []))
+        window = parse_monitoring_conditions(value.get("condition", []), f"{field}.condition")
+        resolution = parse_as(_RESOLUTION, f"{field}.resolution", value.get("resolution", "raw"))
+        return MonitoringQuery(tuple(dict.fromkeys(fields)), window, resolution)
+
+    return parse
+
+
+class StaticDataQuery(TypedDict):
+    """``{"fields": [...], "condition": [...]}`` of agent_query_static."""
+
+    fields: list[StaticField]
+    condition: list[MonitoringCondition]
+
+
+class DynamicDataQuery(TypedDict):
+    """``{"fields": [...], "condition": [...]}`` of agent_query_dynamic."""
+
+    fields: list[DynamicField]
+    condition: list[MonitoringCondition]
+
+
+class DynamicSummaryQuery(TypedDict):
+    """``{"fields": [...], "condition": [...], "resolution": ...}`` of
+    agent_query_dynamic_summary (no fields: every field; resolution: taskd's, ``raw`` by
+    default)."""
+
+    fields: list[SummaryField]
+    condition: list[MonitoringCondition]
+    resolution: NotRequired[Resolution]
+
+
+StaticQueryParam = Annotated[
+    MonitoringQuery, Parse(_monitoring_query(_STATIC_FIELDS_ADAPTER), wire=StaticDataQuery)
+]
+DynamicQueryParam = Annotated[
+    MonitoringQuery, Parse(_monitoring_query(_DYNAMIC_FIELDS_ADAPTER), wire=DynamicDataQuery)
+]
+SummaryQueryParam = Annotated[
+    MonitoringQuery,
+    Parse(_monitoring_query(_SUMMARY_FIELDS_ADAPTER, summary=True), wire=DynamicSummaryQuery),
+]

@@ -16,12 +16,32 @@ ROLES: tuple[str, ...] = ("agent", "caller", "readonly", "enroll")
 
 
 def agent_limits(agent_uuid: str) -> list[dict[str, Any]]:
-    """An agent's own token: receive its tasks and upload their results, on its UUID only."""
+    """An agent's own token: receive its tasks, upload their results and report its host's
+    monitoring data, on its UUID only."""
     return [
         {
             "scopes": [{"agent_uuid": agent_uuid}],
-            "permissions": [{"task": "listen"}, {"task": {"write": "*"}}],
+            "permissions": [
+                {"task": "listen"},
+                {"task": {"write": "*"}},
+                {"static_monitoring": "write"},
+                {"dynamic_monitoring": "write"},
+                {"dynamic_monitoring_summary": "write"},
+            ],
         }
+    ]
+
+
+def _before_monitoring(limits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An agent's limits as tokens made before monitoring have them (no report permissions)."""
+    return [
+        {
+            **limit,
+            "permissions": [
+                p for p in limit["permissions"] if not any("monitoring" in k for k in p)
+            ],
+        }
+        for limit in limits
     ]
 
 
@@ -113,7 +133,8 @@ def describe_limits(limits: Any, is_super: bool = False) -> str:
     uuids = [s["agent_uuid"] for s in scopes if isinstance(s, dict) and "agent_uuid" in s]
     if not uuids or len(uuids) != len(scopes):
         return "custom"
-    if limits == agent_limits(uuids[0]):
+    own = agent_limits(uuids[0])
+    if limits in (own, _before_monitoring(own)):
         return f"agent {uuids[0]}"
     creates = [
         p["task"]["create"]

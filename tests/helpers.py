@@ -334,13 +334,10 @@ class ScriptedAgent(WsClient):
 
 
 def agent_token_limits(agent_uuid: str) -> list[dict[str, Any]]:
-    """Limits of an agent token: listen and write on its own UUID."""
-    return [
-        {
-            "scopes": [{"agent_uuid": agent_uuid}],
-            "permissions": [{"task": "listen"}, {"task": {"write": "*"}}],
-        }
-    ]
+    """Limits of an agent token: listen, write results and report monitoring on its own UUID."""
+    from taskd.roles import agent_limits
+
+    return agent_limits(agent_uuid)
 
 
 async def add_token(server: Server, limits: list[dict[str, Any]], **fields: Any) -> str:

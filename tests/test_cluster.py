@@ -27,6 +27,7 @@ import pytest
 import websockets
 
 import taskd.methods  # noqa: F401 - registers the methods in REGISTRY
+from taskd.agent.monitor import Monitor, summarize
 from taskd.agent.tasks import TaskContext
 from taskd.agent.tasks.web_shell import run as run_web_shell
 from taskd.cluster import node_lock_key
@@ -620,6 +621,29 @@ async def test_every_method_answers_on_every_node(cluster: Cluster) -> None:
             multi = await su("kv_get_multi_value", [{"namespace": namespace, "key": "name"}])
             assert [item["value"] for item in multi] == [f"n{index}"]
             assert await su("kv_delete_key", namespace, "name") == {"success": True}
+
+            # monitoring: reported here, read back on the next node
+            monitor = Monitor(worker.uuid)
+            dynamic = monitor.dynamic()
+            assert (await su("agent_report_static", monitor.static()))["status"] in (
+                "stored",
+                "skipped",
+            )
+            assert await su("agent_report_dynamic", dynamic) == {"status": "stored"}
+            assert await su("agent_report_dynamic_summary", summarize(dynamic)) == {
+                "status": "stored"
+            }
+            mine = {"fields": [], "condition": [{"uuid": worker.uuid}, "last"]}
+            assert await other.call("agent_query_dynamic_summary", cluster.token, mine)
+            assert await su("agent_query_dynamic_summary", mine)
+            assert await su("agent_query_static", {**mine, "fields": ["system"]})
+            assert await su("agent_query_dynamic", {**mine, "fields": ["load"]})
+            assert await su("agent_static_data_multi_last_query", [worker.uuid], ["system"])
+            assert await su("agent_dynamic_data_multi_last_query", [worker.uuid], ["load"])
+            assert await su("agent_dynamic_summary_multi_last_query", [worker.uuid], [])
+            for kind in ("static", "dynamic", "dynamic_summary"):
+                deleted = await su(f"agent_delete_{kind}", [{"uuid": worker.uuid}, "last"])
+                assert deleted["success"] is True
 
             # crons: edited here (two of the three nodes do not lead), fired by the leader
             name = f"edited-on-n{index}"

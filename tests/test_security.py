@@ -24,6 +24,7 @@ from sqlmodel import SQLModel
 
 import taskd.methods
 import taskd.models  # noqa: F401 - registers every table
+from taskd.agent.monitor import Monitor, summarize
 from taskd.rpc import REGISTRY
 from taskd.server import RPC_PATHS
 from taskd.store import Store
@@ -147,6 +148,34 @@ TABLE: list[tuple[str, Params, bool]] = [
     ("kv_get_multi_value", lambda w: [[{"namespace": "matrix", "key": "metadata_*"}]], False),
     ("kv_get_all_keys", lambda w: ["matrix"], False),
     ("kv_delete_key", lambda w: ["matrix", "metadata_name"], False),
+    ("agent_report_static", lambda w: [Monitor(w.agent_uuid).static()], False),
+    ("agent_report_dynamic", lambda w: [Monitor(w.agent_uuid).dynamic()], False),
+    (
+        "agent_report_dynamic_summary",
+        lambda w: [summarize(Monitor(w.agent_uuid).dynamic())],
+        False,
+    ),
+    (
+        "agent_query_static",
+        lambda w: [{"fields": ["system"], "condition": [{"uuid": w.agent_uuid}]}],
+        True,
+    ),
+    (
+        "agent_query_dynamic",
+        lambda w: [{"fields": ["load"], "condition": [{"uuid": w.agent_uuid}]}],
+        True,
+    ),
+    (
+        "agent_query_dynamic_summary",
+        lambda w: [{"fields": [], "condition": [{"uuid": w.agent_uuid}]}],
+        True,
+    ),
+    ("agent_static_data_multi_last_query", lambda w: [[w.agent_uuid], ["system"]], True),
+    ("agent_dynamic_data_multi_last_query", lambda w: [[w.agent_uuid], ["load"]], True),
+    ("agent_dynamic_summary_multi_last_query", lambda w: [[w.agent_uuid], []], True),
+    ("agent_delete_static", lambda w: [[{"uuid": w.agent_uuid}]], False),
+    ("agent_delete_dynamic", lambda w: [[{"uuid": w.agent_uuid}]], False),
+    ("agent_delete_dynamic_summary", lambda w: [[{"uuid": w.agent_uuid}]], False),
     ("agent-uuid_delete", lambda w: [w.agent_uuid], False),
 ]
 # what the super token may get instead of a result, where a result cannot be had

@@ -18,6 +18,7 @@ from taskd.store.agents import AgentQueries
 from taskd.store.backend import Channels
 from taskd.store.crons import CronQueries
 from taskd.store.kv import KvQueries
+from taskd.store.monitoring import MonitoringQueries
 from taskd.store.nodes import NodeQueries
 from taskd.store.records import NewTask, QueuedTask
 from taskd.store.tasks import TaskQueries
@@ -33,7 +34,15 @@ __all__ = [
 ]
 
 
-class Store(TaskQueries, AgentQueries, TokenQueries, CronQueries, KvQueries, NodeQueries):
+class Store(
+    TaskQueries,
+    AgentQueries,
+    TokenQueries,
+    CronQueries,
+    KvQueries,
+    NodeQueries,
+    MonitoringQueries,
+):
     """The database behind taskd; an async context manager (see ``Database``)."""
 
     async def __aenter__(self) -> Store:
