@@ -1732,32 +1732,6 @@ def limits_to_wire(limits: Sequence[Limit]) -> list[Any]:
 
 # --------------------------------------------------------------------------- monitoring
 
-SUMMARY_FIELDS: tuple[str, ...] = (
-    "cpu_usage",
-    "gpu_usage",
-    "used_swap",
-    "total_swap",
-    "used_memory",
-    "total_memory",
-    "available_memory",
-    "load_one",
-    "load_five",
-    "load_fifteen",
-    "uptime",
-    "boot_time",
-    "process_count",
-    "total_space",
-    "available_space",
-    "read_speed",
-    "write_speed",
-    "tcp_connections",
-    "udp_connections",
-    "total_received",
-    "total_transmitted",
-    "transmit_speed",
-    "receive_speed",
-)
-"""The figures of a DynamicMonitoringSummaryData, in NodeGet's order."""
 SummaryField = Literal[
     "cpu_usage",
     "gpu_usage",
@@ -1783,6 +1757,8 @@ SummaryField = Literal[
     "transmit_speed",
     "receive_speed",
 ]
+SUMMARY_FIELDS: tuple[SummaryField, ...] = get_args(SummaryField)
+"""The figures of a DynamicMonitoringSummaryData, in NodeGet's order."""
 STATIC_FIELDS: tuple[StaticField, ...] = ("cpu", "system", "gpu")
 DYNAMIC_FIELDS: tuple[DynamicField, ...] = (
     "cpu",
