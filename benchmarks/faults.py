@@ -27,6 +27,7 @@ import orjson
 
 from benchmarks import shutdown
 from benchmarks.faults_abuse import r4_adversarial_input, r5_unauthorized
+from benchmarks.faults_alerts import r7_alerts
 from benchmarks.faults_common import Outcome
 from benchmarks.faults_crash import r1_server_kill, r2_connection_cut
 from benchmarks.faults_database import r6_database_restart
@@ -58,6 +59,7 @@ def scenarios(scale: Scale) -> dict[str, Scenario]:
         table["R4" if database == "sqlite" else "R4-pg"] = r4
     table["R5"] = r5_unauthorized
     table["R6"] = r6_database_restart
+    table["R7"] = r7_alerts
     return table
 
 
@@ -94,7 +96,12 @@ HEADLINES: dict[str, tuple[tuple[str, str], ...]] = {
     "R3": (
         ("all_resubscribed_after_ready_s", "all resubscribed {} s after the server was up"),
         ("query_p99_ms", "task_query_task p99 {} ms"),
-        ("max_attempts_per_agent", "≤ {} attempts per agent"),
+        ("max_attempts_per_agent", "≤ {} backoff attempts per agent"),
+        ("refused_with_retry_hint", "{:,} handshakes refused with a retry hint"),
+        ("flush_query_p99_ms", "p99 {} ms while the backlogs flush"),
+        ("backlog_summaries_acked_after_restart", "{:,} buffered summaries stored after it"),
+        ("summaries_acked", "{:,} summaries acknowledged"),
+        ("summary_rows", "{:,} summary rows"),
         ("first_retry_spread_s", "first retries spread over {} s"),
     ),
     "R4": (
@@ -112,6 +119,12 @@ HEADLINES: dict[str, tuple[tuple[str, str], ...]] = {
         ("slowest_outage_call_ms", "slowest {} ms"),
         ("recovered_after_s", "recovered {} s after the database"),
         ("lost", "{} acknowledged lost"),
+    ),
+    "R7": (
+        ("evaluation_cpu_pct", "idle evaluation {} % of a core"),
+        ("idle_server_cpu_pct", "server {} % in all"),
+        ("events_recorded_after_s", "all events recorded {} s after the drop"),
+        ("messages", "{} message(s) per channel"),
     ),
 }
 

@@ -380,7 +380,7 @@ async def _poisoned_uploads(server: TaskdServer, tally: Tally) -> dict[str, Any]
                     "task_id": task["task_id"],
                     "agent_uuid": agent_uuid,
                     "task_token": task["task_token"],
-                    "timestamp": int(time.time() * 1000),
+                    "timestamp": time.time_ns() // 1_000_000,
                     "success": True,
                     "task_event_result": event_result,
                 }

@@ -35,7 +35,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks import scenarios, shutdown
+from benchmarks import dashboard, monitoring, scenarios, shutdown
 from benchmarks.harness import Run
 from benchmarks.procs import BenchError, Children, raise_open_files_limit, work_directory
 from benchmarks.report import (
@@ -50,7 +50,8 @@ from benchmarks.report import (
 from benchmarks.scale import FULL, QUICK
 from benchmarks.services import drop_database
 
-SCENARIOS = ("P1", "P2", "P3", "P4", "P5", "P6")
+SCENARIOS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10")
+"""P10 also measures P11 (the dashboard's two targets share one seeded server and browser)."""
 
 
 def measure(run: Run, scenario_id: str, body: Callable[[], None]) -> None:
@@ -94,6 +95,11 @@ def measure_all(run: Run, only: list[str]) -> None:
     for scenario_id, body in (("P4", scenarios.p4), ("P5", scenarios.p5), ("P6", scenarios.p6)):
         if scenario_id in only:
             measure(run, scenario_id, functools.partial(body, run))
+    for scenario_id, body in (("P7", monitoring.p7), ("P8", monitoring.p8), ("P9", monitoring.p9)):
+        if scenario_id in only:
+            measure(run, scenario_id, functools.partial(body, run))
+    if "P10" in only:
+        measure(run, "P10", lambda: dashboard.p10_p11(run))
 
 
 def cleanup(run: Run) -> None:
@@ -157,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "open_files_limit": open_files,
         "http_load_generator": http_load,
         "celery": {
-            "pools": [f"-P {pool} -c {n}" for pool, n in scenarios.celery_pools()],
+            "pools": [f"-P {pool} -c {n}" for pool, n in scenarios.celery_pools(scale == QUICK)],
             "producers": scale.p2_callers,
             "broker": scenarios.REDIS_URL,
         },

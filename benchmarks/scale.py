@@ -35,6 +35,19 @@ class Scale:
     p5_calls: int
     p6_idle_fires: int
     p6_load_seconds: float
+    p7_agents: int
+    """Load agents reporting a summary every second to one server (P7)."""
+    p7_processes: int
+    p7_seconds: float
+    """How long P7 measures, once every agent reports."""
+    p7_step_seconds: float
+    """How long each smaller fleet is measured when the full one is more than a node holds."""
+    p7_steps: int
+    """At most this many smaller fleets per setup (one node, two nodes)."""
+    p8_agents: int
+    """Agents with summaries for the multi-last query (P8)."""
+    p8_rows_per_agent: int
+    p8_calls: int
     # the fault suite
     r1_tasks: int
     r1_agents: int
@@ -73,6 +86,14 @@ FULL = Scale(
     p5_calls=500,
     p6_idle_fires=30,
     p6_load_seconds=20,
+    p7_agents=10_000,
+    p7_processes=4,
+    p7_seconds=60,
+    p7_step_seconds=20,
+    p7_steps=2,
+    p8_agents=10_000,
+    p8_rows_per_agent=60,
+    p8_calls=50,
     r1_tasks=20_000,
     r1_agents=4,
     r1_kills=2,
@@ -108,6 +129,14 @@ QUICK = replace(
     p5_calls=50,
     p6_idle_fires=3,
     p6_load_seconds=3,
+    p7_agents=300,
+    p7_processes=2,
+    p7_seconds=8,
+    p7_step_seconds=5,
+    p7_steps=1,
+    p8_agents=500,
+    p8_rows_per_agent=20,
+    p8_calls=10,
     r1_tasks=500,
     r1_agents=2,
     r1_kills=1,

@@ -27,6 +27,7 @@ from benchmarks import seed
 from benchmarks.harness import HELLO, Run
 from benchmarks.procs import PYTHON, BenchError, check_alive, flags, free_port, wait_until
 from benchmarks.report import ROOT, Row, ms, number
+from benchmarks.scale import QUICK
 from benchmarks.services import AgentProcess, TaskdServer, now_ms
 from benchmarks.stats import percentile
 
@@ -114,11 +115,15 @@ def p1(run: Run) -> None:
 # --------------------------------------------------------------------------- Celery
 
 
-def celery_pools() -> list[tuple[str, int]]:
+QUICK_CELERY_POOLS = (("prefork", 2), ("solo", 1))
+"""A quick run checks the comparison works, not which pool wins: two pools."""
+
+
+def celery_pools(quick: bool = False) -> list[tuple[str, int]]:
     """The worker pools tried in this run: gevent's only where gevent is installed."""
     return [
         (pool, concurrency)
-        for pool, concurrency in CELERY_POOLS
+        for pool, concurrency in (QUICK_CELERY_POOLS if quick else CELERY_POOLS)
         if pool != "gevent" or importlib.util.find_spec("gevent") is not None
     ]
 
@@ -177,7 +182,7 @@ def celery_peer(run: Run) -> dict[str, Any]:
 
     pools: dict[str, dict[str, Any]] = {}
     try:
-        for pool, concurrency in celery_pools():
+        for pool, concurrency in celery_pools(run.scale == QUICK):
             label = f"-P {pool} -c {concurrency}"
             try:
                 pools[label] = celery_pool_run(run, pool, concurrency, call)

@@ -5,12 +5,18 @@ schema ``taskd init`` created (read back from the file, so a new column
 does not silently go missing): indexes are dropped first and rebuilt after,
 which is how a bulk load is done without paying for index upkeep per row.
 
+Host monitoring (``monitoring_rows``): a fleet's recent summaries and one agent's
+30 days at the default retention (raw summaries, 1-minute and 1-hour rollups), into
+SQLite the same way (``seed_monitoring``) or into PostgreSQL with COPY
+(``seed_monitoring_pg``).
+
     python -m benchmarks.seed DB_FILE --rows 1000000 --agents 500
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
 import sqlite3
@@ -21,7 +27,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
+
 from benchmarks.loadagent import RESULTS
+from taskd.config import ServerSettings
+from taskd.models import ROLLUP_FIGURES, summary_rollup_t, summary_t
 
 TASKS: dict[str, Any] = {
     "ping": {"ping": "example.com"},
@@ -114,7 +124,7 @@ def seed(path: Path, rows: int, agents: int) -> dict[str, Any]:
         for name, _ in indexes:
             db.execute(f'DROP INDEX "{name}"')
         statement = f"INSERT INTO task ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
-        now = int(time.time() * 1000)
+        now = time.time_ns() // 1_000_000
         db.executemany(
             statement,
             (tuple(row.get(n) for n in names) for row in _rows(rows, uuids, now)),
@@ -139,6 +149,156 @@ def seed(path: Path, rows: int, agents: int) -> dict[str, Any]:
         "agent": uuids[0],
         "type": TYPES[0],
     }
+
+
+MINUTE_MS, HOUR_MS = 60_000, 3_600_000
+
+
+def _summary(rng: random.Random, agent: str, time_ms: int) -> dict[str, Any]:
+    """One plausible summary row (figures as stored: cpu and loads in tenths)."""
+    total = 16 << 30
+    return {
+        "uuid": agent,
+        "time": time_ms,
+        "storage_time": time_ms + rng.randrange(5, 50),
+        "cpu_usage": rng.randrange(0, 1000),
+        "gpu_usage": None,
+        "used_swap": rng.randrange(0, 1 << 30),
+        "total_swap": 2 << 30,
+        "used_memory": rng.randrange(total // 5, total * 4 // 5),
+        "total_memory": total,
+        "available_memory": rng.randrange(total // 5, total * 4 // 5),
+        "load_one": rng.randrange(0, 400),
+        "load_five": rng.randrange(0, 400),
+        "load_fifteen": rng.randrange(0, 400),
+        "uptime": 86_400 * 30 + time_ms // 1000 % 86_400,
+        "boot_time": 1_700_000_000,
+        "process_count": rng.randrange(80, 400),
+        "total_space": 500 << 30,
+        "available_space": rng.randrange(100 << 30, 400 << 30),
+        "read_speed": rng.randrange(0, 50 << 20),
+        "write_speed": rng.randrange(0, 50 << 20),
+        "tcp_connections": rng.randrange(10, 2000),
+        "udp_connections": rng.randrange(0, 50),
+        "total_received": rng.randrange(1 << 30, 1 << 40),
+        "total_transmitted": rng.randrange(1 << 30, 1 << 40),
+        "transmit_speed": rng.randrange(0, 10 << 20),
+        "receive_speed": rng.randrange(0, 10 << 20),
+    }
+
+
+def _rollup(rng: random.Random, agent: str, resolution: int, bucket: int) -> dict[str, Any]:
+    """One plausible rollup bucket: a report a second for the whole bucket."""
+    count = resolution // 1000
+    row: dict[str, Any] = {"uuid": agent, "resolution": resolution, "bucket": bucket}
+    low, high = _summary(rng, agent, bucket), _summary(rng, agent, bucket)
+    for name in ROLLUP_FIGURES:
+        a, b = low[name], high[name]
+        if a is None:
+            row.update({f"{name}_count": 0, f"{name}_sum": None})
+            row.update({f"{name}_min": None, f"{name}_max": None})
+            continue
+        a, b = min(a, b), max(a, b)
+        row.update({f"{name}_count": count, f"{name}_sum": float(count * (a + b) // 2)})
+        row.update({f"{name}_min": a, f"{name}_max": b})
+    return row
+
+
+def monitoring_rows(
+    agents: list[str], recent: int, now_ms: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(summaries, rollups): ``recent`` one-second summaries of every agent up to ``now_ms``,
+    and for ``agents[0]`` 30 days at the default retention: raw summaries for the raw
+    retention, 1-minute rollups for theirs, 1-hour rollups for the 30 days."""
+    rng = random.Random(13)
+    kept = ServerSettings  # the defaults
+    now_s = now_ms - now_ms % 1000
+    first, others = agents[0], agents[1:]
+    raw_s = max(recent, kept.monitoring_summary_retention_s)
+    pool = [_summary(rng, first, 0) for _ in range(997)]  # figures drawn once, reused
+
+    def at(agent: str, time_ms: int, n: int) -> dict[str, Any]:
+        row = {**pool[n % len(pool)], "uuid": agent, "time": time_ms}
+        row["storage_time"] = time_ms + 7
+        return row
+
+    summaries = [at(first, now_s - i * 1000, i) for i in range(raw_s)]
+    summaries += [
+        at(a, now_s - i * 1000, n * recent + i) for n, a in enumerate(others) for i in range(recent)
+    ]
+    rollups = []
+    minute = now_ms - now_ms % MINUTE_MS
+    for i in range(min(kept.monitoring_rollup_1m_retention_s, 30 * 86_400) // 60):
+        rollups.append(_rollup(rng, first, MINUTE_MS, minute - i * MINUTE_MS))
+    hour = now_ms - now_ms % HOUR_MS
+    for i in range(30 * 24):
+        rollups.append(_rollup(rng, first, HOUR_MS, hour - i * HOUR_MS))
+    return summaries, rollups
+
+
+SEEDED_TABLES = ((summary_t.name, summary_t), (summary_rollup_t.name, summary_rollup_t))
+_NAMES = ", ".join(c.name for c in summary_t.c)
+FILL_LATEST = (
+    f"INSERT INTO dynamic_monitoring_summary_latest ({_NAMES}) SELECT {_NAMES} "
+    "FROM dynamic_monitoring_summary AS s WHERE s.time = "
+    "(SELECT max(n.time) FROM dynamic_monitoring_summary AS n WHERE n.uuid = s.uuid)"
+)
+"""Each agent's newest summary into the table the server keeps it in as it stores them."""
+
+
+def seed_monitoring(path: Path, agents: list[str], recent: int, now_ms: int) -> dict[str, Any]:
+    """``monitoring_rows`` into a SQLite file made by ``taskd init`` (indexes rebuilt after)."""
+    started = time.perf_counter()
+    summaries, rollups = monitoring_rows(agents, recent, now_ms)
+    db = sqlite3.connect(path)
+    try:
+        db.execute("PRAGMA synchronous=OFF")
+        for (name, table), rows in zip(SEEDED_TABLES, (summaries, rollups), strict=True):
+            names = [c.name for c in table.c]
+            statement = (
+                f"INSERT INTO {name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+            )
+            db.executemany(statement, (tuple(r[n] for n in names) for r in rows))
+        db.execute(FILL_LATEST)
+        db.commit()
+        db.execute("ANALYZE")
+        db.commit()
+    finally:
+        db.close()
+    return {
+        "summaries": len(summaries),
+        "rollups": len(rollups),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+async def seed_monitoring_pg(
+    dsn: str, agents: list[str], recent: int, now_ms: int
+) -> dict[str, Any]:
+    """``monitoring_rows`` into a PostgreSQL database made by ``taskd init``, with COPY."""
+    started = time.perf_counter()
+    summaries, rollups = monitoring_rows(agents, recent, now_ms)
+    conn = await asyncpg.connect(dsn, timeout=30)
+    try:
+        for (name, table), rows in zip(SEEDED_TABLES, (summaries, rollups), strict=True):
+            names = [c.name for c in table.c]
+            records = [tuple(r[n] for n in names) for r in rows]
+            await conn.copy_records_to_table(name, records=records, columns=names)
+            await conn.execute(f"ANALYZE {name}")
+        await conn.execute(FILL_LATEST)
+        await conn.execute("ANALYZE dynamic_monitoring_summary_latest")
+    finally:
+        await conn.close()
+    return {
+        "summaries": len(summaries),
+        "rollups": len(rollups),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def run_seed_monitoring_pg(dsn: str, agents: list[str], recent: int, now_ms: int) -> dict[str, Any]:
+    """``seed_monitoring_pg`` from synchronous code."""
+    return asyncio.run(seed_monitoring_pg(dsn, agents, recent, now_ms))
 
 
 def main() -> None:

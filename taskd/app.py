@@ -16,17 +16,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
+from taskd.alerts.evaluator import Evaluator, EvaluatorSettings
+from taskd.alerts.notifier import Notifier, NotifierSettings
 from taskd.auth import Authenticator, Principal, RateLimiter
 from taskd.clock import Clock
 from taskd.cluster import CHANNELS, Cluster
 from taskd.config import ServerSettings
 from taskd.hub import Hub
 from taskd.metrics import Metrics
-from taskd.monitoring import Pruner
+from taskd.retention import Pruner
 from taskd.revocation import Revocation
 from taskd.scheduler import Scheduler
 from taskd.store import Store
 from taskd.terminal import TerminalRelay
+from taskd.ui.live import Fleet
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +84,37 @@ class App:
             settings, self.store, self.hub, self.cluster, self.authenticate
         )
         self.revocation = Revocation(self.auth, self.hub, self.terminals, self.cluster)
-        self.pruner = Pruner(self.store, settings, self.clock)
+        # one node of a cluster evaluates alerts and sends them: the cron leader
+        self.alerts = Evaluator(
+            self.store,
+            self.hub,
+            self.cluster,
+            self.clock,
+            Notifier(
+                self.store,
+                self.node_id,
+                NotifierSettings(
+                    window_ms=settings.alert_batch_window_ms,
+                    retry_base_ms=settings.alert_retry_base_ms,
+                    retry_max_ms=settings.alert_retry_max_ms,
+                    retry_max=settings.alert_retry_max,
+                    send_timeout_ms=settings.alert_send_timeout_ms,
+                ),
+                self.clock.now_ms,
+                self.metrics,
+            ),
+            EvaluatorSettings(
+                sweep_ms=settings.alert_sweep_ms,
+                probe_interval_ms=settings.alert_probe_interval_ms,
+                metric_interval_ms=settings.alert_metric_interval_ms,
+            ),
+            self.metrics,
+        )
+        self.hub.presence_hook = self.alerts.hub_changed
+        # one node of a cluster prunes: the cron leader (always the node itself on SQLite)
+        self.pruner = Pruner(self.store, settings, self.clock, lambda: self.cluster.is_leader)
+        self.fleet = Fleet(self.store, self.hub, self.cluster, self.clock.now_ms)
+        """The dashboard's live fleet feed (runs while a page listens)."""
         self.metrics.gauge(
             "taskd_agents_connected",
             "Agents subscribed to this node",
@@ -100,19 +133,24 @@ class App:
     async def __aenter__(self) -> App:
         stack = self._stack
         try:
+            stack.enter_context(self.metrics.watching_gc())
             await stack.enter_async_context(self.store)
             await self.store.migrate()
             # the cluster first: it refuses a node_id that another live node runs with,
             # before anything is written under that id
             await stack.enter_async_context(self.cluster)
             await stack.enter_async_context(self.hub)
+            await stack.enter_async_context(self.fleet)
             # left before the hub and the store: running fires still write their results
             await stack.enter_async_context(self.scheduler)
+            # left before the hub: its last disconnections are not alerts
+            await stack.enter_async_context(self.alerts)
             if self.cluster.enabled:
                 # several nodes: only the leader fires crons (see cluster.py)
                 self.cluster.start_leader_election()
             else:
                 await self.scheduler.start()
+                await self.alerts.start()
             reaper_s = self.settings.reaper_interval_ms / 1000
             await stack.enter_async_context(_every(reaper_s, self.hub.reap, "taskd-reaper"))
             await stack.enter_async_context(_every(SEEN_FLUSH_S, self.hub.flush_seen, "taskd-seen"))
@@ -123,7 +161,7 @@ class App:
                 _every(
                     self.settings.monitoring_prune_interval_s,
                     self.pruner.prune,
-                    "taskd-monitoring-prune",
+                    "taskd-prune",
                 )
             )
         except BaseException:
@@ -160,8 +198,9 @@ class App:
         self.revocation.token_changed_elsewhere(key, revoke)
 
     async def leadership_changed(self, leader: bool) -> None:
-        """This node became the cron leader (its scheduler starts), or stopped being it."""
+        """This node became the cron leader (scheduler and alerts start), or stopped being it."""
         await (self.scheduler.start() if leader else self.scheduler.stop())
+        await (self.alerts.start() if leader else self.alerts.stop())
 
 
 @contextlib.asynccontextmanager

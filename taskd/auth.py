@@ -27,6 +27,7 @@ from taskd.protocol import (
     TASK_TYPES,
     AgentPermission,
     AgentScope,
+    AlertPermission,
     CronResultPermission,
     CrontabPermission,
     DynamicMonitoringPermission,
@@ -178,6 +179,7 @@ class Need:
         "static_monitoring",
         "dynamic_monitoring",
         "dynamic_monitoring_summary",
+        "alert",
     ]
     action: str
     subject: str | None = None
@@ -229,6 +231,8 @@ def _grants(permission: Permission, need: Need) -> bool:
             return need.category == "dynamic_monitoring_summary" and _monitoring_grants(
                 action, need
             )
+        case AlertPermission(alert=action):
+            return need.category == "alert" and action == need.action
     return False
 
 

@@ -1,6 +1,6 @@
 """Typed settings for the server and the agent, loaded from TOML.
 
-Only ``cli.py`` reads the environment; it passes ``TASKD_*`` values in as
+Only the ``taskd.cli`` package reads the environment; it passes ``TASKD_*`` values in as
 overrides, so this module stays a pure function of its inputs.
 """
 
@@ -13,6 +13,7 @@ import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import tomlkit
@@ -110,11 +111,32 @@ class ServerSettings:
     max_batch_items: int = 10_000
     trust_forwarded_for: tuple[str, ...] = ()
     monitoring_dynamic_retention_s: int = 1800
-    monitoring_summary_retention_s: int = 6 * 3600
-    monitoring_rollup_1m_retention_s: int = 3 * 86400
+    monitoring_summary_retention_s: int = 4 * 3600
+    monitoring_rollup_1m_retention_s: int = 2 * 86400
     monitoring_rollup_1h_retention_s: int = 400 * 86400
     monitoring_static_retention_s: int = 400 * 86400
     monitoring_prune_interval_s: int = 60
+    task_retention_s: int = 30 * 86400
+    task_retention_by_type: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    cron_result_retention_s: int = 30 * 86400
+    alert_sweep_ms: int = 500
+    alert_probe_interval_ms: int = 1_000
+    alert_metric_interval_ms: int = 5_000
+    alert_batch_window_ms: int = 1_000
+    alert_retry_base_ms: int = 2_000
+    alert_retry_max_ms: int = 300_000
+    alert_retry_max: int = 8
+    alert_send_timeout_ms: int = 30_000
+    admission_max_in_progress: int = 128
+    admission_rate_per_s: int = 800
+    admission_max_lag_ms: int = 30
+    admission_lane_size: int = 2
+    admission_retry_after_min_s: int = 1
+    admission_retry_after_max_s: int = 10
+
+    def task_retention_ms(self, task_type: str) -> int:
+        """How long a finished task of ``task_type`` is kept, in ms."""
+        return self.task_retention_by_type.get(task_type, self.task_retention_s) * 1000
 
     @property
     def is_sqlite(self) -> bool:
@@ -137,8 +159,18 @@ def _server_value(name: str, value: Any) -> Any:
         "node_grace_ms",
         "db_pool_size",
         "max_batch_items",
-    ) or name.startswith("monitoring_"):
+        "task_retention_s",
+        "cron_result_retention_s",
+    ) or name.startswith(("monitoring_", "alert_")):
         return _int(value, name, 1)
+    if name in ("admission_max_in_progress", "admission_max_lag_ms", "admission_rate_per_s"):
+        return _int(value, name, 0)
+    if name == "admission_lane_size":
+        return _int(value, name, 1)
+    if name in ("admission_retry_after_min_s", "admission_retry_after_max_s"):
+        return _int(value, name, 1, 3600)
+    if name == "task_retention_by_type":
+        return _retention_by_type(value, name)
     if name in ("ws_ping_interval_s", "ws_ping_timeout_s", "auth_rate_per_s"):
         try:
             return float(value)
@@ -147,6 +179,28 @@ def _server_value(name: str, value: Any) -> Any:
     if name in ("allowed_origins", "trust_forwarded_for"):
         return _str_list(value, name)
     return _str(value, name)
+
+
+def _retention_by_type(value: Any, name: str) -> Mapping[str, int]:
+    """``{ping = 86400, ...}`` (a TOML table) or ``ping=86400,...`` (an environment value)."""
+    if isinstance(value, str):
+        pairs: dict[str, Any] = {}
+        for part in (p.strip() for p in value.split(",")):
+            if part:
+                key, sep, seconds = part.partition("=")
+                if not sep:
+                    raise InvalidInput(f"{name}: expected type=seconds pairs, got {part!r}")
+                pairs[key.strip()] = seconds.strip()
+        value = pairs
+    if not isinstance(value, Mapping):
+        raise InvalidInput(f"{name}: expected a table of task type = seconds, got {value!r}")
+    unknown = set(value) - set(TASK_TYPES)
+    if unknown:
+        raise InvalidInput(
+            f"{name}: unknown task type(s) {', '.join(sorted(map(str, unknown)))} "
+            f"(known: {', '.join(TASK_TYPES)})"
+        )
+    return MappingProxyType({k: _int(v, f"{name}.{k}", 1) for k, v in value.items()})
 
 
 def load_server_settings(
@@ -185,7 +239,13 @@ def load_server_settings(
     values["database_url"] = normalize_database_url(
         values.get("database_url", "sqlite:///taskd.db"), base
     )
-    return ServerSettings(config_path=path, **values)
+    settings = ServerSettings(config_path=path, **values)
+    if settings.admission_retry_after_min_s > settings.admission_retry_after_max_s:
+        raise InvalidInput(
+            "admission_retry_after_min_s: must not exceed admission_retry_after_max_s "
+            f"({settings.admission_retry_after_min_s} > {settings.admission_retry_after_max_s})"
+        )
+    return settings
 
 
 def write_default_server_config(path: Path) -> str:

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -119,6 +119,9 @@ class Hub:
         # tasks pushed from here and not answered yet: id -> (agent, task_token, type)
         self.in_flight: dict[int, tuple[str, str, str]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self.presence_hook: Callable[[str, bool], None] | None = None
+        """Told ``(agent_uuid, connected)`` when an agent subscribes here or its subscription
+        here ends (alerts watch it)."""
 
     async def __aenter__(self) -> Hub:
         # none of the agents an earlier run of this node held is subscribed now
@@ -146,6 +149,10 @@ class Hub:
             self._expire(sub)
             return False
         return sub is not None and not sub.peer.closed
+
+    def subscribed_on(self, peer: Peer) -> bool:
+        """Whether the connection holds a subscription."""
+        return bool(self._by_peer.get(id(peer)))
 
     def connected_agents(self) -> dict[str, Subscription]:
         """Live subscriptions by agent UUID."""
@@ -202,6 +209,8 @@ class Hub:
         self._known.add(agent_uuid)
         if not renewed:
             logger.info("agent %s subscribed from %s", agent_uuid, peer.remote or "?")
+            if self.presence_hook is not None:
+                self.presence_hook(agent_uuid, True)
         return sub
 
     def unsubscribe(self, subscription_id: int, peer: Peer) -> bool:
@@ -255,6 +264,9 @@ class Hub:
         }
         if seen:
             self.spawn(self.store.agents_disconnected(seen, self.node_id))
+            if self.presence_hook is not None:
+                for agent_uuid in seen:
+                    self.presence_hook(agent_uuid, False)
 
     def tasks_queued(self, agent_uuids: list[str]) -> None:
         """Tasks were queued for these agents (by another node): push those connected here."""

@@ -1,5 +1,5 @@
 """SQLModel tables: tasks, tokens, agents, crons and their fire history, cluster nodes, KV,
-host monitoring reports.
+host monitoring reports, alert channels, rules, events and their deliveries.
 
 The single source of column names, types and order: the store builds every statement
 from these tables (``task_t`` and the others are their typed Core handles).
@@ -188,6 +188,8 @@ class Cron(SQLModel, table=True):
     cron_type: Any = Field(sa_column=Column(JsonColumn, nullable=False))
     task_type: str = Field(max_length=16)
     queue_ttl_ms: int | None = _ms(nullable=True)
+    result_retention_ms: int | None = _ms(nullable=True)
+    """How long this cron's result rows are kept; None: the server's default."""
     last_run_time: int | None = _ms(nullable=True)
     created_by: str | None = Field(default=None, max_length=64)
     created_at: int = _ms()
@@ -368,6 +370,88 @@ summary_rollup_t = Table(
 summary is stored; see store/monitoring.py)."""
 
 
+class AlertChannel(SQLModel, table=True):
+    """Where alert notifications go: an Apprise URL (secrets inside it are never returned)."""
+
+    __tablename__ = "alert_channel"
+
+    id: int | None = _id()
+    name: str = Field(max_length=128, unique=True)
+    url: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: int = _ms()
+    updated_at: int = _ms()
+
+
+class AlertRule(SQLModel, table=True):
+    """A condition watched on agents (see alerts/rules.py for the kinds and their params)."""
+
+    __tablename__ = "alert_rule"
+
+    id: int | None = _id()
+    name: str = Field(max_length=128, unique=True)
+    kind: str = Field(max_length=32)
+    targets: Any = Field(sa_column=Column(JsonColumn, nullable=False))
+    params: Any = Field(sa_column=Column(JsonColumn, nullable=False))
+    channels: Any = Field(sa_column=Column(JsonColumn, nullable=False))
+    enable: bool = True
+    remind_ms: int | None = _ms(nullable=True)
+    created_at: int = _ms()
+    updated_at: int = _ms()
+
+
+class AlertEvent(SQLModel, table=True):
+    """One episode of a rule's condition on one agent: firing until it resolves.
+
+    ``open_key`` (``rule_id:uuid``) is set while the event fires: unique, so one
+    condition never has two firing events, whichever node tries to start one.
+    """
+
+    __tablename__ = "alert_event"
+    __table_args__ = (
+        Index("ix_alert_event_started", "started_at", "id"),
+        Index("ix_alert_event_rule_started", "rule", "started_at"),
+        Index("ix_alert_event_uuid_started", "uuid", "started_at"),
+    )
+
+    id: int | None = _id()
+    rule_id: int = Field(sa_column=Column(BigInteger, nullable=False))
+    rule: str = Field(max_length=128)
+    uuid: str = Field(max_length=36)
+    state: str = Field(max_length=16)
+    started_at: int = _ms()
+    resolved_at: int | None = _ms(nullable=True)
+    reminded_at: int | None = _ms(nullable=True)
+    message: str = Field(sa_column=Column(Text, nullable=False))
+    open_key: str | None = Field(default=None, max_length=200, unique=True)
+
+
+class AlertDelivery(SQLModel, table=True):
+    """The outbox: one notification of one event to one channel, written with the event change.
+
+    ``state`` 0 waits (from ``next_at`` on), 1 was sent, 2 was given up after its retries.
+    A sender claims a row until ``claimed_until`` so that no two send it at once.
+    """
+
+    __tablename__ = "alert_delivery"
+    __table_args__ = (
+        Index("ix_alert_delivery_due", "state", "next_at"),
+        Index("ix_alert_delivery_event", "event_id"),
+    )
+
+    id: int | None = _id()
+    event_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    channel: str = Field(max_length=128)
+    kind: str = Field(max_length=16)
+    created_at: int = _ms()
+    next_at: int = _ms()
+    state: int = 0
+    attempts: int = 0
+    sent_at: int | None = _ms(nullable=True)
+    last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    claimed_by: str | None = Field(default=None, max_length=64)
+    claimed_until: int | None = _ms(nullable=True)
+
+
 def _table(model: type[SQLModel]) -> Table:
     """The Core table of a model (SQLModel leaves ``__table__`` untyped)."""
     table: Table = model.__table__  # type: ignore[attr-defined]
@@ -385,3 +469,17 @@ node_t = _table(Node)
 static_monitoring_t = _table(StaticMonitoring)
 dynamic_monitoring_t = _table(DynamicMonitoring)
 summary_t = _table(DynamicMonitoringSummary)
+summary_latest_t = Table(
+    "dynamic_monitoring_summary_latest",
+    SQLModel.metadata,
+    *(
+        Column(c.name, c.type, primary_key=c.name == "uuid", nullable=c.nullable)
+        for c in summary_t.c
+    ),
+)
+"""Each agent's newest summary (a copy of its row in ``summary_t``), kept on write so that the
+newest summaries of a whole fleet are one small table's rows (see store/monitoring.py)."""
+alert_channel_t = _table(AlertChannel)
+alert_rule_t = _table(AlertRule)
+alert_event_t = _table(AlertEvent)
+alert_delivery_t = _table(AlertDelivery)

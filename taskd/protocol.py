@@ -1128,6 +1128,17 @@ QueueTtlMs = Annotated[
         description="how long a task waits for an offline agent, in milliseconds",
     ),
 ]
+MAX_RETENTION_MS = 3650 * 86_400_000
+ResultRetentionMs = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=MAX_RETENTION_MS,
+        strict=True,
+        description="taskd extension: how long this cron's results are kept, in milliseconds "
+        "(0: the server's default)",
+    ),
+]
 SubscriptionId = Annotated[int, Field(ge=0, le=1 << 63, strict=True)]
 
 
@@ -1637,6 +1648,12 @@ class DynamicMonitoringSummaryPermission(WireModel):
     dynamic_monitoring_summary: Literal["read", "write", "delete"] | SummaryRead
 
 
+class AlertPermission(WireModel):
+    """``{"alert": "read"|"write"}`` (taskd extension: alert channels, rules and events)."""
+
+    alert: Literal["read", "write"]
+
+
 PERMISSION_KINDS: tuple[type[WireModel], ...] = (
     TaskPermission,
     CrontabPermission,
@@ -1650,6 +1667,7 @@ PERMISSION_KINDS: tuple[type[WireModel], ...] = (
     StaticMonitoringPermission,
     DynamicMonitoringPermission,
     DynamicMonitoringSummaryPermission,
+    AlertPermission,
 )
 
 
@@ -1676,6 +1694,7 @@ if TYPE_CHECKING:
         StaticMonitoringPermission,
         DynamicMonitoringPermission,
         DynamicMonitoringSummaryPermission,
+        AlertPermission,
     ]
 else:
     # tagged by the one key, so a bad permission is reported against its own kind only

@@ -7,10 +7,17 @@ take their limits from here, so a preset means the same thing everywhere.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
 from taskd.errors import InvalidInput
-from taskd.protocol import TASK_TYPES, canonical_uuid, limits_to_wire, parse_limits
+from taskd.protocol import (
+    TASK_TYPES,
+    DynamicField,
+    StaticField,
+    canonical_uuid,
+    limits_to_wire,
+    parse_limits,
+)
 
 ROLES: tuple[str, ...] = ("agent", "caller", "readonly", "enroll")
 
@@ -62,7 +69,14 @@ def caller_limits(
 
 
 def readonly_limits() -> list[dict[str, Any]]:
-    """Read every task, cron and cron result and list the agents; change nothing."""
+    """Read every task, cron, cron result and monitoring report and list the agents;
+    change nothing."""
+    static: list[dict[str, Any]] = [
+        {"static_monitoring": {"read": field}} for field in get_args(StaticField)
+    ]
+    dynamic: list[dict[str, Any]] = [
+        {"dynamic_monitoring": {"read": field}} for field in get_args(DynamicField)
+    ]
     return [
         {
             "scopes": ["global"],
@@ -71,6 +85,9 @@ def readonly_limits() -> list[dict[str, Any]]:
                 {"crontab": "read"},
                 {"crontab_result": {"read": "*"}},
                 {"agent": "list"},
+                *static,
+                *dynamic,
+                {"dynamic_monitoring_summary": "read"},
             ],
         }
     ]

@@ -225,6 +225,11 @@ def _binder(
 # --------------------------------------------------------------------------- requests
 
 
+def take_now() -> int | None:
+    """Nothing is deferred (a caller's connection, HTTP, or admission off)."""
+    return None
+
+
 @dataclass
 class CallContext:
     """What a method knows about the call beyond its params."""
@@ -234,6 +239,9 @@ class CallContext:
     remote: str
     peer: Any = None
     after_reply: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    defer_backlog: Callable[[], int | None] = field(default=take_now)
+    """How long an agent's buffered reports should wait now, in ms (None: take them now);
+    the server's admission control decides for agents' connections."""
 
 
 _ID_TYPES = (str, int, float, type(None))

@@ -28,15 +28,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 import taskd.methods  # noqa: F401 - registers every method
 from taskd import __version__, rpc
+from taskd.admission import Admission, Limits, is_agent
 from taskd.app import App
 from taskd.auth import client_address, origin_allowed
 from taskd.clock import Clock
 from taskd.config import ServerSettings
 from taskd.errors import InvalidRequest
 from taskd.metrics import CONTENT_TYPE
+from taskd.ui.routes import Dashboard
 
 logger = logging.getLogger(__name__)
 
@@ -168,10 +171,13 @@ class RpcEndpoint:
     paths (and other HTTP methods) go on to the router.
     """
 
-    def __init__(self, app: ASGIApp, service: App, connections: Connections) -> None:
+    def __init__(
+        self, app: ASGIApp, service: App, connections: Connections, admission: Admission
+    ) -> None:
         self.app = app
         self.service = service
         self.connections = connections
+        self.admission = admission
         self.settings = service.settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -215,6 +221,13 @@ class RpcEndpoint:
             logger.warning("refused a WebSocket from origin %s", headers.get("origin"))
             await send({"type": "websocket.close", "code": 1008})
             return
+        slot: _Slot | None = None
+        if self.admission.enabled and is_agent(headers.get("user-agent")):
+            retry_after = self.admission.admit()
+            if retry_after is not None:
+                await _refuse(scope, send, retry_after)
+                return
+            slot = _Slot(self.admission)
         await send({"type": "websocket.accept"})
         remote = client_address(scope, headers, self.settings.trust_forwarded_for)
         peer = WsPeer(send, remote)
@@ -223,14 +236,29 @@ class RpcEndpoint:
         handlers: set[asyncio.Task[None]] = set()
         service = self.service
 
+        lane = self.admission.lane
+        defer = self.admission.defer_backlog if slot is not None else rpc.take_now
+
         async def answer(body: bytes | str) -> None:
+            # a subscribed agent's calls (reports, results) take turns in the agents' lane
+            laned = slot is not None and slot.done
             try:
-                context = rpc.CallContext(service, "websocket", remote, peer)
-                reply = await rpc.handle(body, context)
-                if reply is not None:
-                    peer.send(reply)
-                for job in context.after_reply:
-                    await job()
+                if laned:
+                    await lane.acquire()
+                try:
+                    context = rpc.CallContext(
+                        service, "websocket", remote, peer, defer_backlog=defer
+                    )
+                    reply = await rpc.handle(body, context)
+                    if reply is not None:
+                        peer.send(reply)
+                    for job in context.after_reply:
+                        await job()
+                finally:
+                    if laned:
+                        lane.release()
+                if slot is not None and service.hub.subscribed_on(peer):
+                    slot.release()  # in: its subscription and queued tasks are done
             except Exception:
                 logger.exception("WebSocket message handling failed")
             finally:
@@ -249,6 +277,10 @@ class RpcEndpoint:
                 handlers.add(handler)
                 handler.add_done_callback(handlers.discard)
         finally:
+            if slot is not None and not slot.done:
+                self.admission.abandoned()  # gone before it subscribed: it waited too long
+            if slot is not None:
+                slot.release()
             service.hub.peer_closed(peer)
             peer.lost()
             self.connections.discard(peer)
@@ -278,6 +310,51 @@ class _Window:
         self._room.set()
 
 
+class _Slot:
+    """An admitted agent connection's place among those in progress, given back once."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            admission.limits.hold_s, self.release
+        )
+
+    @property
+    def done(self) -> bool:
+        """Whether the place was given back."""
+        return self._timer is None
+
+    def release(self) -> None:
+        """Give the place back (it subscribed, left, or held it ``hold_s``)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self.admission.release()
+
+
+async def _refuse(scope: Scope, send: Send, retry_after: int) -> None:
+    """Refuse a WebSocket handshake: HTTP 503 with ``Retry-After``.
+
+    Where the server cannot answer a handshake with HTTP, the WebSocket is accepted
+    and closed with 1013 "try again later", the hint in the reason.
+    """
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.accept"})
+        await send(
+            {"type": "websocket.close", "code": 1013, "reason": f"retry after {retry_after} s"}
+        )
+        return
+    body = f"server busy: retry after {retry_after} s\n".encode()
+    headers = [
+        (b"retry-after", str(retry_after).encode()),
+        (b"content-type", b"text/plain"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "websocket.http.response.start", "status": 503, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": body})
+
+
 async def _respond(send: Send, status: int, body: bytes) -> None:
     headers = [(b"content-length", str(len(body)).encode())]
     if body:
@@ -290,10 +367,21 @@ def create_app(settings: ServerSettings, clock: Clock | None = None) -> Starlett
     """Build the Starlette application for ``settings`` (crons keep ``clock``'s time)."""
     service = App(settings, clock)
     connections = Connections()
+    admission = Admission(
+        Limits(
+            max_in_progress=settings.admission_max_in_progress,
+            rate_per_s=settings.admission_rate_per_s,
+            max_lag_ms=settings.admission_max_lag_ms,
+            retry_after_min_s=settings.admission_retry_after_min_s,
+            retry_after_max_s=settings.admission_retry_after_max_s,
+            lane_size=settings.admission_lane_size,
+        ),
+        service.metrics,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with service:
+        async with service, admission.lag.running():
             yield
             await connections.close_all(1001)
 
@@ -310,24 +398,67 @@ def create_app(settings: ServerSettings, clock: Clock | None = None) -> Starlett
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         WebSocketRoute("/terminal", service.terminals.serve),
+        Dashboard(service).mount(),
     ]
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(RpcEndpoint, service=service, connections=connections)],
+        middleware=[
+            Middleware(RpcEndpoint, service=service, connections=connections, admission=admission)
+        ],
     )
     app.state.taskd = service
     app.state.connections = connections
+    app.state.admission = admission
     app.state.terminals = service.terminals
     return app
 
 
+def _admitting_protocol(admission: Admission) -> type[HttpToolsProtocol]:
+    """uvicorn's HTTP protocol, refusing agents' WebSocket handshakes at the door.
+
+    While admission control refuses agents, an agent's upgrade request is answered
+    with the 503 right where it was parsed: no WebSocket protocol, no ASGI task, a
+    few microseconds instead of most of a handshake's cost. A refused crowd then
+    costs the event loop little. (An upgrade admitted here is decided again, and
+    counted, by ``RpcEndpoint``.)
+    """
+
+    class AdmittingProtocol(HttpToolsProtocol):
+        def handle_websocket_upgrade(self) -> None:
+            reason = admission.verdict()
+            if reason is not None and self._agent_rpc_upgrade():
+                retry_after = admission.refuse(reason)
+                self.transport.write(_busy_response(retry_after))
+                self.transport.close()
+                return
+            super().handle_websocket_upgrade()
+
+        def _agent_rpc_upgrade(self) -> bool:
+            if self.url.partition(b"?")[0].decode("latin-1") not in RPC_PATHS:
+                return False
+            agent = next((v for n, v in self.headers if n == b"user-agent"), None)
+            return agent is not None and is_agent(agent.decode("latin-1"))
+
+    return AdmittingProtocol
+
+
+def _busy_response(retry_after: int) -> bytes:
+    body = f"server busy: retry after {retry_after} s\n".encode()
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\n"
+        b"retry-after: %d\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n%s" % (retry_after, len(body), body)
+    )
+
+
 def uvicorn_config(app: Starlette, settings: ServerSettings, **options: Any) -> uvicorn.Config:
     """The uvicorn settings taskd runs with (fastest HTTP and WebSocket backends here)."""
+    admission: Admission | None = getattr(app.state, "admission", None)
     defaults: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
-        "http": "httptools",
+        "http": "httptools" if admission is None else _admitting_protocol(admission),
         "ws": "websockets-sansio",
         "ws_max_size": settings.max_message_bytes * 2,
         "ws_ping_interval": settings.ws_ping_interval_s,
@@ -343,7 +474,10 @@ def uvicorn_config(app: Starlette, settings: ServerSettings, **options: Any) -> 
         # as any address (dodging the failed-auth limit); client_address() believes it
         # only from the proxies in trust_forwarded_for
         "proxy_headers": False,
-        "backlog": 4096,
+        # connections the kernel holds before taskd sees them: in a reconnect storm a long
+        # queue only holds handshakes until their agents give up waiting (admission.py);
+        # beyond it the kernel drops the SYN and the client sends it again a second later
+        "backlog": 256,
     }
     return uvicorn.Config(app, **(defaults | options))
 

@@ -322,7 +322,7 @@ class ScriptedAgent(WsClient):
             "task_id": task["task_id"],
             "agent_uuid": self.uuid,
             "task_token": task["task_token"],
-            "timestamp": timestamp if timestamp is not None else int(time.time() * 1000),
+            "timestamp": timestamp if timestamp is not None else time.time_ns() // 1_000_000,
             "success": success,
         }
         if error_message is not None:

@@ -250,7 +250,7 @@ class NodeGetAgent(WsClient):
             "task_id": task["task_id"],
             "agent_uuid": self.uuid,
             "task_token": task["task_token"],
-            "timestamp": int(time.time() * 1000),
+            "timestamp": time.time_ns() // 1_000_000,
             "success": success,
             "error_message": error_message,
             "task_event_result": result,

@@ -1,18 +1,33 @@
-"""Agent methods end to end: NodeGet's UUID lists, soft delete, the version object, and agents
-known from any authenticated call."""
+"""Agent methods end to end: NodeGet's UUID lists, soft delete, the version object, agents
+known from any authenticated call, and agent_list's host facts and latest metrics."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
+import uuid as uuid_module
+from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from sqlalchemy import select
 
 from taskd import __version__
+from taskd.agent.monitor import Monitor
+from taskd.config import parse_agent_config
+from taskd.roles import role_limits
 from taskd.store import task_t
-from tests.helpers import RpcError, ScriptedAgent, Server, add_token, agent_token_limits
+from tests.agent.test_client import running_agent
+from tests.helpers import (
+    RpcError,
+    ScriptedAgent,
+    Server,
+    add_token,
+    agent_token_limits,
+    wait_for,
+)
 
 A = "0a0a0a0a-0000-4000-8000-00000000000a"
 B = "0b0b0b0b-0000-4000-8000-00000000000b"
@@ -45,7 +60,7 @@ async def upload_unsubscribed(server: Server, agent_uuid: str, token: str) -> No
         "task_id": created["id"],
         "agent_uuid": agent_uuid,
         "task_token": row.task_token,
-        "timestamp": int(time.time() * 1000),
+        "timestamp": time.time_ns() // 1_000_000,
         "success": True,
         "task_event_result": {"version": {"version": "1"}},
     }
@@ -253,3 +268,190 @@ async def test_tokens_store_nodegets_agent_and_monitoring_permissions(server: Se
         server, -32602, "token_create", server.super_token, {"token_limit": unknown}
     )
     assert "unknown permission" in message
+
+
+# --------------------------------------------------------------------------- host facts
+
+LISTER = [{"scopes": ["global"], "permissions": [{"agent": "list"}]}]
+READ_ALL = [
+    {"static_monitoring": {"read": "cpu"}},
+    {"static_monitoring": {"read": "system"}},
+    {"dynamic_monitoring_summary": "read"},
+]
+
+
+def host_static(agent_uuid: str, now_ms: int, **system: Any) -> dict[str, Any]:
+    """This host's static report as the agent's Monitor makes it, with ``system`` overrides
+    (and a data hash of its own, so a changed report is stored)."""
+    static = Monitor(agent_uuid, clock=lambda: now_ms / 1000).static()
+    static["system"].update(system)
+    if system:
+        static["data_hash"] = [(byte + len(str(system))) % 256 for byte in static["data_hash"]]
+    return static
+
+
+def summary(agent_uuid: str, time_ms: int, **figures: Any) -> dict[str, Any]:
+    """A NodeGet-format summary: cpu_usage and loads in tenths, sizes in bytes."""
+    return {
+        "uuid": agent_uuid,
+        "time": time_ms,
+        "cpu_usage": 425,
+        "used_memory": 3 << 30,
+        "total_memory": 8 << 30,
+        "used_swap": 0,
+        "total_swap": 1 << 30,
+        "total_space": 100 << 30,
+        "available_space": 40 << 30,
+        "receive_speed": 2048,
+        "transmit_speed": 1024,
+        "load_one": 12,
+        "load_five": 8,
+        "load_fifteen": 5,
+        "uptime": 86_400,
+        "process_count": 120,
+        **figures,
+    }
+
+
+async def report(server: Server, agent_uuid: str, *reports: tuple[str, dict[str, Any]]) -> None:
+    """Send reports with the agent's own token; each must be stored."""
+    token = await add_token(server, agent_token_limits(agent_uuid))
+    for method, data in reports:
+        assert await server.call(method, token, data) == {"status": "stored"}, method
+
+
+async def test_agent_list_shows_host_facts_and_the_newest_metrics(server: Server) -> None:
+    """agent_list carries each agent's facts from its newest static report and figures from
+    its newest summary (values, not tenths); an agent that reported nothing has nulls."""
+    now = server.clock.now_ms()
+    static = host_static(A, now - 5000)
+    newer = host_static(A, now - 4000, system_host_name="web-1", virtualization="kvm")
+    await report(
+        server,
+        A,
+        ("agent_report_static", static),
+        ("agent_report_static", newer),
+        ("agent_report_dynamic_summary", summary(A, now - 1000)),
+        ("agent_report_dynamic_summary", summary(A, now - 2000, cpu_usage=999)),
+    )
+    token_b = await add_token(server, agent_token_limits(B))
+    async with ScriptedAgent(server.ws_url, token_b, B):
+        by_uuid = {agent["uuid"]: agent for agent in await server.su("agent_list")}
+    system, cpu = newer["system"], newer["cpu"]
+    assert by_uuid[A]["host"] == {
+        "time": now - 4000,
+        "hostname": "web-1",
+        "os": system["system_name"],
+        "os_version": system["system_os_version"],
+        "os_long_version": system["system_os_long_version"],
+        "kernel": system["system_kernel"],
+        "arch": system["arch"],
+        "virtualization": "kvm",
+        "cpu_brand": cpu["per_core"][0]["brand"],
+        "cpu_cores": cpu["logical_cores"],
+        "cpu_physical_cores": cpu["physical_cores"],
+    }
+    assert by_uuid[A]["metrics"] == {
+        "time": now - 1000,
+        "cpu_usage": 42.5,
+        "used_memory": 3 << 30,
+        "total_memory": 8 << 30,
+        "used_swap": 0,
+        "total_swap": 1 << 30,
+        "total_space": 100 << 30,
+        "available_space": 40 << 30,
+        "receive_speed": 2048,
+        "transmit_speed": 1024,
+        "load_one": 1.2,
+        "load_five": 0.8,
+        "load_fifteen": 0.5,
+        "uptime": 86_400,
+    }
+    assert by_uuid[A]["online"] is False
+    assert by_uuid[B]["online"] is True
+    assert by_uuid[B]["host"] is None and by_uuid[B]["metrics"] is None
+
+
+async def test_a_running_agents_host_shows_in_agent_list(server: Server, tmp_path: Path) -> None:
+    """A real taskd agent's own reports fill agent_list: this machine's hostname and CPU
+    count, memory and disk totals, online."""
+    agent_uuid = str(uuid_module.uuid4())
+    token = await add_token(server, role_limits("agent", agents=[agent_uuid]))
+    settings = parse_agent_config(
+        f'agent_uuid = "{agent_uuid}"\n'
+        "dynamic_summary_report_interval_ms = 100\n"
+        f'[[server]]\nname = "s"\nws_url = "{server.ws_url}"\ntoken = "{token}"\n'
+    )
+
+    async def reported() -> Any:
+        [agent] = await server.su("agent_list") or [None]
+        return agent if agent and agent["host"] and agent["metrics"] else None
+
+    async with running_agent(settings, tmp_path / "state"):
+        agent = await wait_for(reported, timeout=15)
+    assert agent["uuid"] == agent_uuid and agent["online"] is True
+    assert agent["host"]["hostname"] == socket.gethostname()
+    assert agent["host"]["cpu_cores"] == psutil.cpu_count()
+    assert agent["metrics"]["total_memory"] == psutil.virtual_memory().total
+    assert agent["metrics"]["total_space"] > 0 and 0 <= agent["metrics"]["cpu_usage"] <= 100
+
+
+async def test_host_facts_and_metrics_need_their_read_permissions(server: Server) -> None:
+    """Without monitoring reads agent_list has no host or metrics; each static part and each
+    summary figure shows only where the token may read it, agent by agent."""
+    now = server.clock.now_ms()
+    for agent_uuid in (A, B):
+        await report(
+            server,
+            agent_uuid,
+            ("agent_report_static", host_static(agent_uuid, now - 3000)),
+            ("agent_report_dynamic_summary", summary(agent_uuid, now - 1000)),
+        )
+
+    async def listing(limits: list[dict[str, Any]]) -> dict[str, Any]:
+        token = await add_token(server, limits)
+        return {agent["uuid"]: agent for agent in await server.call("agent_list", token)}
+
+    plain = await listing(LISTER)
+    assert [(a["host"], a["metrics"]) for a in plain.values()] == [(None, None), (None, None)]
+    full = await listing([{"scopes": ["global"], "permissions": [{"agent": "list"}, *READ_ALL]}])
+    assert all(a["host"]["hostname"] and a["metrics"]["total_memory"] for a in full.values())
+
+    system_only = await listing(
+        [
+            {
+                "scopes": ["global"],
+                "permissions": [
+                    {"agent": "list"},
+                    {"static_monitoring": {"read": "system"}},
+                    {"dynamic_monitoring_summary": {"read": "cpu_usage"}},
+                ],
+            }
+        ]
+    )
+    host = system_only[A]["host"]
+    assert host["hostname"] == full[A]["host"]["hostname"] and host["cpu_brand"] is None
+    assert host["cpu_cores"] is None
+    metrics = system_only[A]["metrics"]
+    assert metrics["cpu_usage"] == 42.5
+    assert {name for name, value in metrics.items() if value is not None} == {"time", "cpu_usage"}
+
+    only_a = await listing([*LISTER, {"scopes": [{"agent_uuid": A}], "permissions": READ_ALL}])
+    assert only_a[A]["host"] == full[A]["host"] and only_a[A]["metrics"] == full[A]["metrics"]
+    assert only_a[B]["host"] is None and only_a[B]["metrics"] is None
+
+
+async def test_host_strings_are_answered_as_sent(server: Server) -> None:
+    """A hostname with escape sequences and control characters is data: agent_list answers
+    it unchanged (JSON-escaped), and a non-string where a string belongs is null."""
+    hostile = "evil\x1b[2J\x1b]0;owned\x07\r\nhost\u202e"
+    now = server.clock.now_ms()
+    await report(
+        server,
+        A,
+        ("agent_report_static", host_static(A, now, system_host_name=hostile, arch=["x"])),
+    )
+    response = await server.request("agent_list", [server.super_token])
+    [agent] = response["result"]
+    assert agent["host"]["hostname"] == hostile
+    assert agent["host"]["arch"] is None

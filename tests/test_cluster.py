@@ -166,15 +166,17 @@ def node_config(directory: Path, server_uuid: str, plain_url: str, port: int) ->
     return Node(directory.name, port, config)
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path, held_ports: Callable[[], int]) -> AsyncIterator[Cluster]:
-    """Three `taskd serve` processes on held ports sharing one fresh PostgreSQL database."""
+@contextlib.asynccontextmanager
+async def running_cluster(
+    tmp_path: Path, held_ports: Callable[[], int], count: int
+) -> AsyncIterator[Cluster]:
+    """``count`` `taskd serve` processes on held ports sharing one fresh PostgreSQL database."""
     async with postgres_database() as url:
         plain_url = url.replace("postgresql+asyncpg://", "postgresql://")
         data = taskd_init(tmp_path / "n0" / "taskd.toml", plain_url)
         nodes = [
             node_config(tmp_path / f"n{index}", data["server_uuid"], plain_url, held_ports())
-            for index in range(3)
+            for index in range(count)
         ]
         for node in nodes:
             node.start()
@@ -185,6 +187,13 @@ async def cluster(tmp_path: Path, held_ports: Callable[[], int]) -> AsyncIterato
         finally:
             for node in nodes:
                 node.stop()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, held_ports: Callable[[], int]) -> AsyncIterator[Cluster]:
+    """Three nodes (see ``running_cluster``)."""
+    async with running_cluster(tmp_path, held_ports, 3) as nodes:
+        yield nodes
 
 
 async def wait_until(check: Any, what: str, timeout: float = 20) -> None:
@@ -621,6 +630,37 @@ async def test_every_method_answers_on_every_node(cluster: Cluster) -> None:
             multi = await su("kv_get_multi_value", [{"namespace": namespace, "key": "name"}])
             assert [item["value"] for item in multi] == [f"n{index}"]
             assert await su("kv_delete_key", namespace, "name") == {"success": True}
+
+            # alerts: written here, read back on the next node
+            channel, rule_name = f"hook-{index}", f"down-{index}"
+            created_channel = await su("alert_channel_create", channel, "json://127.0.0.1:9/a")
+            assert set(created_channel) == {"id"}
+            edited_channel = await su("alert_channel_edit", channel, "json://127.0.0.1:9/b")
+            assert edited_channel == {"success": True}
+            assert channel in {c["name"] for c in await su("alert_channel_list")}
+            assert channel in {
+                c["name"] for c in await other.call("alert_channel_list", cluster.token)
+            }
+            with pytest.raises(RpcError) as untested:
+                await su("alert_channel_test", channel)  # nothing listens on port 9
+            assert untested.value.code == 999
+            rule = {
+                "name": rule_name,
+                "kind": "agent_offline",
+                "targets": [worker.uuid],
+                "params": {"grace_ms": 3_600_000},
+                "channels": [channel],
+            }
+            assert set(await su("alert_rule_create", rule)) == {"id"}
+            assert rule_name in {
+                r["name"] for r in await other.call("alert_rule_list", cluster.token)
+            }
+            edited_rule = await su("alert_rule_edit", rule_name, {**rule, "remind_ms": 60_000})
+            assert edited_rule == {"success": True}
+            assert [r["remind_ms"] for r in await su("alert_rule_list")] == [60_000]
+            assert await su("alert_event_query", {"condition": [{"rule": rule_name}]}) == []
+            assert await su("alert_rule_delete", rule_name) == {"success": True}
+            assert await su("alert_channel_delete", channel) == {"success": True}
 
             # monitoring: reported here, read back on the next node
             monitor = Monitor(worker.uuid)

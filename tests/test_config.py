@@ -41,6 +41,9 @@ def test_overrides_beat_the_file(tmp_path: Path) -> None:
     assert settings.database_url == "postgresql+asyncpg://u@h/db"
 
 
+_UUID = '[server]\nserver_uuid = "6f1f7a5e-7a57-4d4b-9d0a-1c2b3c4d5e6f"\n'
+
+
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
@@ -52,6 +55,12 @@ def test_overrides_beat_the_file(tmp_path: Path) -> None:
             "Mars",
         ),
         ("[server\n", "t.toml"),
+        (f"{_UUID}task_retention_s = 0\n", "task_retention_s: 0 is outside"),
+        (f'{_UUID}cron_result_retention_s = "month"\n', "cron_result_retention_s"),
+        (f"{_UUID}task_retention_by_type = {{pong = 60}}\n", "unknown task type(s) pong"),
+        (f'{_UUID}task_retention_by_type = {{ping = "a"}}\n', "task_retention_by_type.ping"),
+        (f"{_UUID}task_retention_by_type = {{ping = -1}}\n", "task_retention_by_type.ping"),
+        (f"{_UUID}task_retention_by_type = 5\n", "task_retention_by_type: expected a table"),
     ],
 )
 def test_bad_server_settings_are_named(tmp_path: Path, text: str, fragment: str) -> None:
@@ -61,6 +70,25 @@ def test_bad_server_settings_are_named(tmp_path: Path, text: str, fragment: str)
     with pytest.raises(InvalidInput) as error:
         load_server_settings(path)
     assert fragment in error.value.message
+
+
+def test_retention_settings_per_task_type(tmp_path: Path) -> None:
+    """The task retention applies to every type but those given their own; an environment
+    value lists type=seconds pairs."""
+    path = tmp_path / "t.toml"
+    path.write_text(f"{_UUID}task_retention_s = 86400\ntask_retention_by_type = {{ping = 600}}\n")
+    settings = load_server_settings(path)
+    assert settings.task_retention_ms("ping") == 600_000
+    assert settings.task_retention_ms("execute") == 86_400_000
+    assert settings.cron_result_retention_s == 30 * 86400
+    settings = load_server_settings(path, {"task_retention_by_type": "tcp_ping=60, dns = 120"})
+    assert settings.task_retention_ms("ping") == 86_400_000
+    assert (settings.task_retention_ms("tcp_ping"), settings.task_retention_ms("dns")) == (
+        60_000,
+        120_000,
+    )
+    with pytest.raises(InvalidInput, match="type=seconds"):
+        load_server_settings(path, {"task_retention_by_type": "ping"})
 
 
 def test_missing_config_says_how_to_create_it(tmp_path: Path) -> None:

@@ -460,7 +460,7 @@ async def test_rollups_keep_min_avg_max_per_minute_and_hour(server: Server) -> N
     auto_month = await server.su("agent_query_dynamic_summary", query("auto", start, month_later))
     assert {r["resolution"] for r in auto_month} == {"1h"}
     day = 24 * hour
-    # three months ago raw rows (6 h) and 1-minute rollups (3 days) are past retention
+    # three months ago raw rows (4 h) and 1-minute rollups (2 days) are past retention
     auto_old = await server.su("agent_query_dynamic_summary", query("auto", start, start + hour))
     assert {r["resolution"] for r in auto_old} == {"1h"}
     now = server.clock.now_ms()
@@ -639,3 +639,85 @@ async def test_nodegets_documented_reports_are_stored_as_sent(server: Server) ->
     fields = ["cpu", "ram", "load", "system", "disk", "network", "gpu"]
     [row] = await server.su("agent_dynamic_data_multi_last_query", [A], fields)
     assert row == {"uuid": A, "timestamp": now, **NODEGET_DYNAMIC}
+
+
+async def test_summaries_sent_together_roll_up_together(server: Server) -> None:
+    """A JSON-RPC batch of summaries (one writer batch) adds up in its buckets as the
+    same summaries sent one by one would: counts, sums, min and max per figure, a missing
+    figure left out, the newest of them the agent's latest."""
+    token = await add_token(server, reporter_limits(A))
+    minute = server.clock.now_ms() // 60_000 * 60_000 - 10 * 60_000
+    cpus = [120, 80, 400, 250]
+    batch = []
+    for index, cpu in enumerate(cpus):
+        summary = {**summary_at(A, minute + 1000 * index, cpu), "gpu_usage": 30 + index}
+        if index == 1:
+            summary["gpu_usage"] = None
+        batch.append(
+            {
+                "jsonrpc": "2.0",
+                "method": "agent_report_dynamic_summary",
+                "params": [token, summary],
+                "id": index,
+            }
+        )
+    replies = (await server.post(batch)).json()
+    assert sorted(r["id"] for r in replies) == [0, 1, 2, 3]
+    assert all(r["result"] == {"status": "stored"} for r in replies), replies
+    window = [{"uuid": A}, {"timestamp_from_to": [minute, minute + 59_999]}]
+    for resolution in ("1m", "1h"):
+        [bucket] = await server.su(
+            "agent_query_dynamic_summary",
+            {"fields": ["cpu_usage", "gpu_usage"], "condition": window, "resolution": resolution},
+        )
+        assert (bucket["cpu_usage_min"], bucket["cpu_usage"], bucket["cpu_usage_max"]) == (
+            8.0,
+            pytest.approx(21.25),
+            40.0,
+        )
+        assert (bucket["gpu_usage_min"], bucket["gpu_usage"], bucket["gpu_usage_max"]) == (
+            30,
+            pytest.approx((30 + 32 + 33) / 3),
+            33,
+        )
+    [latest] = await server.su("agent_dynamic_summary_multi_last_query", [A], ["cpu_usage"])
+    assert (latest["timestamp"], latest["cpu_usage"]) == (minute + 3000, 25.0)
+
+
+async def test_the_latest_summary_follows_writes_deletes_and_pruning(database_url: str) -> None:
+    """Multi-last answers each agent's newest stored summary: an older report arriving late
+    does not replace it, deleting the newest brings back the one before, deleting all or
+    pruning past the retention leaves the agent out."""
+    settings = make_settings(
+        database_url, monitoring_summary_retention_s=3600, monitoring_prune_interval_s=3600
+    )
+    async with running_server(settings) as server:
+        token = await add_token(server, reporter_limits(A))
+        token_b = await add_token(server, reporter_limits(B))
+        now = server.clock.now_ms()
+
+        async def latest() -> list[tuple[str, int, float]]:
+            rows = await server.su("agent_dynamic_summary_multi_last_query", [A, B], ["cpu_usage"])
+            return [(r["uuid"], r["timestamp"], r["cpu_usage"]) for r in rows]
+
+        for offset, cpu in ((0, 100), (1000, 110), (2000, 120)):
+            await server.call(
+                "agent_report_dynamic_summary", token, summary_at(A, now + offset, cpu)
+            )
+        await server.call("agent_report_dynamic_summary", token_b, summary_at(B, now, 300))
+        assert await latest() == [(A, now + 2000, 12.0), (B, now, 30.0)]
+        await server.call("agent_report_dynamic_summary", token, summary_at(A, now + 500, 990))
+        assert await latest() == [(A, now + 2000, 12.0), (B, now, 30.0)]
+
+        await server.su("agent_delete_dynamic_summary", [{"uuid": A}, "last"])
+        assert await latest() == [(A, now + 1000, 11.0), (B, now, 30.0)]
+        await server.su("agent_delete_dynamic_summary", [{"uuid": A}])
+        assert await latest() == [(B, now, 30.0)]
+
+        await server.call("agent_report_dynamic_summary", token, summary_at(A, now + 3000, 130))
+        assert await latest() == [(A, now + 3000, 13.0), (B, now, 30.0)]
+        server.clock.advance(2 * 3600)  # both agents silent past the summaries' retention
+        later = server.clock.now_ms()
+        await server.call("agent_report_dynamic_summary", token_b, summary_at(B, later, 310))
+        await server.service.pruner.prune()
+        assert await latest() == [(B, later, 31.0)]

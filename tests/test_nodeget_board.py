@@ -79,7 +79,7 @@ def rpc(method: str, params: Any) -> dict[str, Any]:
 
 def now_ms() -> int:
     """Wall-clock milliseconds."""
-    return int(time.time() * 1000)
+    return time.time_ns() // 1_000_000
 
 
 def board_result(reply: dict[str, Any]) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -162,6 +163,20 @@ async def test_metrics_count_what_happened(server: Server) -> None:
     assert 'taskd_rpc_errors_total{code="-32601"} 2.0' in text
     assert "taskd_auth_failures_total 1.0" in text
     assert "taskd_agents_connected 0.0" in text
+
+
+async def test_metrics_time_the_cycle_collectors_pauses(server: Server) -> None:
+    """Each pause of the cycle collector (it stops the event loop) is timed, by generation."""
+
+    async def collected() -> float:
+        text = (await server.http.get("/metrics")).text
+        name = 'taskd_gc_pause_seconds_count{generation="2"} '
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+    before = await collected()
+    gc.collect()
+    gc.collect()
+    assert await collected() == before + 2
 
 
 @pytest.fixture

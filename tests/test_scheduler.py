@@ -29,6 +29,7 @@ from taskd.auth import NewToken, hash_secret
 from taskd.clock import Clock
 from taskd.config import ServerSettings, load_server_settings, write_default_server_config
 from taskd.crontab import parse_expression
+from taskd.errors import DatabaseError
 from taskd.hub import Hub
 from taskd.scheduler import (
     INTERRUPTED,
@@ -215,7 +216,16 @@ async def refuse_results(store: Store, refuse: bool) -> None:
         for statement in statements:
             conn.execute(text(statement))
 
-    await store.write(run)
+    for attempt in range(5):
+        try:
+            await store.write(run)
+            return
+        except DatabaseError:
+            # committed with a refused result write of the same group, it was rolled back
+            # with it: the writer's callers retry, and so does this one
+            if attempt == 4:
+                raise
+            await asyncio.sleep(0.05)
 
 
 @contextlib.asynccontextmanager

@@ -67,7 +67,7 @@ EVERYTHING = [
 
 def now_ms() -> int:
     """The wall clock in milliseconds."""
-    return int(time.time() * 1000)
+    return time.time_ns() // 1_000_000
 
 
 @dataclass
@@ -78,6 +78,17 @@ class World:
     task: dict[str, Any]
     victim_key: str
     fresh_uuid: str
+
+
+def _alert_rule(name: str, targets: Any) -> dict[str, Any]:
+    """An agent_offline alert rule sending to the channel the matrix creates."""
+    return {
+        "name": name,
+        "kind": "agent_offline",
+        "targets": [targets] if targets != "all" else "all",
+        "params": {"grace_ms": 3_600_000},
+        "channels": ["matrix"],
+    }
 
 
 # Valid params (after the token) for every method that takes a token, in an order in which
@@ -176,10 +187,21 @@ TABLE: list[tuple[str, Params, bool]] = [
     ("agent_delete_static", lambda w: [[{"uuid": w.agent_uuid}]], False),
     ("agent_delete_dynamic", lambda w: [[{"uuid": w.agent_uuid}]], False),
     ("agent_delete_dynamic_summary", lambda w: [[{"uuid": w.agent_uuid}]], False),
+    ("alert_channel_create", lambda w: ["matrix", "json://127.0.0.1:9/matrix"], False),
+    ("alert_channel_list", lambda w: [], False),
+    ("alert_channel_edit", lambda w: ["matrix", "json://127.0.0.1:9/edited"], False),
+    ("alert_channel_test", lambda w: ["matrix"], False),
+    ("alert_rule_create", lambda w: [_alert_rule("matrix-rule", w.agent_uuid)], False),
+    ("alert_rule_list", lambda w: [], False),
+    ("alert_rule_edit", lambda w: ["matrix-rule", _alert_rule("matrix-rule", "all")], False),
+    ("alert_event_query", lambda w: [{"condition": [{"rule": "matrix-rule"}]}], False),
+    ("alert_rule_delete", lambda w: ["matrix-rule"], False),
+    ("alert_channel_delete", lambda w: ["matrix"], False),
     ("agent-uuid_delete", lambda w: [w.agent_uuid], False),
 ]
-# what the super token may get instead of a result, where a result cannot be had
-POSITIVE_ERRORS = {"task_create_task_blocking": 999}
+# what the super token may get instead of a result, where a result cannot be had (nothing
+# listens on port 9: the channel test cannot deliver)
+POSITIVE_ERRORS = {"task_create_task_blocking": 999, "alert_channel_test": 999}
 SELF_SERVICE = {"token_get"}
 """Methods any valid token may call on itself: NodeGet's token_get reads the caller's token."""
 VALID = {"scoped to another agent", "type patterns miss the task"}

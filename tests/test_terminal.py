@@ -548,7 +548,7 @@ async def test_a_users_terminal_ends_when_its_token_expires(server: Server) -> N
         limits = [
             {"scopes": [{"agent_uuid": shell.agent.uuid}], "permissions": [{"terminal": "connect"}]}
         ]
-        expires_at = int(time.time() * 1000) + int(scaled(1.0) * 1000)
+        expires_at = time.time_ns() // 1_000_000 + int(scaled(1.0) * 1000)
         token = await add_token(server, limits, timestamp_to=expires_at)
         async with websockets.connect(user_url(server, shell, token)) as user:
             await user.send("ls\n")

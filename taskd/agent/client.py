@@ -34,6 +34,7 @@ import orjson
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from taskd.admission import AGENT_USER_AGENT, parse_retry_after
 from taskd.agent.monitor_report import Collector, Outbox
 from taskd.agent.spool import ReportBuffer, Spool, link_id
 from taskd.agent.tasks import TaskContext, TaskFailed, runner_for
@@ -46,6 +47,8 @@ logger = logging.getLogger(__name__)
 BACKOFF_START_S = 1.0
 BACKOFF_CAP_S = 60.0
 JITTER = 0.2
+RETRY_AFTER_JITTER = 0.25
+"""A server's retry hint is waited out plus up to this fraction more, never less."""
 CALL_TIMEOUT_S = 30.0
 RETRY_SPOOL_S = 30.0
 UNLIMITED_KINDS = frozenset({"web_shell"})
@@ -59,6 +62,19 @@ def backoff_delays(start: float = BACKOFF_START_S, cap: float = BACKOFF_CAP_S) -
     while True:
         yield delay * random.uniform(1 - JITTER, 1 + JITTER)
         delay = min(delay * 2, cap)
+
+
+def busy_hint(exc: websockets.InvalidStatus) -> float | None:
+    """The seconds a refused handshake asks to wait (503 with ``Retry-After``), if it does."""
+    response = exc.response
+    if response.status_code != 503:
+        return None
+    return parse_retry_after(response.headers.get("Retry-After"))
+
+
+def hinted_delay(hint: float) -> float:
+    """How long to wait on a server's retry hint: the hint, jittered upwards only."""
+    return min(hint, BACKOFF_CAP_S) * random.uniform(1, 1 + RETRY_AFTER_JITTER)
 
 
 class RpcError(Exception):
@@ -211,6 +227,8 @@ class ServerLink:
         self.subscription: int | None = None
         self.subscribed = asyncio.Event()
         self.upgrade_refused = False
+        self.retry_hint: float | None = None
+        """Seconds a busy server asked the last handshake to wait before the next one."""
         self.on_http = False
         self.outbox: Outbox | None = None
         settings = agent.settings
@@ -254,10 +272,19 @@ class ServerLink:
         delays = backoff_delays()
         while True:
             self.upgrade_refused = False
+            self.retry_hint = None
             reason = await self._session()
             if self.subscribed.is_set():
                 delays = backoff_delays()  # it worked: start the backoff afresh
             self.subscribed.clear()
+            if self.retry_hint is not None:
+                # the server is busy taking a crowd in: come back when it says, not sooner
+                delay = hinted_delay(self.retry_hint)
+                logger.info(
+                    "[%s] server busy (%s); reconnect in %.1f s", self.server.name, reason, delay
+                )
+                await asyncio.sleep(delay)
+                continue
             if self.upgrade_refused and self.settings.http_fallback:
                 self.on_http = await self._http_session(reason)
                 if self.on_http:
@@ -327,7 +354,7 @@ class ServerLink:
                 max_size=64 * 1024 * 1024,
                 ssl=self._ssl(),
                 proxy=None,
-                user_agent_header="taskd-agent",
+                user_agent_header=AGENT_USER_AGENT,
             ) as ws:
                 logger.info("[%s] connected to %s", self.server.name, self.server.ws_url)
                 rpc = Rpc(ws, self._on_push)
@@ -359,7 +386,14 @@ class ServerLink:
                         else "connection lost"
                     )
                 return f"closed: {ws.close_code} {ws.close_reason}".strip()
-        except (websockets.InvalidStatus, websockets.InvalidHeader) as exc:
+        except websockets.InvalidStatus as exc:
+            if exc.response.status_code == 503:  # busy or down for now: not an HTTP-only proxy
+                self.retry_hint = busy_hint(exc)
+                hint = "" if self.retry_hint is None else f", Retry-After {self.retry_hint:g} s"
+                return f"HTTP 503{hint}"
+            self.upgrade_refused = True
+            return f"upgrade refused: {exc}"
+        except websockets.InvalidHeader as exc:
             # an HTTP answer, but no WebSocket: perhaps a proxy that passes plain HTTP only
             # (no answer at all, such as a reset, is InvalidMessage: an ordinary reconnect)
             self.upgrade_refused = True

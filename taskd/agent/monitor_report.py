@@ -21,7 +21,10 @@ task of its own: a report never waits for a task, and never holds a task slot.
   slow server slows the drain down.
 
 A server that has no such method (-32601, e.g. a taskd before monitoring) is
-not sent it again on that connection, and what it cannot take stays buffered.
+not sent it again on that connection, and what it cannot take stays buffered. A
+server busy with a crowd of agents may answer a summary with -32000 and a
+``retry_after_ms``: that summary stays (or goes) in the buffer, and the drain waits
+that long (plus up to a quarter more) before it sends again.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ REPORT_STATIC = "agent_report_static"
 REPORT_DYNAMIC = "agent_report_dynamic"
 REPORT_SUMMARY = "agent_report_dynamic_summary"
 METHOD_NOT_FOUND = -32601
+SERVER_BUSY = -32000
+MAX_RETRY_AFTER_MS = 60_000
+"""The longest wait a busy server's answer is taken for."""
 LIVE_MAX = 5
 """Summaries that may wait for a busy connection before they go to the buffer."""
 
@@ -176,8 +182,12 @@ class Outbox:
                 for time_ms, data in summaries:
                     self.buffer.put(time_ms, data)
             return
-        for (method, _), reply in zip(calls, replies, strict=True):
-            if "error" in reply:
+        times = iter(time_ms for time_ms, _ in summaries)
+        for (method, data), reply in zip(calls, replies, strict=True):
+            time_ms = next(times) if method == REPORT_SUMMARY else 0
+            if retry_after_ms(reply) is not None:
+                self.buffer.put(time_ms, data)  # the server will take it later
+            elif "error" in reply:
                 self._note_refusal(method, reply["error"])
         if static is not None and self._static is static:
             self._static_due = False  # answered: refused or not, sending it again changes nothing
@@ -204,13 +214,23 @@ class Outbox:
                 )
             except TRANSPORT_ERRORS:
                 return
-            errors = [reply["error"] for reply in replies if "error" in reply]
-            for error in errors:
-                self._note_refusal(REPORT_SUMMARY, error)
+            waits = list(map(retry_after_ms, replies))
+            # a busy server's answer keeps its report and those after it for later (any
+            # of those it stored meanwhile are taken as resends)
+            kept = next((i for i, wait in enumerate(waits) if wait is not None), None)
+            answered = replies[:kept]
+            for reply in answered:
+                if "error" in reply:
+                    self._note_refusal(REPORT_SUMMARY, reply["error"])
             if REPORT_SUMMARY in self._refused:
                 return  # kept for a server that takes them
-            self.buffer.done(batch[-1].seq)
-            sent += len(batch) - len(errors)
+            if answered:
+                self.buffer.done(batch[len(answered) - 1].seq)
+            sent += sum(1 for reply in answered if "error" not in reply)
+            if kept is not None:
+                longest = max(wait for wait in waits if wait is not None)
+                await asyncio.sleep(longest / 1000 * random.uniform(1.0, 1.25))
+                continue
             await asyncio.sleep(max(0.0, 1.0 - (loop.time() - started)))
         if sent:
             logger.info("[%s] sent %d buffered summary report(s)", self.name, sent)
@@ -231,6 +251,16 @@ class Outbox:
             )
         else:
             logger.warning("[%s] the server refused %s: %s %s", self.name, method, code, message)
+
+
+def retry_after_ms(reply: Any) -> int | None:
+    """The wait a busy server asked for in ``reply`` (-32000), or None."""
+    error = reply.get("error") if isinstance(reply, dict) else None
+    if not isinstance(error, dict) or error.get("code") != SERVER_BUSY:
+        return None
+    data = error.get("data")
+    wait = data.get("retry_after_ms") if isinstance(data, dict) else None
+    return min(wait, MAX_RETRY_AFTER_MS) if isinstance(wait, int) and wait > 0 else 1000
 
 
 class Collector:

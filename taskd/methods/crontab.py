@@ -30,6 +30,7 @@ from taskd.protocol import (
     IdReply,
     Parse,
     QueueTtlMs,
+    ResultRetentionMs,
     Token,
     parse_as,
 )
@@ -74,6 +75,8 @@ class CronInfo(TypedDict):
     last_run_time: int | None
     queue_ttl_ms: NotRequired[int]
     """taskd extension, only when set."""
+    result_retention_ms: NotRequired[int]
+    """taskd extension, only when set (else the server's ``cron_result_retention_s``)."""
 
 
 class CronEdited(TypedDict):
@@ -154,6 +157,8 @@ def _cron(row: Any) -> CronInfo:
     }
     if row.queue_ttl_ms is not None:
         record["queue_ttl_ms"] = row.queue_ttl_ms  # taskd extension, only when set
+    if row.result_retention_ms is not None:
+        record["result_retention_ms"] = row.result_retention_ms  # taskd extension
     return record
 
 
@@ -184,10 +189,13 @@ async def crontab_create(
     cron_expression: CronExpression,
     cron_type: AgentCronParam,
     queue_ttl_ms: QueueTtlMs | None = None,
+    result_retention_ms: ResultRetentionMs | None = None,
 ) -> IdReply:
-    """Create a cron; it fires from its next slot (queue_ttl_ms: queue tasks for offline agents)."""
+    """Create a cron; it fires from its next slot (queue_ttl_ms: queue tasks for offline agents;
+    result_retention_ms: keep its results this long instead of the server's default)."""
     principal = await ctx.app.authenticate(token, ctx.remote)
     values = _definition(ctx, principal, cron_expression, cron_type, queue_ttl_ms)
+    values["result_retention_ms"] = result_retention_ms or None
     row = await ctx.app.store.insert_cron({"name": name, "created_by": principal.key, **values})
     await ctx.app.scheduler.cron_changed(row.id)
     return {"id": row.id}
@@ -201,10 +209,16 @@ async def crontab_edit(
     cron_expression: CronExpression,
     cron_type: AgentCronParam,
     queue_ttl_ms: QueueTtlMs | None = None,
+    result_retention_ms: ResultRetentionMs | None = None,
 ) -> CronEdited:
-    """Replace a cron's expression, targets and task; it applies from the next slot."""
+    """Replace a cron's expression, targets and task; it applies from the next slot.
+
+    Its result retention stays unless ``result_retention_ms`` is given (0: back to the
+    server's default), so a client that does not know the field leaves it as it was."""
     principal = await ctx.app.authenticate(token, ctx.remote)
     values = _definition(ctx, principal, cron_expression, cron_type, queue_ttl_ms)
+    if result_retention_ms is not None:
+        values["result_retention_ms"] = result_retention_ms or None
 
     def may_change(current: Any) -> None:
         _authorize_cron(

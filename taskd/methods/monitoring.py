@@ -26,8 +26,9 @@ from typing import Any, Literal
 
 from typing_extensions import TypedDict
 
+from taskd.admission import BUFFERED_AGE_MS
 from taskd.auth import Need, Principal, allows, authorize
-from taskd.errors import InvalidInput
+from taskd.errors import InvalidInput, ServerBusy
 from taskd.monitoring import retentions
 from taskd.protocol import (
     DYNAMIC_FIELDS,
@@ -182,6 +183,10 @@ async def agent_report_dynamic_summary(
     """Store a host's flat summary (what charts read)."""
     data = dynamic_monitoring_summary_data
     await _reporter(ctx, token, "dynamic_monitoring_summary", data.uuid)
+    if data.time < ctx.app.clock.now_ms() - BUFFERED_AGE_MS:
+        wait_ms = ctx.defer_backlog()
+        if wait_ms is not None:  # from the agent's buffer, and agents are crowding in
+            raise ServerBusy(wait_ms)
     payload = data.model_dump(mode="json")
     _check_report(ctx, payload, "dynamic_monitoring_summary_data")
     await ctx.app.store.store_report("summary", {**payload, "storage_time": ctx.app.clock.now_ms()})
@@ -229,11 +234,11 @@ def _summary_value(name: str, value: Any) -> Any:
 
 
 def _summary_item(row: Mapping[str, Any], fields: Sequence[str]) -> dict[str, Any]:
-    return {
-        "uuid": row["uuid"],
-        "timestamp": row["time"],
-        **{f: _summary_value(f, row[f]) for f in fields},
-    }
+    item = {"uuid": row["uuid"], "timestamp": row["time"]}
+    for name in fields:
+        value = row[name]
+        item[name] = value / 10 if value is not None and name in TENTHS else value
+    return item
 
 
 async def _query(
@@ -302,8 +307,7 @@ async def agent_query_dynamic_summary(
     )
     if len(query.window.uuids) > 1:
         return []
-    buckets = await ctx.app.store.rollup_rows(ROLLUP_RESOLUTIONS[resolution], query.window)
-    return [_rollup_item(row, fields, resolution) for row in buckets]
+    return await ctx.app.store.rollup_points(resolution, query.window, fields, TENTHS)
 
 
 def auto_resolution(
@@ -325,18 +329,6 @@ def auto_resolution(
     if fits("1m", ROLLUP_RESOLUTIONS["1h"]):
         return "1m"
     return "1h"
-
-
-def _rollup_item(row: Mapping[str, Any], fields: Sequence[str], resolution: str) -> dict[str, Any]:
-    """A bucket as a summary row: each figure's average, and its ``_min`` and ``_max``."""
-    item: dict[str, Any] = {"uuid": row["uuid"], "timestamp": row["time"], "resolution": resolution}
-    for name in fields:
-        count = row[f"{name}_count"]
-        average = row[f"{name}_sum"] / count if count else None
-        item[name] = _summary_value(name, average)
-        item[f"{name}_min"] = _summary_value(name, row[f"{name}_min"])
-        item[f"{name}_max"] = _summary_value(name, row[f"{name}_max"])
-    return item
 
 
 async def _multi_last(
@@ -384,10 +376,12 @@ async def agent_dynamic_summary_multi_last_query(
 ) -> list[dict[str, Any]]:
     """The newest summary of each agent listed that has one (no fields: every field)."""
     chosen: Sequence[str] = fields or SUMMARY_FIELDS
-    rows = await _multi_last(
-        ctx, token, "dynamic_monitoring_summary", "summary", uuids, chosen, chosen
-    )
-    return [_summary_item(row, chosen) for row in rows]
+    principal = await ctx.app.authenticate(token, ctx.remote)
+    if not uuids:
+        return []
+    needs, any_of = _read_needs("dynamic_monitoring_summary", chosen, chosen)
+    _authorize_scope(principal, needs, uuids, any_of=any_of)
+    return await ctx.app.store.summary_last_points(uuids, list(dict.fromkeys(chosen)), TENTHS)
 
 
 async def _delete(

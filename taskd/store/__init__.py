@@ -3,7 +3,8 @@
 - ``database.py``  the base: backend, writer, migrations, ``read`` / ``write``
 - ``writer.py``    the group-commit writer every write goes through
 - ``backend.py``   what a database gives the store; ``sqlite.py`` and ``postgres.py``
-- ``tasks.py``, ``agents.py``, ``tokens.py``, ``crons.py``, ``kv.py``, ``nodes.py``
+- ``tasks.py``, ``agents.py``, ``tokens.py``, ``crons.py``, ``kv.py``, ``nodes.py``,
+  ``monitoring.py``, ``alerts.py``, ``fleet.py`` (the dashboard's live read)
                    the queries and writes of each table, ``Store`` has them all
 - ``records.py``   the task rows handed in and out
 
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 from taskd.models import task_t
 from taskd.store.agents import AgentQueries
+from taskd.store.alerts import AlertQueries
 from taskd.store.backend import Channels
 from taskd.store.crons import CronQueries
+from taskd.store.fleet import FleetQueries
 from taskd.store.kv import KvQueries
 from taskd.store.monitoring import MonitoringQueries
 from taskd.store.nodes import NodeQueries
@@ -42,6 +45,8 @@ class Store(
     KvQueries,
     NodeQueries,
     MonitoringQueries,
+    AlertQueries,
+    FleetQueries,
 ):
     """The database behind taskd; an async context manager (see ``Database``)."""
 

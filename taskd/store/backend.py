@@ -10,6 +10,7 @@ read thread, the event loop, a greenlet over asyncpg) is the backend's concern.
 from __future__ import annotations
 
 import operator
+import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from sqlalchemy.dialects.postgresql import Insert as PgInsert
 from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
 from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.expression import ClauseElement
+from sqlalchemy.sql.expression import ClauseElement, FromClause
 
 T = TypeVar("T")
 
@@ -47,7 +48,7 @@ class Statement:
     column values encoded: the table metadata is the one source of that order.
     """
 
-    __slots__ = ("_dumps", "_get", "_json", "names", "sql")
+    __slots__ = ("_dumps", "_fixed", "_get", "_json", "columns", "names", "sql")
 
     def __init__(
         self, statement: ClauseElement, dialect: Dialect, dumps: Callable[[Any], str]
@@ -55,6 +56,9 @@ class Statement:
         compiled = statement.compile(dialect=dialect)
         assert isinstance(compiled, SQLCompiler)
         self.sql = compiled.string
+        selected = getattr(statement, "selected_columns", None)
+        self.columns: tuple[str, ...] = tuple(map(str, selected.keys())) if selected else ()
+        """The names of the columns a SELECT returns, in order."""
         self.names = tuple(compiled.positiontup or ())
         self._json = tuple(
             index
@@ -62,6 +66,10 @@ class Statement:
             if isinstance(compiled.binds[name].type, JSON)
         )
         self._dumps = dumps
+        # values the statement carries itself (SQLite's OFFSET 0 after a bound LIMIT ...)
+        self._fixed = {
+            name: compiled.params[name] for name in self.names if not compiled.binds[name].required
+        }
         names = self.names
         # one C call for the usual many names (itemgetter returns no tuple for fewer)
         self._get: Callable[[Mapping[str, Any]], Sequence[Any]] = (
@@ -72,7 +80,7 @@ class Statement:
 
     def args(self, values: Mapping[str, Any]) -> Sequence[Any]:
         """The positional arguments for ``values``."""
-        row = self._get(values)
+        row = self._get({**self._fixed, **values} if self._fixed else values)
         if not self._json:
             return row
         encoded = list(row)
@@ -145,6 +153,11 @@ class Backend(ABC):
         """Run ``fn`` on a read connection, off the event loop's work where possible."""
 
     @abstractmethod
+    async def read_rows(self, statement: Statement, args: Sequence[Any]) -> list[Sequence[Any]]:
+        """The rows of a compiled statement, read on a read connection's own driver cursor
+        (no SQLAlchemy per row: for reads that return many values)."""
+
+    @abstractmethod
     async def transaction(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn`` in a write transaction on the writer's SQLAlchemy connection; commit."""
 
@@ -163,6 +176,11 @@ class Backend(ABC):
     @abstractmethod
     def one_of(self, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
         """``column`` equals one value of the list bound as ``name`` (see ``list_arg``)."""
+
+    @abstractmethod
+    def listed(self, name: str) -> tuple[FromClause, ColumnElement[Any]]:
+        """A table of the strings of the list bound as ``name`` (see ``list_arg``), and its
+        column: one bound parameter however many values."""
 
     @abstractmethod
     def list_arg(self, values: Sequence[Any]) -> Any:
@@ -190,6 +208,10 @@ class Backend(ABC):
         if compiled is None:
             compiled = self._compiled[build] = Statement(build(self), self.dialect, self.dumps)
         return compiled
+
+
+DRIVER_ERRORS = (sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError)
+"""What the drivers raise themselves (reads on a driver cursor skip SQLAlchemy's wrapping)."""
 
 
 def bad_value(exc: BaseException) -> bool:

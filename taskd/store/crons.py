@@ -5,7 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Row, Select, delete, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Row,
+    Select,
+    delete,
+    func,
+    or_,
+    select,
+    update,
+)
 
 from taskd.clock import now_ms
 from taskd.errors import InvalidInput, NotFound
@@ -182,6 +192,49 @@ class CronQueries(Database):
         ids = _results_filtered(select(cron_result_t.c.id), query, names, None).scalar_subquery()
         statement = delete(cron_result_t).where(cron_result_t.c.id.in_(ids))
         return await self.write(lambda conn: int(conn.execute(statement).rowcount))
+
+    async def prune_cron_results(self, cron_id: int | None, before_ms: int, chunk: int) -> int:
+        """Delete up to ``chunk`` result rows run before ``before_ms``, oldest first; how many
+        went. ``cron_id`` None: the rows of every cron without its own retention (deleted
+        crons included)."""
+        c = cron_result_t.c
+        chosen = (
+            select(c.id)
+            .where(_whose(c.cron_id, cron_id), c.run_time < before_ms)
+            .order_by(c.run_time)
+            .limit(chunk)
+        )
+        statement = delete(cron_result_t).where(c.id.in_(chosen.scalar_subquery()))
+        return await self.write(lambda conn: int(conn.execute(statement).rowcount))
+
+    async def prune_cron_fires(self, cron_id: int | None, before_ms: int, chunk: int) -> int:
+        """Delete up to ``chunk`` settled fires of slots before ``before_ms`` (``cron_id`` as in
+        ``prune_cron_results``) and behind their cron's last run: such a slot is never
+        fired again, so its guard row is no longer needed. How many went."""
+        fire = cron_fire_t.c
+        cron = cron_t.c
+        last_run = select(cron.last_run_time).where(cron.id == fire.cron_id).scalar_subquery()
+        chosen = (
+            select(fire.id)
+            .where(
+                _whose(fire.cron_id, cron_id),
+                fire.slot < before_ms,
+                fire.pending.is_(None),
+                or_(last_run.is_(None), fire.slot < last_run),
+            )
+            .order_by(fire.slot)
+            .limit(chunk)
+        )
+        statement = delete(cron_fire_t).where(fire.id.in_(chosen.scalar_subquery()))
+        return await self.write(lambda conn: int(conn.execute(statement).rowcount))
+
+
+def _whose(column: ColumnElement[Any], cron_id: int | None) -> ColumnElement[bool]:
+    """Rows of cron ``cron_id``; None: of every cron without its own result retention."""
+    if cron_id is not None:
+        return column == cron_id
+    own = select(cron_t.c.id).where(cron_t.c.result_retention_ms.is_not(None))
+    return column.not_in(own.scalar_subquery())
 
 
 def _current(conn: Connection, name: str, check: Callable[[Row[Any]], None] | None) -> Row[Any]:

@@ -9,7 +9,7 @@ the database refuses ``InvalidInput`` here, in one place.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,9 +17,10 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import ColumnElement, Connection, Engine, Row, Select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.sql.expression import ClauseElement
 
 from taskd.errors import DatabaseError, InvalidInput, TaskdError
-from taskd.store.backend import Backend, Channels, bad_value, describe
+from taskd.store.backend import DRIVER_ERRORS, Backend, Channels, bad_value, describe
 from taskd.store.postgres import PostgresBackend
 from taskd.store.sqlite import SqliteBackend
 from taskd.store.writer import CallOp, Op, Writer
@@ -112,11 +113,30 @@ class Database:
         On SQLite ``fn`` runs on a read thread: it must use only its connection and
         plain values.
         """
+        return await self._reading(self.backend.read(fn))
+
+    async def read_rows(
+        self, build: Callable[[Backend], ClauseElement], values: Mapping[str, Any]
+    ) -> list[Sequence[Any]]:
+        """The rows of the statement ``build`` makes (compiled once per backend) with its
+        bound ``values``, read as the driver returns them: for reads of many values."""
+        statement = self.backend.statement(build)
+        return await self._reading(self.backend.read_rows(statement, statement.args(values)))
+
+    async def read_dicts(
+        self, build: Callable[[Backend], ClauseElement], values: Mapping[str, Any]
+    ) -> list[dict[str, Any]]:
+        """``read_rows``, each row as a dict keyed by the statement's column names."""
+        keys = self.backend.statement(build).columns
+        return [dict(zip(keys, row, strict=True)) for row in await self.read_rows(build, values)]
+
+    async def _reading(self, reading: Awaitable[T]) -> T:
+        """``reading``'s outcome; database failures become DatabaseError."""
         try:
-            return await self.backend.read(fn)
+            return await reading
         except TaskdError:
             raise
-        except (TimeoutError, SQLAlchemyError, OSError, OverflowError) as exc:
+        except (TimeoutError, SQLAlchemyError, *DRIVER_ERRORS, OSError, OverflowError) as exc:
             if bad_value(exc):
                 logger.warning("the database refused a value: %s", describe(exc))
                 raise InvalidInput("The database cannot look up a value of this request") from None

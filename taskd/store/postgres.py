@@ -18,6 +18,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Select,
+    String,
     Table,
     any_,
     bindparam,
@@ -28,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.sql.expression import ClauseElement
+from sqlalchemy.sql.expression import ClauseElement, FromClause
 
 from taskd.models import task_t
 from taskd.store.backend import Backend, Channels, Driver, Insert, Statement, T
@@ -93,6 +94,13 @@ class PostgresBackend(Backend):
         async with self.engine.connect() as conn:
             return await conn.run_sync(fn)
 
+    async def read_rows(self, statement: Statement, args: Sequence[Any]) -> list[Sequence[Any]]:
+        """The rows of ``statement`` from a pooled connection's asyncpg connection (which
+        prepares it once per connection)."""
+        async with self.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            return list(await raw.driver_connection.fetch(statement.sql, *args))  # type: ignore[union-attr]
+
     async def transaction(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn`` in a transaction on the writer's SQLAlchemy connection."""
         async with self.write_engine.begin() as conn:
@@ -114,6 +122,15 @@ class PostgresBackend(Backend):
     def one_of(self, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
         """``column = ANY`` of an array bound as ``name``."""
         return column == any_(bindparam(name, type_=ARRAY(column.type)))
+
+    def listed(self, name: str) -> tuple[FromClause, ColumnElement[Any]]:
+        """``unnest`` of a text array bound as ``name``."""
+        table = (
+            func.unnest(bindparam(name, type_=ARRAY(String)))
+            .table_valued("value", name="wanted")
+            .render_derived()
+        )
+        return table, table.c.value
 
     def list_arg(self, values: Sequence[Any]) -> list[Any]:
         """The values as a list (asyncpg sends it as an array)."""

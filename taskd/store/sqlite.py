@@ -35,7 +35,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.sql.expression import ClauseElement
+from sqlalchemy.sql.expression import ClauseElement, FromClause
 
 from taskd.models import task_t
 from taskd.store.backend import Backend, Driver, Insert, Statement, T
@@ -134,6 +134,19 @@ class SqliteBackend(Backend):
         with self.read_engine.connect() as conn:
             return fn(conn)
 
+    async def read_rows(self, statement: Statement, args: Sequence[Any]) -> list[Sequence[Any]]:
+        """The rows of ``statement`` from sqlite3's own cursor on a read thread."""
+
+        def fetch(conn: Connection) -> list[Sequence[Any]]:
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                rows: list[Sequence[Any]] = cursor.execute(statement.sql, args).fetchall()
+                return rows
+            finally:
+                cursor.close()
+
+        return await self.read(fetch)
+
     async def transaction(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn`` inline (see the module docstring) in a write transaction."""
         with self.write_engine.begin() as conn:
@@ -173,6 +186,12 @@ class SqliteBackend(Backend):
             func.json_each(bindparam(name))
         )
         return column.in_(values)
+
+    def listed(self, name: str) -> tuple[FromClause, ColumnElement[Any]]:
+        """``json_each`` of a JSON array bound as ``name`` (SQLite names no columns of a
+        VALUES list)."""
+        table = func.json_each(bindparam(name)).table_valued("value", name="wanted")
+        return table, table.c.value
 
     def list_arg(self, values: Sequence[Any]) -> str:
         """The values as a JSON array."""

@@ -396,6 +396,32 @@ class TaskQueries(Database):
 
         return await self.write(remove)
 
+    async def prune_tasks(self, task_type: str, before_ms: int, chunk: int) -> int:
+        """Delete up to ``chunk`` finished tasks of ``task_type`` that got their result
+        before ``before_ms``, oldest first; how many went. Queued and running tasks stay."""
+        c = task_t.c
+        chosen = (
+            select(c.id)
+            .where(c.type == task_type, c.order_ts < before_ms, c.state >= TaskState.DONE)
+            .order_by(c.order_ts, c.id)
+            .limit(chunk)
+        )
+        statement = delete(task_t).where(c.id.in_(chosen.scalar_subquery()))
+        return await self.write(lambda conn: int(conn.execute(statement).rowcount))
+
+    async def prune_cron_tasks(self, cron_name: str, before_ms: int, chunk: int) -> int:
+        """Delete up to ``chunk`` finished tasks a cron created that got their result before
+        ``before_ms``, oldest first; how many went."""
+        c = task_t.c
+        chosen = (
+            select(c.id)
+            .where(c.cron_source == cron_name, c.order_ts < before_ms, c.state >= TaskState.DONE)
+            .order_by(c.order_ts, c.id)
+            .limit(chunk)
+        )
+        statement = delete(task_t).where(c.id.in_(chosen.scalar_subquery()))
+        return await self.write(lambda conn: int(conn.execute(statement).rowcount))
+
     async def count_tasks(self) -> int:
         """How many task rows exist."""
         statement = select(func.count()).select_from(task_t)

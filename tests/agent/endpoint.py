@@ -40,6 +40,8 @@ class Call:
     method: str
     params: Any
     at: float
+    busy: bool = False
+    """Answered "server busy" (-32000) rather than taken."""
 
 
 class Endpoint:
@@ -48,6 +50,9 @@ class Endpoint:
     def __init__(self) -> None:
         self.calls: list[Call] = []
         self.missing: set[str] = set()
+        self.busy_summaries = 0
+        """This many summaries, from now, are answered "server busy" with ``busy_ms``."""
+        self.busy_ms = 500
         self.sockets: set[WebSocket] = set()
         self.port = 0
         self._server: uvicorn.Server | None = None
@@ -90,11 +95,16 @@ class Endpoint:
         if not isinstance(request, dict):
             return {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "bad"}}
         method = str(request.get("method"))
-        self.calls.append(Call(transport, method, request.get("params"), time.monotonic()))
+        busy = method == "agent_report_dynamic_summary" and self.busy_summaries > 0
+        self.busy_summaries -= busy
+        self.calls.append(Call(transport, method, request.get("params"), time.monotonic(), busy))
         if "id" not in request:
             return None
         reply: dict[str, Any] = {"jsonrpc": "2.0", "id": request["id"]}
-        if method in self.missing:
+        if busy:
+            data = {"retry_after_ms": self.busy_ms}
+            reply["error"] = {"code": -32000, "message": "Server busy", "data": data}
+        elif method in self.missing:
             reply["error"] = {"code": -32601, "message": f"Method not found: {method}"}
         elif method == "task_register_task":
             reply["result"] = self._next_subscription

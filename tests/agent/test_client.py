@@ -14,7 +14,8 @@ import orjson
 import pytest
 import websockets
 
-from taskd.agent.client import BACKOFF_CAP_S, Agent, backoff_delays
+from taskd.admission import parse_retry_after
+from taskd.agent.client import BACKOFF_CAP_S, Agent, backoff_delays, hinted_delay
 from taskd.agent.spool import Spool, link_id
 from taskd.config import AgentSettings, load_agent_settings, parse_agent_config
 from tests.helpers import (
@@ -491,6 +492,47 @@ def test_backoff_doubles_to_a_cap_with_jitter() -> None:
     for value, expected in zip(values, nominal, strict=True):
         assert expected * 0.8 <= value <= expected * 1.2
     assert len({round(v, 6) for v in values}) > 6  # jittered, not constant
+
+
+def test_a_retry_hint_is_waited_out_never_shortened() -> None:
+    """Retry-After in seconds is read (anything else is no hint), and the wait on it is the
+    hint plus up to 25%, never less, and never more than the backoff's cap allows."""
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(" 2.5 ") == 2.5
+    for bad in (None, "", "soon", "-1", "nan", "Wed, 21 Oct 2026 07:28:00 GMT"):
+        assert parse_retry_after(bad) is None
+    waits = [hinted_delay(4.0) for _ in range(200)]
+    assert all(4.0 <= w <= 5.0 for w in waits)
+    assert len({round(w, 6) for w in waits}) > 100  # jittered
+    assert hinted_delay(3600) <= BACKOFF_CAP_S * 1.25
+
+
+async def test_a_503_without_a_hint_is_an_ordinary_failed_handshake(tmp_path: Path) -> None:
+    """A proxy answering 503 without Retry-After: no hint; the agent backs off as usual and
+    keeps trying (it does not take the 503 for a server that speaks only HTTP)."""
+    hits: list[float] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        hits.append(asyncio.get_running_loop().time())
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    listener = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    config = agent_settings([(f"ws://127.0.0.1:{port}/", "k:s")], str(uuid.uuid4()))
+    try:
+        async with running_agent(config, tmp_path / "state") as agent:
+            for _ in range(int(scaled(10) / 0.05)):
+                if len(hits) >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            link = agent.links[0]
+            assert link.retry_hint is None and not link.upgrade_refused
+            assert len(hits) >= 2 and hits[1] - hits[0] >= 0.8  # the backoff's first wait
+    finally:
+        listener.close()
 
 
 def test_spool_survives_and_orders(tmp_path: Path) -> None:

@@ -111,7 +111,7 @@ async def test_buffer_left_by_an_earlier_run_is_sent_paced(tmp_path: Path) -> No
     async with running_endpoint() as endpoint:
         link = link_id(endpoint.ws_url, agent_uuid)
         buffer = ReportBuffer(tmp_path / "spool" / link / "reports.journal", 3600, 3_600_000)
-        start_ms = int(time.time() * 1000) - 600_000
+        start_ms = time.time_ns() // 1_000_000 - 600_000
         for i in range(60):
             summary = {"uuid": agent_uuid, "time": start_ms + i * 1000, "cpu_usage": 5}
             buffer.put(summary["time"], orjson.dumps(summary))
@@ -135,13 +135,56 @@ async def test_buffer_left_by_an_earlier_run_is_sent_paced(tmp_path: Path) -> No
             await endpoint.wait_for(lambda: not journal.exists(), what="the journal to go")
 
 
+async def test_summaries_a_busy_server_defers_are_kept_and_sent_after_its_hint(
+    tmp_path: Path,
+) -> None:
+    """A server answering "server busy" (-32000, retry_after_ms) to buffered and live
+    summaries: the agent keeps each one and sends it again no sooner than the hint; in
+    the end every summary is taken and the journal is gone."""
+    agent_uuid = str(uuid.uuid4())
+    async with running_endpoint() as endpoint:
+        link = link_id(endpoint.ws_url, agent_uuid)
+        buffer = ReportBuffer(tmp_path / "spool" / link / "reports.journal", 3600, 3_600_000)
+        start_ms = time.time_ns() // 1_000_000 - 600_000
+        old_times = [start_ms + i * 1000 for i in range(40)]
+        for time_ms in old_times:
+            buffer.put(time_ms, orjson.dumps({"uuid": agent_uuid, "time": time_ms, "cpu_usage": 5}))
+        buffer.close()
+        endpoint.busy_summaries, endpoint.busy_ms = 25, 700
+        slow = FAST.replace("report_backlog_per_second = 1000", "report_backlog_per_second = 10")
+        async with running_agent(settings_for(endpoint.ws_url, agent_uuid, slow), tmp_path):
+
+            def taken(times: list[int]) -> bool:
+                got = {c.params[1]["time"] for c in endpoint.of(REPORT_SUMMARY) if not c.busy}
+                return set(times) <= got
+
+            def deferred_times() -> list[int]:
+                return [c.params[1]["time"] for c in endpoint.of(REPORT_SUMMARY) if c.busy]
+
+            await endpoint.wait_for(
+                lambda: len(deferred_times()) == 25 and taken(old_times + deferred_times()),
+                timeout=20,
+                what="every old and every deferred summary to be taken",
+            )
+            calls = endpoint.of(REPORT_SUMMARY)
+            deferred = [c for c in calls if c.busy]
+            assert len(deferred) == 25
+            for refused in deferred:  # each sent again, and not before the hint
+                when = refused.params[1]["time"]
+                again = [c for c in calls if c.params[1]["time"] == when and c.at > refused.at]
+                assert again, f"the summary of {when} was not sent again"
+                assert again[0].at - refused.at >= 0.7 * 0.95
+            journal = tmp_path / "spool" / link / "reports.journal"
+            await endpoint.wait_for(lambda: not journal.exists(), what="the journal to go")
+
+
 async def test_a_task_runs_promptly_while_reports_flow(tmp_path: Path) -> None:
     """With summaries every 100 ms and a backlog draining, a pushed task is answered at once."""
     agent_uuid = str(uuid.uuid4())
     async with running_endpoint() as endpoint:
         link = link_id(endpoint.ws_url, agent_uuid)
         buffer = ReportBuffer(tmp_path / "spool" / link / "reports.journal", 3600, 3_600_000)
-        now_ms = int(time.time() * 1000)
+        now_ms = time.time_ns() // 1_000_000
         for i in range(3000):
             summary = {"uuid": agent_uuid, "time": now_ms - 3_000_000 + i * 1000}
             buffer.put(summary["time"], orjson.dumps(summary))
@@ -196,7 +239,7 @@ async def test_http_fallback_reports_and_uploads_then_returns_to_websocket(
             "task_id": 41,
             "agent_uuid": agent_uuid,
             "task_token": "t",
-            "timestamp": int(time.time() * 1000),
+            "timestamp": time.time_ns() // 1_000_000,
             "success": True,
             "task_event_result": {"version": {}},
         }

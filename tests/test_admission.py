@@ -1,0 +1,376 @@
+"""Admission control: an overloaded server refuses agents' handshakes with a retry hint.
+
+Real servers on port 0, the real agent (``taskd.agent.client.Agent``) over real
+WebSockets; callers (HTTP POST and a caller's WebSocket) must be answered all along.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import websockets
+
+from taskd.admission import (
+    AGENT_USER_AGENT,
+    BACKLOG_SPREAD_S,
+    BUFFERED_AGE_MS,
+    WINDOW_S,
+    Lane,
+)
+from taskd.config import ServerSettings, load_server_settings
+from taskd.errors import InvalidInput
+from tests.agent.test_client import agent_settings, running_agent, wait_online
+from tests.helpers import Server, WsClient, make_settings, running_server, scaled, tmp_sqlite_url
+
+HINT_S = 2
+REPORT = "agent_report_dynamic_summary"
+
+
+def refused(server: Server) -> dict[str, int]:
+    """Handshakes refused so far, by reason."""
+    return dict(server.app.state.admission.refused_total)
+
+
+async def metric(server: Server, name: str) -> float:
+    """One sample of /metrics (``name`` with its labels, as exposed)."""
+    text = (await server.http.get("/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} is not in /metrics:\n{text}")
+
+
+def one_place(tmp_path: Path, low_s: int, high_s: int) -> ServerSettings:
+    """A server admitting one agent connection at a time, with retry hints of ``low_s``
+    to ``high_s`` seconds."""
+    return make_settings(
+        tmp_sqlite_url(tmp_path),
+        admission_max_in_progress=1,
+        admission_retry_after_min_s=low_s,
+        admission_retry_after_max_s=high_s,
+    )
+
+
+async def agent_handshake(server: Server) -> websockets.ClientConnection:
+    """A WebSocket that says it is an agent (and never subscribes)."""
+    return await websockets.connect(
+        server.ws_url, user_agent_header=f"{AGENT_USER_AGENT} (test)", proxy=None
+    )
+
+
+async def callers_answered(server: Server) -> None:
+    """A caller over HTTP POST and one over a fresh WebSocket are both answered."""
+    assert isinstance(await server.su("task_query_task", {"condition": [{"limit": 1}]}), list)
+    async with WsClient(server.ws_url) as caller:
+        assert isinstance(await caller.call("server_uuid"), str)
+
+
+async def test_busy_server_refuses_the_agent_which_comes_back_after_the_hint(
+    tmp_path: Path,
+) -> None:
+    """The one in-progress place is taken: the real agent is refused with 503 + Retry-After,
+    waits the whole hint (not its 1 s backoff), then subscribes; callers are served meanwhile."""
+    settings = make_settings(
+        tmp_sqlite_url(tmp_path),
+        admission_max_in_progress=1,
+        admission_retry_after_min_s=HINT_S,
+        admission_retry_after_max_s=HINT_S,
+    )
+    async with running_server(settings) as server:
+        holder = await agent_handshake(server)  # admitted, not subscribed: holds the place
+        agent_uuid = str(uuid.uuid4())
+        config = agent_settings([(server.ws_url, server.super_token)], agent_uuid)
+        async with running_agent(config, tmp_path / "state"):
+            for _ in range(int(scaled(10) / 0.001)):
+                if refused(server)["busy"]:
+                    break
+                await asyncio.sleep(0.001)
+            refused_at = time.monotonic()
+            assert refused(server) == {"busy": 1, "rate": 0}
+            await holder.close()  # the place is free again: only the hint keeps the agent out
+            await callers_answered(server)
+            await wait_online(server, agent_uuid, timeout=10)
+            waited = time.monotonic() - refused_at
+            # (10 ms: how late the poll above may have seen the refusal)
+            assert waited >= HINT_S - 0.01, f"the agent came back {waited:.3f} s after the refusal"
+            assert waited <= HINT_S * 1.25 + scaled(1.5), f"it waited {waited:.3f} s"
+            assert refused(server)["busy"] == 1, "it did not try again before the hint"
+            result = await server.su("task_create_task_blocking", agent_uuid, "version", 5000)
+            assert result["success"] is True
+        assert await metric(server, 'taskd_admission_refused_total{reason="busy"}') == 1
+        assert await metric(server, "taskd_admission_admitted_total") == 2
+        assert await metric(server, "taskd_admission_in_progress") == 0
+
+
+async def test_refusal_is_a_503_with_retry_after_and_callers_are_always_admitted(
+    tmp_path: Path,
+) -> None:
+    """Agents are refused at the door while the place is taken; a caller's WebSocket (no agent
+    User-Agent) and HTTP calls are not, and a refused agent changes nothing on the server."""
+    async with running_server(one_place(tmp_path, 3, 7)) as server:
+        holder = await agent_handshake(server)
+        hints = set()
+        for _ in range(20):
+            with pytest.raises(websockets.InvalidStatus) as caught:
+                await agent_handshake(server)
+            response = caught.value.response
+            assert response.status_code == 503
+            hints.add(int(response.headers["Retry-After"]))
+        assert hints <= set(range(3, 8)) and len(hints) > 1, f"hints not jittered: {hints}"
+        for _ in range(5):
+            await callers_answered(server)
+        assert refused(server)["busy"] == 20
+        assert server.service.hub.connected_agents() == {}
+        await holder.close()
+        for _ in range(int(scaled(5) / 0.01)):
+            if server.app.state.admission.in_progress == 0:
+                break
+            await asyncio.sleep(0.01)
+        admitted = await agent_handshake(server)  # the place is free again
+        await admitted.close()
+
+
+async def test_buffered_summaries_wait_while_agents_crowd_in_and_are_taken_after(
+    tmp_path: Path,
+) -> None:
+    """While agents are being refused at the door, an agent's buffered summary (older than
+    BUFFERED_AGE_MS) is answered "server busy" (-32000) with a retry_after_ms past the
+    crowd's turns, and
+    not stored; a live one is stored; a caller's connection is never deferred. Once the
+    crowd has passed, the same summary sent again is stored."""
+    async with running_server(one_place(tmp_path, 1, 4)) as server:
+        agent_uuid = str(uuid.uuid4())
+        token = server.super_token
+        now = time.time_ns() // 1_000_000
+        old = {"uuid": agent_uuid, "time": now - BUFFERED_AGE_MS - 60_000, "cpu_usage": 50}
+        live = {"uuid": agent_uuid, "time": now, "cpu_usage": 70}
+        reporter = await agent_handshake(server)  # an agent's connection: takes the one place
+
+        async def report(ws: Any, data: dict[str, Any]) -> dict[str, Any]:
+            request = {"jsonrpc": "2.0", "id": 1, "method": REPORT, "params": [token, data]}
+            await ws.send(orjson.dumps(request).decode())
+            reply: dict[str, Any] = orjson.loads(await ws.recv())
+            return reply
+
+        waits = set()
+        for _ in range(8):
+            with pytest.raises(websockets.InvalidStatus):
+                await agent_handshake(server)  # a crowd at the door
+            reply = await report(reporter, old)
+            assert reply["error"]["code"] == -32000, reply
+            assert "busy" in reply["error"]["message"].lower()
+            waits.add(reply["error"]["data"]["retry_after_ms"])
+        # past the turns the refused agents were given (1-2 s here), spread over 10 s
+        assert all(1000 <= w <= 2000 + BACKLOG_SPREAD_S * 1000 for w in waits), waits
+        assert len(waits) > 1, waits
+        assert (await report(reporter, live))["result"] == {"status": "stored"}
+        async with websockets.connect(server.ws_url, proxy=None) as caller:  # not an agent's
+            assert (await report(caller, {**old, "time": old["time"] - 1000}))["result"]
+        assert await metric(server, "taskd_admission_deferred_reports_total") == 8
+        stored = await server.su(
+            "agent_query_dynamic_summary",
+            {"fields": ["cpu_usage"], "condition": [{"uuid": agent_uuid}]},
+        )
+        assert [p["timestamp"] for p in stored] == [old["time"] - 1000, live["time"]]
+
+        # the crowd is gone: no refusals for a while, and the loop keeps time
+        for _ in range(int(scaled(30) / 0.25)):
+            await asyncio.sleep(0.25)
+            reply = await report(reporter, old)
+            if "result" in reply:
+                break
+        assert reply.get("result") == {"status": "stored"}, reply
+        await reporter.close()
+        stored = await server.su(
+            "agent_query_dynamic_summary",
+            {"fields": ["cpu_usage"], "condition": [{"uuid": agent_uuid}]},
+        )
+        assert [p["timestamp"] for p in stored] == [old["time"] - 1000, old["time"], live["time"]]
+
+
+async def test_a_lagging_loop_defers_backlogs_only_while_agents_come_in(tmp_path: Path) -> None:
+    """While the loop lags and agents were admitted lately, a buffered summary waits; once
+    no agent came in for a while, it is stored (in the agents' lane), though the loop
+    still lags: every deferral is sent again, so the server defers no longer than a storm."""
+    settings = make_settings(tmp_sqlite_url(tmp_path), admission_max_lag_ms=0)
+    async with running_server(settings) as server:
+        agent_uuid = str(uuid.uuid4())
+        old = time.time_ns() // 1_000_000 - BUFFERED_AGE_MS - 60_000
+        reporter = await agent_handshake(server)
+
+        async def report(at_ms: int) -> dict[str, Any]:
+            data = {"uuid": agent_uuid, "time": at_ms}
+            request = {"jsonrpc": "2.0", "id": 1, "method": REPORT, "params": [token, data]}
+            await reporter.send(orjson.dumps(request).decode())
+            reply: dict[str, Any] = orjson.loads(await reporter.recv())
+            return reply
+
+        token = server.super_token
+        assert (await report(old))["error"]["code"] == -32000  # just admitted: a storm
+        await asyncio.sleep(WINDOW_S + 0.2)
+        assert server.app.state.admission.lagging()
+        assert (await report(old + 1000)).get("result") == {"status": "stored"}
+        await reporter.close()
+        assert await metric(server, "taskd_admission_deferred_reports_total") == 1
+        assert await summaries(server, agent_uuid) == 1
+
+
+async def test_an_agent_that_leaves_before_it_subscribes_is_counted(tmp_path: Path) -> None:
+    """An admitted agent connection that closes without subscribing (its agent gave up
+    waiting) frees its place and counts in taskd_admission_abandoned_total."""
+    async with running_server(one_place(tmp_path, 1, 2)) as server:
+        first = await agent_handshake(server)
+        await first.close()
+        for _ in range(int(scaled(5) / 0.01)):
+            if await metric(server, "taskd_admission_abandoned_total") == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert await metric(server, "taskd_admission_abandoned_total") == 1
+        again = await agent_handshake(server)  # its place is free
+        await again.close()
+
+
+async def test_lane_takes_turns_in_order_while_engaged_and_not_otherwise() -> None:
+    """Engaged: at most ``size`` at once, the others in arrival order, a cancelled waiter
+    passes its turn on; not engaged: everyone goes straight through."""
+    engaged = True
+    lane = Lane(2, lambda: engaged)
+    order: list[int] = []
+    gate = asyncio.Event()
+
+    async def call(n: int) -> None:
+        await lane.acquire()
+        try:
+            order.append(n)
+            await gate.wait()
+        finally:
+            lane.release()
+
+    tasks = [asyncio.create_task(call(n)) for n in range(6)]
+    await asyncio.sleep(0.01)
+    assert order == [0, 1] and lane.waiting == 4
+    tasks[2].cancel()
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert order == [0, 1, 3, 4, 5] and lane.used == 0 and lane.waiting == 0
+    engaged, gate = False, asyncio.Event()
+    order.clear()
+    tasks = [asyncio.create_task(call(n)) for n in range(6)]
+    await asyncio.sleep(0.01)
+    assert order == list(range(6)) and lane.used == 6  # not engaged: no waiting
+    engaged = True  # engaged again while overfull: nobody new gets in until room is made
+    late = asyncio.create_task(call(6))
+    await asyncio.sleep(0.01)
+    assert lane.waiting == 1
+    gate.set()
+    await asyncio.gather(*tasks, late)
+    assert order[-1] == 6 and lane.used == 0
+
+
+async def test_agents_calls_in_an_always_engaged_lane_of_one_still_flow(tmp_path: Path) -> None:
+    """Lane enforced all the time, one call at a time: the real agent subscribes, its
+    result comes back, its host reports are stored; callers never wait in the lane."""
+    settings = make_settings(
+        tmp_sqlite_url(tmp_path), admission_max_lag_ms=0, admission_lane_size=1
+    )
+    async with running_server(settings) as server:
+        agent_uuid = str(uuid.uuid4())
+        config = replace(
+            agent_settings([(server.ws_url, server.super_token)], agent_uuid),
+            dynamic_summary_report_interval_ms=200,
+            dynamic_report_interval_ms=200,
+        )
+        async with running_agent(config, tmp_path / "state"):
+            await wait_online(server, agent_uuid)
+            results = await asyncio.gather(
+                *(
+                    server.su("task_create_task_blocking", agent_uuid, "version", 5000)
+                    for _ in range(5)
+                )
+            )
+            assert all(r["success"] is True for r in results)
+            await callers_answered(server)
+            for _ in range(int(scaled(10) / 0.05)):
+                if await metric(server, "taskd_agent_calls_waiting") == 0 and await summaries(
+                    server, agent_uuid
+                ):
+                    break
+                await asyncio.sleep(0.05)
+            assert await summaries(server, agent_uuid) > 0
+        assert server.app.state.admission.lane.used == 0
+
+
+async def summaries(server: Server, agent_uuid: str) -> int:
+    """Summary rows the server stored for the agent."""
+    rows = await server.service.store.monitoring_last("summary", [agent_uuid])
+    return len(rows)
+
+
+async def test_handshakes_beyond_the_rate_are_refused_with_a_hint(tmp_path: Path) -> None:
+    """admission_rate_per_s = 10: a burst of one (a tenth), then about ten a second."""
+    settings = make_settings(tmp_sqlite_url(tmp_path), admission_rate_per_s=10)
+    async with running_server(settings) as server:
+        first = await agent_handshake(server)
+        with pytest.raises(websockets.InvalidStatus) as caught:
+            await agent_handshake(server)
+        assert caught.value.response.status_code == 503
+        assert int(caught.value.response.headers["Retry-After"]) >= 1
+        assert refused(server) == {"busy": 0, "rate": 1}
+        await callers_answered(server)
+        await asyncio.sleep(0.15)  # a token back
+        second = await agent_handshake(server)
+        for ws in (first, second):
+            await ws.close()
+        assert await metric(server, 'taskd_admission_refused_total{reason="rate"}') == 1
+
+
+async def test_admission_off_admits_every_agent(tmp_path: Path) -> None:
+    """admission_max_in_progress = 0: no agent handshake is ever refused."""
+    settings = make_settings(tmp_sqlite_url(tmp_path), admission_max_in_progress=0)
+    async with running_server(settings) as server:
+        held = [await agent_handshake(server) for _ in range(10)]
+        time.sleep(0.2)  # noqa: ASYNC251 - a stall: no lag refusal either
+        await asyncio.sleep(0.01)
+        held.append(await agent_handshake(server))
+        for ws in held:
+            await ws.close()
+        assert refused(server) == {"busy": 0, "rate": 0}
+
+
+def test_admission_settings_load_and_are_checked(tmp_path: Path) -> None:
+    """The admission settings come from the [server] table or TASKD_* overrides, and are checked."""
+    path = tmp_path / "taskd.toml"
+    path.write_text(
+        f'[server]\nserver_uuid = "{uuid.uuid4()}"\nadmission_max_in_progress = 10\n'
+        "admission_max_lag_ms = 0\nadmission_lane_size = 3\nadmission_retry_after_min_s = 2\n"
+        "admission_retry_after_max_s = 30\n"
+    )
+    settings = load_server_settings(path)
+    assert (
+        settings.admission_max_in_progress,
+        settings.admission_max_lag_ms,
+        settings.admission_lane_size,
+        settings.admission_retry_after_min_s,
+        settings.admission_retry_after_max_s,
+    ) == (10, 0, 3, 2, 30)
+    assert (
+        load_server_settings(path, {"admission_max_in_progress": "0"}).admission_max_in_progress
+        == 0
+    )
+    assert load_server_settings(path, {"admission_rate_per_s": "0"}).admission_rate_per_s == 0
+    with pytest.raises(InvalidInput, match="admission_retry_after_min_s: must not exceed"):
+        load_server_settings(path, {"admission_retry_after_min_s": "31"})
+    with pytest.raises(InvalidInput, match="admission_max_in_progress"):
+        load_server_settings(path, {"admission_max_in_progress": "-1"})
+    with pytest.raises(InvalidInput, match="admission_lane_size"):
+        load_server_settings(path, {"admission_lane_size": "0"})
+    with pytest.raises(InvalidInput, match="admission_retry_after_max_s"):
+        load_server_settings(path, {"admission_retry_after_max_s": "0"})
