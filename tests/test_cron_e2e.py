@@ -427,7 +427,17 @@ async def test_restart_fires_once_after_downtime_and_never_twice(database_url: s
         async def caught_up() -> bool:
             return len(await results_of(second, "steady")) > 2 and await _idle(second)
 
-        await until(caught_up, "the catch-up fire")
+        try:
+            # the catch-up waits for the leadership (polled each second on PostgreSQL)
+            await until(caught_up, "the catch-up fire", timeout=15)
+        except AssertionError as exc:
+            state = {
+                "leader": second.service.cluster.is_leader,
+                "scheduler running": second.service.scheduler.running,
+                "firing": dict(second.service.scheduler.firing),
+                "results": await results_of(second, "steady"),
+            }
+            raise AssertionError(f"{exc}; {state}") from None
         await tick(second)
         slots = await _slots_by_node(second, created["id"])
         rows = await results_of(second, "steady")

@@ -27,6 +27,7 @@ from tests.helpers import (
     running_server,
     wait_for,
 )
+from tests.test_scheduler import next_minute
 
 A = str(uuid.uuid4())
 B = str(uuid.uuid4())
@@ -501,7 +502,10 @@ async def test_retention_prunes_each_table_in_chunks_as_the_clock_moves(
     )
     async with running_server(settings) as server:
         token = await add_token(server, reporter_limits(A))
-        now = server.clock.now_ms() // 60_000 * 60_000  # the summaries share a minute
+        # A whole minute (the summaries share it) and the server's time with it: a raw row is
+        # 60 s old only when the test moves the clock, however slowly the reports go in.
+        server.clock.advance_to(next_minute(server.clock))
+        now = server.clock.now_ms()
         static, dynamic, _ = reports(A, now)
         await server.call("agent_report_static", token, static)
         changed = {**static, "data_hash": [(b + 1) % 256 for b in static["data_hash"]]}
