@@ -52,7 +52,7 @@ import websockets
 from websockets.http11 import USER_AGENT
 
 from benchmarks import wsclient
-from taskd.admission import AGENT_USER_AGENT
+from taskd.admission import AGENT_USER_AGENT, TURN_HEADER, parse_turn
 from taskd.agent.client import backoff_delays, busy_hint, hinted_delay
 from taskd.agent.monitor import Monitor, summarize
 from taskd.agent.monitor_report import retry_after_ms
@@ -109,11 +109,14 @@ async def agent(
     backlog: bool = True,
     connection: int = 0,
     on_open: Callable[[], None] | None = None,
+    turn: int | None = None,
 ) -> None:
     """One subscription answering its tasks until cancelled (or the connection ends);
-    ``connection`` counts the agent's earlier subscriptions."""
+    ``connection`` counts the agent's earlier subscriptions; ``turn`` is the ticket a busy
+    server gave the last handshake."""
     ids = itertools.count(2)
-    async with wsclient.connect(url, user_agent) as ws:
+    headers = {TURN_HEADER: str(turn)} if turn else None
+    async with wsclient.connect(url, user_agent, headers) as ws:
         if on_open is not None:
             on_open()
         await ws.send(
@@ -195,10 +198,12 @@ async def reconnecting(
     """One subscription that reconnects like the real agent until cancelled: its backoff,
     or the wait a busy server asks for (503 with Retry-After; it says it is an agent)."""
     delays = backoff_delays()
+    turn: int | None = None
     while True:
         record.attempts.append(time.time())
         before = len(record.subscribed)
         hint = None
+        opened = record.opened
         try:
             async with asyncio.timeout(open_timeout) as limit:
                 await agent(
@@ -215,13 +220,17 @@ async def reconnecting(
                     backlog=bool(record.subscribed),
                     connection=len(record.subscribed),
                     on_open=functools.partial(_note_open, record),
+                    turn=turn,
                 )
         except websockets.InvalidStatus as exc:
             hint = busy_hint(exc)
+            turn = parse_turn(exc.response.headers.get(TURN_HEADER))
         except TimeoutError:
             record.timeouts.append((record.attempts[-1], record.opened >= record.attempts[-1]))
         except (OSError, websockets.WebSocketException, SubscribeRefused):
             pass
+        if record.opened != opened:
+            turn = None  # in: the turn was used, as the agent does
         if len(record.subscribed) > before:
             delays = backoff_delays()  # it worked: start the backoff afresh, as the agent does
         if hint is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import cast
 
 from websockets.client import ClientProtocol
@@ -31,9 +31,12 @@ Message = str | bytes
 class Connection(asyncio.Protocol):
     """One client WebSocket: ``send``, ``recv``, ``async for``, ``close``."""
 
-    def __init__(self, protocol: ClientProtocol, user_agent: str | None) -> None:
+    def __init__(
+        self, protocol: ClientProtocol, user_agent: str | None, headers: Mapping[str, str]
+    ) -> None:
         self.protocol = protocol
         self.user_agent = user_agent
+        self.headers = headers
         self.transport: asyncio.Transport | None = None
         loop = asyncio.get_running_loop()
         self.opened: asyncio.Future[Response] = loop.create_future()
@@ -52,6 +55,7 @@ class Connection(asyncio.Protocol):
             del request.headers["User-Agent"]
         if self.user_agent is not None:
             request.headers["User-Agent"] = self.user_agent
+        request.headers.update(self.headers)
         self.protocol.send_request(request)
         self._flush()
 
@@ -161,13 +165,18 @@ class Connection(asyncio.Protocol):
 
 
 @contextlib.asynccontextmanager
-async def connect(url: str, user_agent: str | None = None) -> AsyncIterator[Connection]:
-    """An open WebSocket to ``url`` (ws:// only); InvalidStatus if the server refuses the
-    handshake, OSError if it cannot be reached. Closed when the block ends."""
+async def connect(
+    url: str, user_agent: str | None = None, headers: Mapping[str, str] | None = None
+) -> AsyncIterator[Connection]:
+    """An open WebSocket to ``url`` (ws:// only), its handshake with ``headers`` added;
+    InvalidStatus if the server refuses the handshake, OSError if it cannot be reached.
+    Closed when the block ends."""
     uri = parse_uri(url)
     loop = asyncio.get_running_loop()
     _, connection = await loop.create_connection(
-        lambda: Connection(ClientProtocol(uri, max_size=None), user_agent), uri.host, uri.port
+        lambda: Connection(ClientProtocol(uri, max_size=None), user_agent, headers or {}),
+        uri.host,
+        uri.port,
     )
     try:
         await connection.opened

@@ -11,6 +11,16 @@ that also answers callers. ``Admission`` keeps that work bounded:
   refused with HTTP 503 and a ``Retry-After`` hint that gives each refused agent a
   turn of its own, so the crowd comes back spread over the time the server needs.
   Agents honour the hint instead of their own backoff;
+- the turn is also a ticket (the ``Taskd-Turn`` header) that the agent brings back
+  with its next handshake: an agent whose turn has come is admitted ahead of those
+  without one (only ``max_in_progress`` still holds it back, and then it keeps its
+  place). A crowd is taken in at the pace its turns were given, and an agent refused
+  again is never sent to the back of a line that grows with every refusal;
+- handshakes wait in the kernel's accept queue before the server sees them, and
+  beyond it the kernel drops them unseen, leaving their agents to time out. While
+  the queue is over ``QUEUE_FRACTION`` full, agents without a turn that has come are
+  refused ("queue"): a refusal is cheap, so the server drains the queue faster than
+  it could by taking them in, and every agent it reaches gets a turn;
 - a subscribed agent's calls (reports, results) take turns in a ``Lane`` of
   ``lane_size`` while agents are being refused, or while the event loop lags
   (``LagMonitor``: how late a timer fires) by more than ``max_lag_ms``.
@@ -31,12 +41,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import random
+import socket
+import struct
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
@@ -48,9 +61,17 @@ AGENT_USER_AGENT = "taskd-agent"
 LAG_INTERVAL_S = 0.02
 LAG_DECAY_S = 0.5
 """How long a late timer keeps counting as the loop's lag (the lag is a recent maximum)."""
-REASONS = ("busy", "rate")
-"""Why a handshake is refused: too many agent connections in progress, or more handshakes
-than ``rate_per_s`` a second."""
+REASONS = ("busy", "rate", "queue")
+"""Why a handshake is refused: too many agent connections in progress, more handshakes
+than ``rate_per_s`` a second, or the kernel's accept queue filling up."""
+TURN_HEADER = "taskd-turn"
+"""The header of a refusal that gives the agent its turn, brought back by its next handshake."""
+TURN_EARLY_S = 0.5
+"""How early an agent may come for its turn and still have it."""
+TURN_KEPT_S = 60.0
+"""How long after its time an unused turn is forgotten."""
+QUEUE_FRACTION = 0.125
+"""Agents without a turn are refused while the accept queue is fuller than this."""
 BUFFERED_AGE_MS = 10_000
 """A summary older than this (by its own time) is from an agent's buffer, and can wait."""
 MIN_TURN_RATE = 100.0
@@ -77,6 +98,62 @@ def parse_retry_after(value: str | None) -> float | None:
     except ValueError:
         return None
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def parse_turn(value: str | bytes | None) -> int | None:
+    """The ticket of a ``Taskd-Turn`` header; None if absent or not a ticket."""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if value is None or not value.isdigit() or len(value) > 20:
+        return None
+    return int(value)
+
+
+class Refusal(NamedTuple):
+    """What a refused handshake is told: the seconds to wait, and its turn's ticket."""
+
+    retry_after: int
+    turn: int
+
+
+class AcceptQueue:
+    """How full the accept queues of listening sockets are, as the kernel tells (Linux:
+    TCP_INFO of a listening socket gives the queue's length as ``tcpi_unacked`` and its
+    bound as ``tcpi_sacked``). Elsewhere it reads 0 (nothing is refused for it)."""
+
+    def __init__(self, listeners: Iterable[Any]) -> None:
+        self._sockets: list[socket.socket] = []
+        if not hasattr(socket, "TCP_INFO"):
+            return
+        for listener in listeners:
+            if listener.family in (socket.AF_INET, socket.AF_INET6):
+                # a socket object of our own on the same socket (event loops hand out proxies)
+                self._sockets.append(socket.socket(fileno=os.dup(listener.fileno())))
+
+    def __call__(self) -> float:
+        """The fullest queue's length over its bound (0..1)."""
+        fill = 0.0
+        for sock in self._sockets:
+            try:
+                info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
+            except OSError:
+                continue
+            length, bound = struct.unpack_from("=II", info, _TCP_INFO_UNACKED)
+            if bound:
+                fill = max(fill, length / bound)
+        return fill
+
+    def close(self) -> None:
+        """Let go of the sockets (the listeners themselves stay open)."""
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
+
+
+_TCP_INFO_UNACKED = 24
+"""Offset of ``tcpi_unacked`` in ``struct tcp_info`` (8 one-byte fields, then rto, ato,
+snd_mss and rcv_mss), followed by ``tcpi_sacked``."""
+_TCP_INFO_BYTES = 32
 
 
 class LagMonitor:
@@ -225,6 +302,11 @@ class Admission:
         self._tokens = float(self._burst)
         self._next_turn = 0.0
         """When the next refused agent's turn comes (``retry_after``)."""
+        self.turns: dict[int, float] = {}
+        """When each ticket's turn comes (monotonic seconds)."""
+        self._turns_pruned = time.monotonic()
+        self.accept_queue: Callable[[], float] | None = None
+        """How full the kernel's accept queue is (0..1), where the server can tell."""
         self._filled = time.monotonic()
         self._admitted: deque[float] = deque()
         self._refused: deque[float] = deque()
@@ -273,19 +355,29 @@ class Admission:
         """Whether agent handshakes can be refused at all."""
         return self.limits.max_in_progress > 0
 
-    def verdict(self) -> str | None:
-        """Why an agent handshake would be refused now (see ``REASONS``); None to admit it."""
+    def verdict(self, turn: int | None = None) -> str | None:
+        """Why an agent handshake (bringing the ticket ``turn``, if any) would be refused
+        now (see ``REASONS``); None to admit it."""
         if not self.enabled:
             return None
         if self.in_progress >= self.limits.max_in_progress:
             return "busy"
+        now = time.monotonic()
         if self.limits.rate_per_s:
-            now = time.monotonic()
             self._tokens = min(self._burst, self._tokens + (now - self._filled) * self.rate)
             self._filled = now
-            if self._tokens < 1:
-                return "rate"
+        if self._due(turn, now):
+            return None  # its turn has come: ahead of those without one
+        if self.accept_queue is not None and self.accept_queue() > QUEUE_FRACTION:
+            return "queue"
+        if self.limits.rate_per_s and self._tokens < 1:
+            return "rate"
         return None
+
+    def _due(self, turn: int | None, now: float) -> bool:
+        """Whether ``turn`` is a ticket whose time has come."""
+        when = None if turn is None else self.turns.get(turn)
+        return when is not None and now >= when - TURN_EARLY_S
 
     @property
     def _burst(self) -> float:
@@ -327,55 +419,79 @@ class Admission:
         if self._abandoned_counter is not None:
             self._abandoned_counter.inc()
 
-    def admit(self) -> int | None:
-        """Admit one agent handshake (None; call ``release`` once it subscribed or left)
-        or refuse it: the seconds it should wait before it tries again."""
-        reason = self.verdict()
+    def admit(self, turn: int | None = None) -> Refusal | None:
+        """Admit one agent handshake that brings the ticket ``turn`` (if any): None, and
+        call ``release`` once it subscribed or left; or refuse it (see ``refuse``)."""
+        reason = self.verdict(turn)
         if reason is not None:
-            return self.refuse(reason)
+            return self.refuse(reason, turn)
         if self.enabled:
             now = time.monotonic()
             self._forget(now)
+            if turn is not None:
+                self.turns.pop(turn, None)
             self.in_progress += 1
-            self._tokens -= 1
+            # turns taken ahead of the rate leave a debt (of at most a second's worth)
+            self._tokens = max(-self.rate, self._tokens - 1)
             self.admitted_total += 1
             self._admitted.append(now)
             if self._admitted_counter is not None:
                 self._admitted_counter.inc()
         return None
 
-    def refuse(self, reason: str) -> int:
-        """Count a refusal for ``reason``; the retry hint to send with it."""
+    def refuse(self, reason: str, turn: int | None = None) -> Refusal:
+        """Count a refusal for ``reason`` of a handshake bringing the ticket ``turn`` (if
+        any); what to tell it. A known ticket keeps its turn, or, if its turn had come (and
+        the server was busy), comes back after ``retry_after_min_s``; otherwise the agent
+        gets a new turn at the end of the line."""
         now = time.monotonic()
         self._forget(now)
         self.refused_total[reason] += 1
         self._refused.append(now)
         if reason in self._refused_counters:
             self._refused_counters[reason].inc()
-        return self.retry_after()
+        when = None if turn is None else self.turns.get(turn)
+        if turn is None or when is None:
+            self._prune_turns(now)
+            turn = random.getrandbits(62)
+            self.turns[turn] = when = self._line_up(now)
+            return Refusal(self._hint(when - now), turn)
+        if when - TURN_EARLY_S <= now:
+            when = now + self.limits.retry_after_min_s
+            self.turns[turn] = when
+        return Refusal(self._hint(when - now, jitter=False), turn)
+
+    def _prune_turns(self, now: float) -> None:
+        """Forget turns long past (a few times a minute, or when there are very many)."""
+        if now - self._turns_pruned < TURN_KEPT_S / 4 and len(self.turns) < 1_000_000:
+            return
+        self._turns_pruned = now
+        self.turns = {t: when for t, when in self.turns.items() if when > now - TURN_KEPT_S}
 
     def release(self) -> None:
         """An admitted connection subscribed, left, or held its place long enough."""
         self.in_progress = max(0, self.in_progress - 1)
 
-    def retry_after(self) -> int:
-        """The wait to send with a refusal: each refused agent is given a turn of its own.
+    def _line_up(self, now: float) -> float:
+        """The next turn in line (monotonic seconds) for a newly refused agent.
 
         Turns are lined up at the rate agents are admitted at (``rate``; without a rate
         bound, what was admitted over the last ``WINDOW_S``), the first
-        ``retry_after_min_s`` from now, so
-        a refused crowd comes back spread over the time the server needs to take it in,
-        not all at the end of one window; plus up to a second of jitter, within
-        ``retry_after_min_s`` .. ``retry_after_max_s``.
+        ``retry_after_min_s`` from now, so a refused crowd comes back spread over the time
+        the server needs to take it in, not all at the end of one window.
         """
-        limits = self.limits
-        now = time.monotonic()
         rate = self.rate or max(len(self._admitted) / WINDOW_S, MIN_TURN_RATE)
-        self._next_turn = max(self._next_turn, now + limits.retry_after_min_s)
-        wait = self._next_turn - now
+        self._next_turn = max(self._next_turn, now + self.limits.retry_after_min_s)
+        when = self._next_turn
         self._next_turn += 1 / rate
-        hint = math.ceil(wait) + random.randint(0, 1)
-        return max(limits.retry_after_min_s, min(limits.retry_after_max_s, hint))
+        return when
+
+    def _hint(self, wait_s: float, *, jitter: bool = True) -> int:
+        """The ``Retry-After`` for a turn ``wait_s`` ahead: rounded up, plus up to a second
+        of jitter (for a new turn), within ``retry_after_min_s`` .. ``retry_after_max_s``
+        (an agent told less than its wait keeps its turn when it comes early)."""
+        hint = math.ceil(wait_s) + (random.randint(0, 1) if jitter else 0)
+        return max(self.limits.retry_after_min_s, min(self.limits.retry_after_max_s, hint))
 
     def _forget(self, now: float) -> None:
         for times in (self._admitted, self._refused):

@@ -32,7 +32,15 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 import taskd.methods  # noqa: F401 - registers every method
 from taskd import __version__, rpc
-from taskd.admission import Admission, Limits, is_agent
+from taskd.admission import (
+    TURN_HEADER,
+    AcceptQueue,
+    Admission,
+    Limits,
+    Refusal,
+    is_agent,
+    parse_turn,
+)
 from taskd.app import App
 from taskd.auth import client_address, origin_allowed
 from taskd.clock import Clock
@@ -223,9 +231,9 @@ class RpcEndpoint:
             return
         slot: _Slot | None = None
         if self.admission.enabled and is_agent(headers.get("user-agent")):
-            retry_after = self.admission.admit()
-            if retry_after is not None:
-                await _refuse(scope, send, retry_after)
+            refusal = self.admission.admit(parse_turn(headers.get(TURN_HEADER)))
+            if refusal is not None:
+                await _refuse(scope, send, refusal)
                 return
             slot = _Slot(self.admission)
         await send({"type": "websocket.accept"})
@@ -332,12 +340,13 @@ class _Slot:
             self.admission.release()
 
 
-async def _refuse(scope: Scope, send: Send, retry_after: int) -> None:
-    """Refuse a WebSocket handshake: HTTP 503 with ``Retry-After``.
+async def _refuse(scope: Scope, send: Send, refusal: Refusal) -> None:
+    """Refuse a WebSocket handshake: HTTP 503 with ``Retry-After`` and the agent's turn.
 
     Where the server cannot answer a handshake with HTTP, the WebSocket is accepted
     and closed with 1013 "try again later", the hint in the reason.
     """
+    retry_after = refusal.retry_after
     if "websocket.http.response" not in scope.get("extensions", {}):
         await send({"type": "websocket.accept"})
         await send(
@@ -347,6 +356,7 @@ async def _refuse(scope: Scope, send: Send, retry_after: int) -> None:
     body = f"server busy: retry after {retry_after} s\n".encode()
     headers = [
         (b"retry-after", str(retry_after).encode()),
+        (TURN_HEADER.encode(), str(refusal.turn).encode()),
         (b"content-type", b"text/plain"),
         (b"content-length", str(len(body)).encode()),
         (b"connection", b"close"),
@@ -426,12 +436,13 @@ def _admitting_protocol(admission: Admission) -> type[HttpToolsProtocol]:
 
     class AdmittingProtocol(HttpToolsProtocol):
         def handle_websocket_upgrade(self) -> None:
-            reason = admission.verdict()
-            if reason is not None and self._agent_rpc_upgrade():
-                retry_after = admission.refuse(reason)
-                self.transport.write(_busy_response(retry_after))
-                self.transport.close()
-                return
+            if admission.enabled:
+                turn = parse_turn(next((v for n, v in self.headers if n == TURN_BYTES), None))
+                reason = admission.verdict(turn)
+                if reason is not None and self._agent_rpc_upgrade():
+                    self.transport.write(_busy_response(admission.refuse(reason, turn)))
+                    self.transport.close()
+                    return
             super().handle_websocket_upgrade()
 
         def _agent_rpc_upgrade(self) -> bool:
@@ -443,12 +454,16 @@ def _admitting_protocol(admission: Admission) -> type[HttpToolsProtocol]:
     return AdmittingProtocol
 
 
-def _busy_response(retry_after: int) -> bytes:
-    body = f"server busy: retry after {retry_after} s\n".encode()
+TURN_BYTES = TURN_HEADER.encode()
+
+
+def _busy_response(refusal: Refusal) -> bytes:
+    body = f"server busy: retry after {refusal.retry_after} s\n".encode()
     return (
         b"HTTP/1.1 503 Service Unavailable\r\n"
-        b"retry-after: %d\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n"
-        b"connection: close\r\n\r\n%s" % (retry_after, len(body), body)
+        b"retry-after: %d\r\n%s: %d\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n%s"
+        % (refusal.retry_after, TURN_BYTES, refusal.turn, len(body), body)
     )
 
 
@@ -512,6 +527,8 @@ class TaskdServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
         super().__init__(config)
         self.connections: Connections = app.state.connections
+        self.admission: Admission | None = getattr(app.state, "admission", None)
+        self._accept_queue: AcceptQueue | None = None
         uvicorn_logger = logging.getLogger("uvicorn.error")
         if not any(isinstance(f, HideTokens) for f in uvicorn_logger.filters):
             uvicorn_logger.addFilter(HideTokens())
@@ -521,9 +538,21 @@ class TaskdServer(uvicorn.Server):
             self.force_exit = True
         self.should_exit = True
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.admission is not None and self.started:
+            # admission refuses agents while the kernel's queue of handshakes fills up
+            listeners = [s for server in self.servers for s in server.sockets]
+            self._accept_queue = AcceptQueue(listeners)
+            self.admission.accept_queue = self._accept_queue
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await self.connections.close_all(1001)
         await super().shutdown(sockets)
+        if self._accept_queue is not None:
+            if self.admission is not None:
+                self.admission.accept_queue = None
+            self._accept_queue.close()
 
 
 def serve(settings: ServerSettings) -> bool:

@@ -7,6 +7,7 @@ WebSockets; callers (HTTP POST and a caller's WebSocket) must be answered all al
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 from dataclasses import replace
@@ -21,7 +22,9 @@ from taskd.admission import (
     AGENT_USER_AGENT,
     BACKLOG_SPREAD_S,
     BUFFERED_AGE_MS,
+    TURN_HEADER,
     WINDOW_S,
+    AcceptQueue,
     Lane,
 )
 from taskd.config import ServerSettings, load_server_settings
@@ -58,11 +61,24 @@ def one_place(tmp_path: Path, low_s: int, high_s: int) -> ServerSettings:
     )
 
 
-async def agent_handshake(server: Server) -> websockets.ClientConnection:
-    """A WebSocket that says it is an agent (and never subscribes)."""
+async def agent_handshake(server: Server, turn: str | None = None) -> websockets.ClientConnection:
+    """A WebSocket that says it is an agent (and never subscribes), bringing the ticket
+    ``turn`` if given."""
     return await websockets.connect(
-        server.ws_url, user_agent_header=f"{AGENT_USER_AGENT} (test)", proxy=None
+        server.ws_url,
+        user_agent_header=f"{AGENT_USER_AGENT} (test)",
+        additional_headers={TURN_HEADER: turn} if turn else None,
+        proxy=None,
     )
+
+
+async def refusal(server: Server, turn: str | None = None) -> tuple[int, str]:
+    """An agent handshake that must be refused: its Retry-After and the turn it was given."""
+    with pytest.raises(websockets.InvalidStatus) as caught:
+        await agent_handshake(server, turn)
+    response = caught.value.response
+    assert response.status_code == 503
+    return int(response.headers["Retry-After"]), response.headers[TURN_HEADER]
 
 
 async def callers_answered(server: Server) -> None:
@@ -93,7 +109,7 @@ async def test_busy_server_refuses_the_agent_which_comes_back_after_the_hint(
                     break
                 await asyncio.sleep(0.001)
             refused_at = time.monotonic()
-            assert refused(server) == {"busy": 1, "rate": 0}
+            assert refused(server) == {"busy": 1, "rate": 0, "queue": 0}
             await holder.close()  # the place is free again: only the hint keeps the agent out
             await callers_answered(server)
             await wait_online(server, agent_uuid, timeout=10)
@@ -323,7 +339,7 @@ async def test_handshakes_beyond_the_rate_are_refused_with_a_hint(tmp_path: Path
             await agent_handshake(server)
         assert caught.value.response.status_code == 503
         assert int(caught.value.response.headers["Retry-After"]) >= 1
-        assert refused(server) == {"busy": 0, "rate": 1}
+        assert refused(server) == {"busy": 0, "rate": 1, "queue": 0}
         await callers_answered(server)
         await asyncio.sleep(0.15)  # a token back
         second = await agent_handshake(server)
@@ -342,7 +358,7 @@ async def test_admission_off_admits_every_agent(tmp_path: Path) -> None:
         held.append(await agent_handshake(server))
         for ws in held:
             await ws.close()
-        assert refused(server) == {"busy": 0, "rate": 0}
+        assert refused(server) == {"busy": 0, "rate": 0, "queue": 0}
 
 
 def test_admission_settings_load_and_are_checked(tmp_path: Path) -> None:
@@ -374,3 +390,77 @@ def test_admission_settings_load_and_are_checked(tmp_path: Path) -> None:
         load_server_settings(path, {"admission_lane_size": "0"})
     with pytest.raises(InvalidInput, match="admission_retry_after_max_s"):
         load_server_settings(path, {"admission_retry_after_max_s": "0"})
+
+
+async def test_an_agent_whose_turn_has_come_goes_ahead_of_newcomers(tmp_path: Path) -> None:
+    """admission_rate_per_s = 1: each refused agent gets a turn, a second apart. One that
+    brings its ticket back when its turn has come is admitted although a newcomer just took
+    the second's one place; one that comes early keeps its turn; the newcomers after it are
+    refused, and a ticket the server never gave counts for nothing."""
+    settings = make_settings(tmp_sqlite_url(tmp_path), admission_rate_per_s=1)
+    async with running_server(settings) as server:
+        admission = server.app.state.admission
+        open_sockets = [await agent_handshake(server)]  # the burst of one
+        first_wait, first = await refusal(server)
+        second_wait, second = await refusal(server)
+        assert first != second and 1 <= first_wait <= second_wait
+        assert set(admission.turns) == {int(first), int(second)}
+        # back before its turn: refused, and told the time left until it (not sent back)
+        early_wait, early = await refusal(server, second)
+        assert early == second and early_wait <= second_wait
+        await asyncio.sleep(admission.turns[int(first)] - time.monotonic())
+        open_sockets.append(await agent_handshake(server))  # a newcomer takes the token
+        open_sockets.append(await agent_handshake(server, first))  # its turn: in all the same
+        assert int(first) not in admission.turns, "the turn is used up"
+        _, newcomer = await refusal(server)  # the turns taken leave none for newcomers
+        assert int(newcomer) in admission.turns
+        _, forged = await refusal(server, "12345")
+        assert forged != "12345"
+        assert refused(server) == {"busy": 0, "rate": 5, "queue": 0}
+        for ws in open_sockets:
+            await ws.close()
+
+
+async def test_the_real_agent_brings_its_turn_back(tmp_path: Path) -> None:
+    """The real agent, refused for the rate, comes back with the turn it was given: the
+    server takes it in on that turn (the ticket is used up)."""
+    settings = make_settings(tmp_sqlite_url(tmp_path), admission_rate_per_s=1)
+    async with running_server(settings) as server:
+        admission = server.app.state.admission
+        holder = await agent_handshake(server)  # the burst of one
+        agent_uuid = str(uuid.uuid4())
+        config = agent_settings([(server.ws_url, server.super_token)], agent_uuid)
+        async with running_agent(config, tmp_path / "state"):
+            for _ in range(int(scaled(10) / 0.005)):
+                if admission.turns:
+                    break
+                await asyncio.sleep(0.005)
+            [turn] = admission.turns
+            await wait_online(server, agent_uuid, timeout=10)
+            assert turn not in admission.turns, "the agent did not bring its turn back"
+            assert refused(server)["rate"] == 1
+        await holder.close()
+
+
+def test_accept_queue_reads_how_full_the_kernel_queue_is() -> None:
+    """Connections the kernel completed but nobody accepted fill a listening socket's queue:
+    three of a backlog of eight read 3/8, and accepting them empties it."""
+    if not hasattr(socket, "TCP_INFO"):
+        pytest.skip("the kernel does not tell (no TCP_INFO)")
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as listener:
+        queue = AcceptQueue([listener])
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+        try:
+            deadline = time.monotonic() + scaled(5)
+            while queue() < 3 / 8 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert queue() == 3 / 8
+            accepted = [listener.accept()[0] for _ in clients]
+            assert queue() == 0
+            for sock in accepted:
+                sock.close()
+        finally:
+            for sock in clients:
+                sock.close()
+            queue.close()
+        listener.getsockname()  # the listener itself is still open

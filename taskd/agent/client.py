@@ -34,7 +34,7 @@ import orjson
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from taskd.admission import AGENT_USER_AGENT, parse_retry_after
+from taskd.admission import AGENT_USER_AGENT, TURN_HEADER, parse_retry_after, parse_turn
 from taskd.agent.monitor_report import Collector, Outbox
 from taskd.agent.spool import ReportBuffer, Spool, link_id
 from taskd.agent.tasks import TaskContext, TaskFailed, runner_for
@@ -229,6 +229,8 @@ class ServerLink:
         self.upgrade_refused = False
         self.retry_hint: float | None = None
         """Seconds a busy server asked the last handshake to wait before the next one."""
+        self.turn: int | None = None
+        """The turn a busy server gave this agent, brought back with the next handshake."""
         self.on_http = False
         self.outbox: Outbox | None = None
         settings = agent.settings
@@ -355,7 +357,9 @@ class ServerLink:
                 ssl=self._ssl(),
                 proxy=None,
                 user_agent_header=AGENT_USER_AGENT,
+                additional_headers={TURN_HEADER: str(self.turn)} if self.turn else None,
             ) as ws:
+                self.turn = None
                 logger.info("[%s] connected to %s", self.server.name, self.server.ws_url)
                 rpc = Rpc(ws, self._on_push)
                 reader = asyncio.create_task(rpc.read())
@@ -389,6 +393,7 @@ class ServerLink:
         except websockets.InvalidStatus as exc:
             if exc.response.status_code == 503:  # busy or down for now: not an HTTP-only proxy
                 self.retry_hint = busy_hint(exc)
+                self.turn = parse_turn(exc.response.headers.get(TURN_HEADER))
                 hint = "" if self.retry_hint is None else f", Retry-After {self.retry_hint:g} s"
                 return f"HTTP 503{hint}"
             self.upgrade_refused = True
