@@ -129,6 +129,7 @@ WATCHED = (
     "taskd_admission_in_progress",
     'taskd_admission_refused_total{reason="busy"}',
     'taskd_admission_refused_total{reason="rate"}',
+    'taskd_admission_refused_total{reason="queue"}',
 )
 """What the storm's timeline follows from ``/metrics`` (the first is the agents subscribed)."""
 

@@ -476,7 +476,8 @@ class Reporter:
     async def drain(self) -> None:
         """The backlog after a (re)connect, paced like the agent's ``ReportBuffer`` drain:
         a random delay, then at most ``report_backlog_per_second`` summaries a second in one
-        batch, each batch sent once the previous one was acknowledged."""
+        batch, each batch sent once the previous one was acknowledged; the first, and the
+        first after a busy answer, is a single summary."""
         # a real agent never sends a summary again once acknowledged; these made-up times
         # must not repeat one either (the server takes a repeat as a resend, not a new row):
         # whole seconds plus an odd ms of this connection's own, never a live summary's even
@@ -487,9 +488,10 @@ class Reporter:
         ]
         await asyncio.sleep(self._random.uniform(0, BACKLOG_JITTER_S))
         loop = asyncio.get_running_loop()
+        size = 1
         while backlog and not self.reports.stopped:
             started = loop.time()
-            batch, backlog = backlog[:BACKLOG_PER_SECOND], backlog[BACKLOG_PER_SECOND:]
+            batch, backlog = backlog[:size], backlog[size:]
             done: asyncio.Future[None] = loop.create_future()
             # the answer to the batch's last call ends the batch
             calls = [self._summary_call(summary, True) for summary in batch[:-1]]
@@ -500,9 +502,12 @@ class Reporter:
                 backlog = self._again + backlog
                 wait_s = self._again_after_ms / 1000 * self._random.uniform(1.0, 1.25)
                 self._again, self._again_after_ms = [], 0
+                size = 1
                 await asyncio.sleep(wait_s)
                 continue
-            await asyncio.sleep(max(0.0, 1.0 - (loop.time() - started)))
+            if size == BACKLOG_PER_SECOND:
+                await asyncio.sleep(max(0.0, 1.0 - (loop.time() - started)))
+            size = BACKLOG_PER_SECOND
 
 
 def _ignore_closed(task: asyncio.Future[None]) -> None:

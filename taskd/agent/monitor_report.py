@@ -199,13 +199,17 @@ class Outbox:
             logger.exception("[%s] sending buffered reports failed", self.name)
 
     async def _drain(self, caller: Caller) -> None:
-        """Send the buffered summaries, paced, while this connection lasts."""
+        """Send the buffered summaries, paced, while this connection lasts: a batch of at most
+        ``report_backlog_per_second`` a second, but a single summary first, and first again
+        after a busy answer (a server taking a crowd in defers one report, not a batch)."""
         await asyncio.sleep(random.uniform(0, self.settings.report_backlog_jitter_ms / 1000))
         loop = asyncio.get_running_loop()
         sent = 0
+        full = self.settings.report_backlog_per_second
+        size = 1
         while self._caller() is caller and REPORT_SUMMARY not in self._refused:
             started = loop.time()
-            batch = self.buffer.oldest(self.settings.report_backlog_per_second)
+            batch = self.buffer.oldest(size)
             if not batch:
                 break
             try:
@@ -229,9 +233,12 @@ class Outbox:
             sent += sum(1 for reply in answered if "error" not in reply)
             if kept is not None:
                 longest = max(wait for wait in waits if wait is not None)
+                size = 1
                 await asyncio.sleep(longest / 1000 * random.uniform(1.0, 1.25))
                 continue
-            await asyncio.sleep(max(0.0, 1.0 - (loop.time() - started)))
+            if size == full:
+                await asyncio.sleep(max(0.0, 1.0 - (loop.time() - started)))
+            size = full
         if sent:
             logger.info("[%s] sent %d buffered summary report(s)", self.name, sent)
 

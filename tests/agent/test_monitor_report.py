@@ -178,6 +178,46 @@ async def test_summaries_a_busy_server_defers_are_kept_and_sent_after_its_hint(
             await endpoint.wait_for(lambda: not journal.exists(), what="the journal to go")
 
 
+async def test_after_a_busy_answer_the_backlog_goes_one_summary_first(tmp_path: Path) -> None:
+    """A busy server's answer defers one buffered summary, not a batch: the first summary
+    of the backlog goes alone, and alone again after each busy answer; once one is taken,
+    the rest go in batches of report_backlog_per_second."""
+    agent_uuid = str(uuid.uuid4())
+    async with running_endpoint() as endpoint:
+        link = link_id(endpoint.ws_url, agent_uuid)
+        buffer = ReportBuffer(tmp_path / "spool" / link / "reports.journal", 3600, 3_600_000)
+        start_ms = time.time_ns() // 1_000_000 - 600_000
+        old_times = [start_ms + i * 1000 for i in range(30)]
+        for time_ms in old_times:
+            buffer.put(time_ms, orjson.dumps({"uuid": agent_uuid, "time": time_ms, "cpu_usage": 5}))
+        buffer.close()
+        endpoint.busy_summaries, endpoint.busy_ms = 3, 200
+        quiet = (
+            FAST.replace("_summary_report_interval_ms = 100", "_summary_report_interval_ms = 60000")
+            .replace("dynamic_report_interval_ms = 200", "dynamic_report_interval_ms = 60000")
+            .replace("report_backlog_per_second = 1000", "report_backlog_per_second = 10")
+        )
+        async with running_agent(settings_for(endpoint.ws_url, agent_uuid, quiet), tmp_path):
+
+            def old() -> list[Any]:
+                return [c for c in endpoint.of(REPORT_SUMMARY) if c.params[1]["time"] in old_times]
+
+            await endpoint.wait_for(
+                lambda: {c.params[1]["time"] for c in old() if not c.busy} == set(old_times),
+                timeout=20,
+                what="every buffered summary to be taken",
+            )
+            calls = old()
+            # three busy answers, each to the oldest summary sent alone
+            assert [c.params[1]["time"] for c in calls if c.busy] == [old_times[0]] * 3
+            assert [c.busy for c in calls[:4]] == [True, True, True, False]
+            assert len(calls) == 3 + 30, "a summary was sent again after it was taken"
+            # then the oldest alone, and the rest in batches of ten a second apart
+            rest = calls[4:]
+            assert rest[0].at - calls[3].at < 0.5, "the first batch waited after the probe"
+            assert rest[9].at - rest[0].at < 0.2 and rest[10].at - rest[0].at >= 0.9
+
+
 async def test_a_task_runs_promptly_while_reports_flow(tmp_path: Path) -> None:
     """With summaries every 100 ms and a backlog draining, a pushed task is answered at once."""
     agent_uuid = str(uuid.uuid4())
