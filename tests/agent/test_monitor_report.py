@@ -105,17 +105,25 @@ async def test_summaries_made_while_disconnected_arrive_after_reconnect(
             await endpoint.stop()
 
 
+def buffered(endpoint: Endpoint, tmp_path: Path, agent_uuid: str, count: int) -> list[int]:
+    """Leave ``count`` summaries a second apart, from 10 min ago, in the agent's buffer on
+    disk (as an earlier run would); their times."""
+    link = link_id(endpoint.ws_url, agent_uuid)
+    buffer = ReportBuffer(tmp_path / "spool" / link / "reports.journal", 3600, 3_600_000)
+    start_ms = time.time_ns() // 1_000_000 - 600_000
+    times = [start_ms + i * 1000 for i in range(count)]
+    for time_ms in times:
+        buffer.put(time_ms, orjson.dumps({"uuid": agent_uuid, "time": time_ms, "cpu_usage": 5}))
+    buffer.close()
+    return times
+
+
 async def test_buffer_left_by_an_earlier_run_is_sent_paced(tmp_path: Path) -> None:
     """Summaries buffered on disk by a previous run go out at report_backlog_per_second."""
     agent_uuid = str(uuid.uuid4())
     async with running_endpoint() as endpoint:
         link = link_id(endpoint.ws_url, agent_uuid)
-        buffer = ReportBuffer(tmp_path / "spool" / link / "reports.journal", 3600, 3_600_000)
-        start_ms = time.time_ns() // 1_000_000 - 600_000
-        for i in range(60):
-            summary = {"uuid": agent_uuid, "time": start_ms + i * 1000, "cpu_usage": 5}
-            buffer.put(summary["time"], orjson.dumps(summary))
-        buffer.close()
+        start_ms = buffered(endpoint, tmp_path, agent_uuid, 60)[0]
         slow = FAST.replace("report_backlog_per_second = 1000", "report_backlog_per_second = 20")
         async with running_agent(settings_for(endpoint.ws_url, agent_uuid, slow), tmp_path):
 
@@ -144,12 +152,7 @@ async def test_summaries_a_busy_server_defers_are_kept_and_sent_after_its_hint(
     agent_uuid = str(uuid.uuid4())
     async with running_endpoint() as endpoint:
         link = link_id(endpoint.ws_url, agent_uuid)
-        buffer = ReportBuffer(tmp_path / "spool" / link / "reports.journal", 3600, 3_600_000)
-        start_ms = time.time_ns() // 1_000_000 - 600_000
-        old_times = [start_ms + i * 1000 for i in range(40)]
-        for time_ms in old_times:
-            buffer.put(time_ms, orjson.dumps({"uuid": agent_uuid, "time": time_ms, "cpu_usage": 5}))
-        buffer.close()
+        old_times = buffered(endpoint, tmp_path, agent_uuid, 40)
         endpoint.busy_summaries, endpoint.busy_ms = 25, 700
         slow = FAST.replace("report_backlog_per_second = 1000", "report_backlog_per_second = 10")
         async with running_agent(settings_for(endpoint.ws_url, agent_uuid, slow), tmp_path):
@@ -184,13 +187,7 @@ async def test_after_a_busy_answer_the_backlog_goes_one_summary_first(tmp_path: 
     the rest go in batches of report_backlog_per_second."""
     agent_uuid = str(uuid.uuid4())
     async with running_endpoint() as endpoint:
-        link = link_id(endpoint.ws_url, agent_uuid)
-        buffer = ReportBuffer(tmp_path / "spool" / link / "reports.journal", 3600, 3_600_000)
-        start_ms = time.time_ns() // 1_000_000 - 600_000
-        old_times = [start_ms + i * 1000 for i in range(30)]
-        for time_ms in old_times:
-            buffer.put(time_ms, orjson.dumps({"uuid": agent_uuid, "time": time_ms, "cpu_usage": 5}))
-        buffer.close()
+        old_times = buffered(endpoint, tmp_path, agent_uuid, 30)
         endpoint.busy_summaries, endpoint.busy_ms = 3, 200
         quiet = (
             FAST.replace("_summary_report_interval_ms = 100", "_summary_report_interval_ms = 60000")
