@@ -287,10 +287,6 @@ class Limits:
     """A connection that has not subscribed after this long stops counting as in progress."""
     lane_size: int = 2
     """Subscribed agents' calls handled at once (see ``Lane``)."""
-    max_agent_messages: int = 8192
-    """Agents' messages read and not answered yet, across every agent connection: past it
-    the server reads no more from agents until one is answered (the kernel and TCP hold
-    the rest), so a fleet sending faster than the server stores costs bounded memory."""
 
 
 class Admission:
@@ -300,8 +296,6 @@ class Admission:
         self.limits = limits
         self.lag = LagMonitor()
         self.lane = Lane(limits.lane_size, self.lagging)
-        self.messages = Lane(limits.max_agent_messages)
-        """Agents' messages read and not answered yet (see ``Limits.max_agent_messages``)."""
         self.in_progress = 0
         self.rate = float(limits.rate_per_s)
         """Agent handshakes admitted a second at most (0: no bound)."""
@@ -339,11 +333,6 @@ class Admission:
             "taskd_agent_calls_waiting",
             "Subscribed agents' calls waiting for their turn in the agents' lane",
             lambda: self.lane.waiting,
-        )
-        metrics.gauge(
-            "taskd_agent_messages_in_progress",
-            "Agents' messages read and not answered yet, across every agent connection",
-            lambda: self.messages.used,
         )
         metrics.gauge(
             "taskd_event_loop_lag_seconds",

@@ -131,7 +131,6 @@ class ServerSettings:
     admission_rate_per_s: int = 800
     admission_max_lag_ms: int = 30
     admission_lane_size: int = 2
-    admission_max_agent_messages: int = 8192
     admission_retry_after_min_s: int = 1
     admission_retry_after_max_s: int = 10
 
@@ -166,7 +165,7 @@ def _server_value(name: str, value: Any) -> Any:
         return _int(value, name, 1)
     if name in ("admission_max_in_progress", "admission_max_lag_ms", "admission_rate_per_s"):
         return _int(value, name, 0)
-    if name in ("admission_lane_size", "admission_max_agent_messages"):
+    if name == "admission_lane_size":
         return _int(value, name, 1)
     if name in ("admission_retry_after_min_s", "admission_retry_after_max_s"):
         return _int(value, name, 1, 3600)

@@ -245,7 +245,6 @@ class RpcEndpoint:
         service = self.service
 
         lane = self.admission.lane
-        messages = self.admission.messages if slot is not None else None
         defer = self.admission.defer_backlog if slot is not None else rpc.take_now
 
         async def answer(body: bytes | str) -> None:
@@ -272,8 +271,6 @@ class RpcEndpoint:
                 logger.exception("WebSocket message handling failed")
             finally:
                 window.release()
-                if messages is not None:
-                    messages.release()
 
         try:
             while True:
@@ -284,8 +281,6 @@ class RpcEndpoint:
                 if body is None:
                     body = message.get("bytes") or b""
                 await window.acquire()
-                if messages is not None:
-                    await messages.acquire()  # across every agent: memory stays bounded
                 handler = asyncio.create_task(answer(body))
                 handlers.add(handler)
                 handler.add_done_callback(handlers.discard)
@@ -390,7 +385,6 @@ def create_app(settings: ServerSettings, clock: Clock | None = None) -> Starlett
             retry_after_min_s=settings.admission_retry_after_min_s,
             retry_after_max_s=settings.admission_retry_after_max_s,
             lane_size=settings.admission_lane_size,
-            max_agent_messages=settings.admission_max_agent_messages,
         ),
         service.metrics,
     )

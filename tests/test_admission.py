@@ -388,9 +388,6 @@ def test_admission_settings_load_and_are_checked(tmp_path: Path) -> None:
         load_server_settings(path, {"admission_max_in_progress": "-1"})
     with pytest.raises(InvalidInput, match="admission_lane_size"):
         load_server_settings(path, {"admission_lane_size": "0"})
-    assert load_server_settings(path, {}).admission_max_agent_messages == 8192
-    with pytest.raises(InvalidInput, match="admission_max_agent_messages"):
-        load_server_settings(path, {"admission_max_agent_messages": "0"})
     with pytest.raises(InvalidInput, match="admission_retry_after_max_s"):
         load_server_settings(path, {"admission_retry_after_max_s": "0"})
 
@@ -467,54 +464,3 @@ def test_accept_queue_reads_how_full_the_kernel_queue_is() -> None:
                 sock.close()
             queue.close()
         listener.getsockname()  # the listener itself is still open
-
-
-async def test_agents_messages_in_progress_are_bounded_across_connections(
-    tmp_path: Path,
-) -> None:
-    """admission_max_agent_messages = 2: three agents each sending 20 summaries at once
-    never have more than 2 messages read and unanswered on the server (the rest wait
-    unread), and every summary is answered and stored; a caller is not held back."""
-    settings = make_settings(tmp_sqlite_url(tmp_path), admission_max_agent_messages=2)
-    async with running_server(settings) as server:
-        messages = server.app.state.admission.messages
-        token = server.super_token
-        now = time.time_ns() // 1_000_000
-        agents = [str(uuid.uuid4()) for _ in range(3)]
-        connections = [await agent_handshake(server) for _ in agents]
-        seen = {"most": 0, "waited": 0}
-
-        async def watch() -> None:
-            while True:
-                seen["most"] = max(seen["most"], messages.used)
-                seen["waited"] = max(seen["waited"], messages.waiting)
-                await asyncio.sleep(0)
-
-        async def send_all(ws: Any, agent_uuid: str) -> list[Any]:
-            for second in range(20):
-                summary = {"uuid": agent_uuid, "time": now - second * 100, "cpu_usage": 7}
-                request = {"jsonrpc": "2.0", "id": second, "method": REPORT}
-                await ws.send(orjson.dumps({**request, "params": [token, summary]}).decode())
-            return [orjson.loads(await ws.recv()) for _ in range(20)]
-
-        watcher = asyncio.create_task(watch())
-        try:
-            replies = await asyncio.gather(
-                *(send_all(ws, a) for ws, a in zip(connections, agents, strict=True))
-            )
-            await callers_answered(server)
-        finally:
-            watcher.cancel()
-        assert all(r.get("result") == {"status": "stored"} for rs in replies for r in rs), [
-            r for rs in replies for r in rs if "error" in r
-        ][:3]
-        assert seen["most"] <= 2, seen
-        assert seen["waited"] >= 1, "the bound was never reached"
-        assert messages.used == 0
-        for agent_uuid in agents:
-            stored = await server.su(
-                "agent_query_dynamic_summary", {"fields": [], "condition": [{"uuid": agent_uuid}]}
-            )
-            assert len(stored) == 20
-        for ws in connections:
-            await ws.close()
