@@ -117,9 +117,10 @@ class Connection(asyncio.Protocol):
     def _check_open(self) -> None:
         if self._lost or self.protocol.state is not State.OPEN:
             rcvd, sent = self.protocol.close_rcvd, self.protocol.close_sent
+            order = self.protocol.close_rcvd_then_sent  # set once both frames went
             if rcvd is not None and rcvd.code == 1000:
-                raise ConnectionClosedOK(rcvd, sent)
-            raise ConnectionClosedError(rcvd, sent)
+                raise ConnectionClosedOK(rcvd, sent, order)
+            raise ConnectionClosedError(rcvd, sent, order)
 
     def _take_events(self) -> None:
         for event in self.protocol.events_received():

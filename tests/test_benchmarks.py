@@ -25,9 +25,10 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-from benchmarks import seed
+from benchmarks import seed, wsclient
 from benchmarks.harness import parse_wrk
 from benchmarks.loadagent import RESULTS
 from tests.helpers import make_settings, running_server, scaled, tmp_sqlite_url
@@ -391,3 +392,17 @@ def test_unknown_scenario_is_refused(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "unknown scenario" in done.stderr
+
+
+async def test_the_load_agents_client_reports_a_closed_connection(tmp_path: Path) -> None:
+    """The load agents' WebSocket client answers a JSON-RPC call, and when the server closes
+    the connection (1001 at shutdown, both close frames exchanged) it raises
+    ConnectionClosed for the load agent to handle, not an error of its own."""
+    settings = make_settings(tmp_sqlite_url(tmp_path))
+    async with running_server(settings) as server, wsclient.connect(server.ws_url) as ws:
+        await ws.send(json.dumps(HELLO))
+        assert json.loads(await ws.recv())["id"] == 7
+        await server.app.state.connections.close_all(1001)
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), scaled(5))
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
