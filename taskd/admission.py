@@ -301,7 +301,7 @@ class Admission:
         """Agent handshakes admitted a second at most (0: no bound)."""
         self._tokens = float(self._burst)
         self._next_turn = 0.0
-        """When the next refused agent's turn comes (``retry_after``)."""
+        """When the next refused agent's turn comes (``_line_up``)."""
         self.turns: dict[int, float] = {}
         """When each ticket's turn comes (monotonic seconds)."""
         self._turns_pruned = time.monotonic()
