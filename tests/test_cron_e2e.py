@@ -390,6 +390,20 @@ async def test_queue_ttl_cron_queues_for_offline_agents(server: Server) -> None:
     assert entry is not None and "queue_ttl_ms" not in entry
 
 
+async def test_a_scheduler_taking_over_fires_no_slot_from_before_a_cron_existed(
+    server: Server,
+) -> None:
+    """A cron's stamps are times of the scheduler's clock: a scheduler that starts after the
+    cron was created (a node winning the leader lock) finds no slot missed since then."""
+    align(server.clock)  # the clock is now ahead of the system clock
+    await server.su("crontab_create", "fresh", MINUTELY, agent_cron([str(uuid.uuid4())]))
+    scheduler = server.service.scheduler
+    await scheduler.stop()
+    await scheduler.start()
+    slot = await tick(server)
+    assert [row["run_time"] for row in await results_of(server, "fresh")] == [slot]
+
+
 async def _idle(server: Server) -> bool:
     """Whether no cron fire runs on the server."""
     return not server.service.scheduler.firing

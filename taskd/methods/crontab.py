@@ -196,7 +196,10 @@ async def crontab_create(
     principal = await ctx.app.authenticate(token, ctx.remote)
     values = _definition(ctx, principal, cron_expression, cron_type, queue_ttl_ms)
     values["result_retention_ms"] = result_retention_ms or None
-    row = await ctx.app.store.insert_cron({"name": name, "created_by": principal.key, **values})
+    now = ctx.app.clock.now_ms()
+    row = await ctx.app.store.insert_cron(
+        {"name": name, "created_by": principal.key, "created_at": now, "updated_at": now, **values}
+    )
     await ctx.app.scheduler.cron_changed(row.id)
     return {"id": row.id}
 
@@ -225,6 +228,7 @@ async def crontab_edit(
             principal, Need("crontab", "write"), crontab.cron_targets(current.cron_type)
         )
 
+    values["updated_at"] = ctx.app.clock.now_ms()
     row = await ctx.app.store.update_cron(name, values, may_change)
     await ctx.app.scheduler.cron_changed(row.id)
     return {"id": row.id, "success": True}
@@ -278,7 +282,8 @@ async def crontab_set_enable(
             need = Need("task", "create", definition.task.kind)
             _authorize_targets(principal, need, targets)
 
-    row = await ctx.app.store.update_cron(name, {"enable": enable}, may_change)
+    values = {"enable": enable, "updated_at": ctx.app.clock.now_ms()}
+    row = await ctx.app.store.update_cron(name, values, may_change)
     await ctx.app.scheduler.cron_changed(row.id)
     return {"success": True, "enabled": enable}
 

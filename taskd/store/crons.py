@@ -28,7 +28,10 @@ class CronQueries(Database):
     """Cron, cron_fire and cron_result rows."""
 
     async def insert_cron(self, values: dict[str, Any]) -> Row[Any]:
-        """Insert a cron and return its row; 108 if the name is taken."""
+        """Insert a cron and return its row; 108 if the name is taken.
+
+        ``values`` may carry ``created_at``/``updated_at``: the scheduler's clock, which
+        decides the slots missed since a cron changed (the system clock otherwise)."""
         sqlite = self.is_sqlite
 
         def add(conn: Connection) -> Row[Any]:
@@ -51,7 +54,8 @@ class CronQueries(Database):
     ) -> Row[Any]:
         """Change a cron and return the new row; 105 if none has that name.
 
-        ``check`` sees the current row inside the transaction and may raise to refuse.
+        ``check`` sees the current row inside the transaction and may raise to refuse;
+        ``values`` may carry ``updated_at`` (as in ``insert_cron``).
         """
 
         def change(conn: Connection) -> Row[Any]:
@@ -59,7 +63,7 @@ class CronQueries(Database):
             statement = (
                 update(cron_t)
                 .where(cron_t.c.id == current.id)
-                .values(updated_at=now_ms(), **values)
+                .values({"updated_at": now_ms()} | values)
                 .returning(*cron_t.c)
             )
             return conn.execute(statement).one()
