@@ -282,7 +282,7 @@ class Limits:
     max_lag_ms: int = 30
     """The agents' lane is enforced while the loop runs timers later than this (0: always)."""
     retry_after_min_s: int = 1
-    retry_after_max_s: int = 10
+    retry_after_max_s: int = 30
     hold_s: float = 5.0
     """A connection that has not subscribed after this long stops counting as in progress."""
     lane_size: int = 2

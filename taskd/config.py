@@ -132,7 +132,7 @@ class ServerSettings:
     admission_max_lag_ms: int = 30
     admission_lane_size: int = 2
     admission_retry_after_min_s: int = 1
-    admission_retry_after_max_s: int = 10
+    admission_retry_after_max_s: int = 30
 
     def task_retention_ms(self, task_type: str) -> int:
         """How long a finished task of ``task_type`` is kept, in ms."""

@@ -489,10 +489,12 @@ def uvicorn_config(app: Starlette, settings: ServerSettings, **options: Any) -> 
         # as any address (dodging the failed-auth limit); client_address() believes it
         # only from the proxies in trust_forwarded_for
         "proxy_headers": False,
-        # connections the kernel holds before taskd sees them: in a reconnect storm a long
-        # queue only holds handshakes until their agents give up waiting (admission.py);
-        # beyond it the kernel drops the SYN and the client sends it again a second later
-        "backlog": 256,
+        # connections the kernel holds before taskd sees them (at most net.core.somaxconn):
+        # beyond it the kernel drops handshakes unseen, and their agents retry the SYN at
+        # 1, 3 and 7 s and give up after their connect timeout. A reconnect storm arrives
+        # faster than even refusals are written; a long queue holds it for the door, which
+        # refuses while the queue is more than 1/8 full (admission.py)
+        "backlog": 4096,
     }
     return uvicorn.Config(app, **(defaults | options))
 

@@ -367,7 +367,7 @@ def test_admission_settings_load_and_are_checked(tmp_path: Path) -> None:
     path.write_text(
         f'[server]\nserver_uuid = "{uuid.uuid4()}"\nadmission_max_in_progress = 10\n'
         "admission_max_lag_ms = 0\nadmission_lane_size = 3\nadmission_retry_after_min_s = 2\n"
-        "admission_retry_after_max_s = 30\n"
+        "admission_retry_after_max_s = 20\n"
     )
     settings = load_server_settings(path)
     assert (
@@ -376,7 +376,7 @@ def test_admission_settings_load_and_are_checked(tmp_path: Path) -> None:
         settings.admission_lane_size,
         settings.admission_retry_after_min_s,
         settings.admission_retry_after_max_s,
-    ) == (10, 0, 3, 2, 30)
+    ) == (10, 0, 3, 2, 20)
     assert (
         load_server_settings(path, {"admission_max_in_progress": "0"}).admission_max_in_progress
         == 0
