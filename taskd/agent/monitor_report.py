@@ -186,7 +186,10 @@ class Outbox:
         for (method, data), reply in zip(calls, replies, strict=True):
             time_ms = next(times) if method == REPORT_SUMMARY else 0
             if retry_after_ms(reply) is not None:
-                self.buffer.put(time_ms, data)  # the server will take it later
+                # a busy server takes a summary later; a dynamic report is dropped (only
+                # the newest matters, and the next is due soon)
+                if method == REPORT_SUMMARY:
+                    self.buffer.put(time_ms, data)
             elif "error" in reply:
                 self._note_refusal(method, reply["error"])
         if static is not None and self._static is static:

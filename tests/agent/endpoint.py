@@ -53,6 +53,8 @@ class Endpoint:
         self.busy_summaries = 0
         """This many summaries, from now, are answered "server busy" with ``busy_ms``."""
         self.busy_ms = 500
+        self.busy_dynamic = 0
+        """This many dynamic reports, from now, are answered "server busy" with ``busy_ms``."""
         self.sockets: set[WebSocket] = set()
         self.port = 0
         self._server: uvicorn.Server | None = None
@@ -97,6 +99,9 @@ class Endpoint:
         method = str(request.get("method"))
         busy = method == "agent_report_dynamic_summary" and self.busy_summaries > 0
         self.busy_summaries -= busy
+        busy_dynamic = method == "agent_report_dynamic" and self.busy_dynamic > 0
+        self.busy_dynamic -= busy_dynamic
+        busy = busy or busy_dynamic
         self.calls.append(Call(transport, method, request.get("params"), time.monotonic(), busy))
         if "id" not in request:
             return None

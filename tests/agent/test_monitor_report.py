@@ -181,6 +181,34 @@ async def test_summaries_a_busy_server_defers_are_kept_and_sent_after_its_hint(
             await endpoint.wait_for(lambda: not journal.exists(), what="the journal to go")
 
 
+async def test_a_dynamic_report_a_busy_server_defers_is_dropped(tmp_path: Path) -> None:
+    """A busy answer to a dynamic report drops it (the next one is due soon): it is never
+    sent again, and never sent as a summary, even behind summaries the server deferred
+    too (those are kept and sent again)."""
+    agent_uuid = str(uuid.uuid4())
+    async with running_endpoint() as endpoint:
+        endpoint.busy_summaries, endpoint.busy_dynamic, endpoint.busy_ms = 6, 3, 300
+        async with running_agent(settings_for(endpoint.ws_url, agent_uuid), tmp_path):
+
+            def settled() -> bool:
+                summaries = endpoint.of(REPORT_SUMMARY)
+                taken = {c.params[1]["time"] for c in summaries if not c.busy}
+                deferred = [c.params[1]["time"] for c in summaries if c.busy]
+                dynamic_taken = [c for c in endpoint.of(REPORT_DYNAMIC) if not c.busy]
+                return len(deferred) == 6 and set(deferred) <= taken and len(dynamic_taken) >= 3
+
+            await endpoint.wait_for(settled, what="the deferred summaries to be taken")
+            await asyncio.sleep(0.5)  # time for anything else the buffer held to go out
+        dynamic = endpoint.of(REPORT_DYNAMIC)
+        busy_times = [c.params[1]["time"] for c in dynamic if c.busy]
+        assert len(busy_times) == 3
+        assert all(not c.busy for c in dynamic[3:])
+        assert not set(busy_times) & {c.params[1]["time"] for c in dynamic[3:]}  # not again
+        summaries = endpoint.of(REPORT_SUMMARY)
+        assert summaries and all("cpu_usage" in c.params[1] for c in summaries)
+        assert not any("cpu" in c.params[1] for c in summaries)
+
+
 async def test_after_a_busy_answer_the_backlog_goes_one_summary_first(tmp_path: Path) -> None:
     """A busy server's answer defers one buffered summary, not a batch: the first summary
     of the backlog goes alone, and alone again after each busy answer; once one is taken,
