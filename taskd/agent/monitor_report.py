@@ -24,7 +24,8 @@ A server that has no such method (-32601, e.g. a taskd before monitoring) is
 not sent it again on that connection, and what it cannot take stays buffered. A
 server busy with a crowd of agents may answer a summary with -32000 and a
 ``retry_after_ms``: that summary stays (or goes) in the buffer, and the drain waits
-that long (plus up to a quarter more) before it sends again.
+that long (plus up to a quarter more) before it sends again; a dynamic report so
+answered is dropped (the next one is due soon).
 """
 
 from __future__ import annotations
