@@ -292,6 +292,18 @@ async def r3_reconnect_storm(scale: Scale, workdir: Path) -> Outcome:
             "meanwhile)",
             target=True,
         )
+        timed_out = {
+            when: sum(figures[f"timeouts_{when}_the_websocket_opened"].values())
+            for when in ("before", "after")
+        }
+        outcome.check(
+            "no connection attempt ran out of the agent's connect time: every handshake "
+            "reached the server and was answered",
+            not any(timed_out.values()),
+            f"{timed_out['before']} timed out before the WebSocket opened, "
+            f"{timed_out['after']} after",
+            target=True,
+        )
         outcome.check(
             "the backlogs flushed: buffered summaries were stored after the restart",
             figures["backlog_summaries_acked_after_restart"] > 0,
