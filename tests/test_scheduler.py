@@ -121,9 +121,9 @@ async def add_cron(store: Store, clock: Clock, name: str, expression: str, **val
             "cron_type": agent_cron([str(uuid.uuid4())]),
             "task_type": "tcp_ping",
             "created_by": await add_creator(store),
-            "updated_at": clock.now_ms(),
         }
-        | values
+        | values,
+        now=clock.now_ms(),
     )
 
 
@@ -364,7 +364,7 @@ async def test_disabled_and_deleted_crons_do_not_fire(store: Store, clock: Clock
     gone = await add_cron(store, clock, "gone", MINUTELY)
     control = await add_cron(store, clock, "control", MINUTELY)
     async with running(new_scheduler(store, clock)):
-        await store.update_cron("sneaky", {"enable": False})
+        await store.update_cron("sneaky", {"enable": False}, now=clock.now_ms())
         await store.delete_cron("gone")
         await move_to(clock, next_minute(clock))
         await until(lambda: result_slots(store, control.id), "the control cron's fire")
@@ -396,7 +396,9 @@ async def test_a_cron_without_agents_fires_nothing_and_records_nothing(
         assert await result_slots(store, empty.id) == []
         [row] = [c for c in await store.list_crons() if c.id == empty.id]
         assert row.last_run_time == long_ago
-        await store.update_cron("empty", {"cron_type": agent_cron([str(uuid.uuid4())])})
+        await store.update_cron(
+            "empty", {"cron_type": agent_cron([str(uuid.uuid4())])}, now=clock.now_ms()
+        )
         await scheduler.resync()  # what the loop does every few seconds
         await move_to(clock, next_minute(clock))
         await until(fired(empty.id, 1), "the edited cron's fire")
@@ -442,13 +444,13 @@ async def test_crons_changed_elsewhere_are_picked_up(store: Store, clock: Clock)
         created = await add_cron(store, clock, "elsewhere", NEVER_SOON)
         moved = await add_cron(store, clock, "moved", NEVER_SOON)
         doomed = await add_cron(store, clock, "doomed", NEVER_SOON)
-        await store.update_cron("elsewhere", {"cron_expression": MINUTELY})
-        await store.update_cron("moved", {"cron_expression": MINUTELY})
+        await store.update_cron("elsewhere", {"cron_expression": MINUTELY}, now=clock.now_ms())
+        await store.update_cron("moved", {"cron_expression": MINUTELY}, now=clock.now_ms())
         await scheduler.resync()  # what the loop does every few seconds
         await move_to(clock, next_minute(clock))
         for cron in (created, moved):
             await until(lambda cron=cron: fires_of(store, cron.id), f"a fire of {cron.name}")
-        await store.update_cron("moved", {"cron_expression": NEVER_SOON})
+        await store.update_cron("moved", {"cron_expression": NEVER_SOON}, now=clock.now_ms())
         await store.delete_cron("elsewhere")
         await scheduler.resync()  # what the loop does every few seconds
         settled = {cron.id: len(await fires_of(store, cron.id)) for cron in (created, moved)}

@@ -196,9 +196,8 @@ async def crontab_create(
     principal = await ctx.app.authenticate(token, ctx.remote)
     values = _definition(ctx, principal, cron_expression, cron_type, queue_ttl_ms)
     values["result_retention_ms"] = result_retention_ms or None
-    now = ctx.app.clock.now_ms()
     row = await ctx.app.store.insert_cron(
-        {"name": name, "created_by": principal.key, "created_at": now, "updated_at": now, **values}
+        {"name": name, "created_by": principal.key, **values}, now=ctx.app.clock.now_ms()
     )
     await ctx.app.scheduler.cron_changed(row.id)
     return {"id": row.id}
@@ -228,8 +227,7 @@ async def crontab_edit(
             principal, Need("crontab", "write"), crontab.cron_targets(current.cron_type)
         )
 
-    values["updated_at"] = ctx.app.clock.now_ms()
-    row = await ctx.app.store.update_cron(name, values, may_change)
+    row = await ctx.app.store.update_cron(name, values, may_change, now=ctx.app.clock.now_ms())
     await ctx.app.scheduler.cron_changed(row.id)
     return {"id": row.id, "success": True}
 
@@ -282,8 +280,9 @@ async def crontab_set_enable(
             need = Need("task", "create", definition.task.kind)
             _authorize_targets(principal, need, targets)
 
-    values = {"enable": enable, "updated_at": ctx.app.clock.now_ms()}
-    row = await ctx.app.store.update_cron(name, values, may_change)
+    row = await ctx.app.store.update_cron(
+        name, {"enable": enable}, may_change, now=ctx.app.clock.now_ms()
+    )
     await ctx.app.scheduler.cron_changed(row.id)
     return {"success": True, "enabled": enable}
 

@@ -17,7 +17,6 @@ from sqlalchemy import (
     update,
 )
 
-from taskd.clock import now_ms
 from taskd.errors import InvalidInput, NotFound
 from taskd.models import cron_fire_t, cron_result_t, cron_t
 from taskd.protocol import DEFAULT_QUERY_LIMIT, CronResultQuery
@@ -27,18 +26,17 @@ from taskd.store.database import Database, each_equal, outcome
 class CronQueries(Database):
     """Cron, cron_fire and cron_result rows."""
 
-    async def insert_cron(self, values: dict[str, Any]) -> Row[Any]:
+    async def insert_cron(self, values: dict[str, Any], *, now: int) -> Row[Any]:
         """Insert a cron and return its row; 108 if the name is taken.
 
-        ``values`` may carry ``created_at``/``updated_at``: the scheduler's clock, which
-        decides the slots missed since a cron changed (the system clock otherwise)."""
+        ``now`` (ms) stamps it created and updated: a time of the scheduler's clock, which
+        decides the slots missed since a cron changed."""
         sqlite = self.is_sqlite
 
         def add(conn: Connection) -> Row[Any]:
             taken = select(cron_t.c.id).where(cron_t.c.name == values["name"])
             if conn.execute(taken).first() is not None:
                 raise InvalidInput(f"A cron named {values['name']!r} already exists")
-            now = now_ms()
             row = {"enable": True, "created_at": now, "updated_at": now} | values
             if sqlite:
                 row["id"] = _next_cron_id(conn)
@@ -51,11 +49,13 @@ class CronQueries(Database):
         name: str,
         values: dict[str, Any],
         check: Callable[[Row[Any]], None] | None = None,
+        *,
+        now: int,
     ) -> Row[Any]:
         """Change a cron and return the new row; 105 if none has that name.
 
         ``check`` sees the current row inside the transaction and may raise to refuse;
-        ``values`` may carry ``updated_at`` (as in ``insert_cron``).
+        ``now`` (ms) stamps it updated (the scheduler's clock, as in ``insert_cron``).
         """
 
         def change(conn: Connection) -> Row[Any]:
@@ -63,7 +63,7 @@ class CronQueries(Database):
             statement = (
                 update(cron_t)
                 .where(cron_t.c.id == current.id)
-                .values({"updated_at": now_ms()} | values)
+                .values(updated_at=now, **values)
                 .returning(*cron_t.c)
             )
             return conn.execute(statement).one()
