@@ -150,6 +150,21 @@ class AcceptQueue:
         self._sockets.clear()
 
 
+def peer_closed(sock: Any) -> bool:
+    """Whether the peer of the connected socket ``sock`` has closed its side (TCP_INFO's
+    ``tcpi_state`` is CLOSE_WAIT or CLOSE, on Linux; elsewhere False). A WebSocket client
+    that closed before its handshake was answered has given up on it."""
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return False
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
+    except (OSError, AttributeError):
+        return False
+    return bool(info) and info[0] in _PEER_CLOSED_STATES
+
+
+_PEER_CLOSED_STATES = (7, 8)
+"""Linux's TCP_CLOSE and TCP_CLOSE_WAIT (include/net/tcp_states.h)."""
 _TCP_INFO_UNACKED = 24
 """Offset of ``tcpi_unacked`` in ``struct tcp_info`` (8 one-byte fields, then rto, ato,
 snd_mss and rcv_mss), followed by ``tcpi_sacked``."""
@@ -312,9 +327,11 @@ class Admission:
         self._refused: deque[float] = deque()
         self.admitted_total = 0
         self.refused_total = dict.fromkeys(REASONS, 0)
+        self.gone_total = 0
         self._admitted_counter: Counter | None = None
         self._deferred_counter: Counter | None = None
         self._abandoned_counter: Counter | None = None
+        self._gone_counter: Counter | None = None
         self._refused_counters: dict[str, Counter] = {}
         if metrics is not None:
             self._export(metrics)
@@ -323,6 +340,7 @@ class Admission:
         self._admitted_counter = metrics.admission_admitted
         self._deferred_counter = metrics.admission_deferred
         self._abandoned_counter = metrics.admission_abandoned
+        self._gone_counter = metrics.admission_gone
         self._refused_counters = {r: metrics.admission_refused.labels(r) for r in REASONS}
         metrics.gauge(
             "taskd_admission_in_progress",
@@ -418,6 +436,12 @@ class Admission:
         """An admitted connection closed before it subscribed: its agent had given up."""
         if self._abandoned_counter is not None:
             self._abandoned_counter.inc()
+
+    def gone(self) -> None:
+        """A handshake was dropped unanswered: its client closed while it waited."""
+        self.gone_total += 1
+        if self._gone_counter is not None:
+            self._gone_counter.inc()
 
     def admit(self, turn: int | None = None) -> Refusal | None:
         """Admit one agent handshake that brings the ticket ``turn`` (if any): None, and

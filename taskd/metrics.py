@@ -85,6 +85,12 @@ class Metrics:
             "Agent WebSocket handshakes admitted whose agent left before it subscribed",
             registry=r,
         )
+        self.admission_gone = Counter(
+            "taskd_admission_gone",
+            "WebSocket handshakes dropped unanswered: their client had closed while they"
+            " waited in the kernel's accept queue",
+            registry=r,
+        )
         self.admission_deferred = Counter(
             "taskd_admission_deferred_reports",
             "Buffered agent reports answered 'server busy' with a retry hint (kept by the agent)",

@@ -40,6 +40,7 @@ from taskd.admission import (
     Refusal,
     is_agent,
     parse_turn,
+    peer_closed,
 )
 from taskd.app import App
 from taskd.auth import client_address, origin_allowed
@@ -431,11 +432,16 @@ def _admitting_protocol(admission: Admission) -> type[HttpToolsProtocol]:
     with the 503 right where it was parsed: no WebSocket protocol, no ASGI task, a
     few microseconds instead of most of a handshake's cost. A refused crowd then
     costs the event loop little. (An upgrade admitted here is decided again, and
-    counted, by ``RpcEndpoint``.)
+    counted, by ``RpcEndpoint``.) An upgrade whose client has already closed (it gave
+    up while the request waited in the accept queue) is dropped unanswered.
     """
 
     class AdmittingProtocol(HttpToolsProtocol):
         def handle_websocket_upgrade(self) -> None:
+            if peer_closed(self.transport.get_extra_info("socket")):
+                admission.gone()  # its client gave up while it waited in the accept queue
+                self.transport.abort()
+                return
             if admission.enabled:
                 turn = parse_turn(next((v for n, v in self.headers if n == TURN_BYTES), None))
                 reason = admission.verdict(turn)

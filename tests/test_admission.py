@@ -253,6 +253,36 @@ async def test_an_agent_that_leaves_before_it_subscribes_is_counted(tmp_path: Pa
         await again.close()
 
 
+async def test_a_handshake_whose_agent_gave_up_in_the_accept_queue_is_dropped(
+    tmp_path: Path,
+) -> None:
+    """An agent's upgrade request that waited in the kernel's accept queue while the server
+    was busy, and whose agent closed meanwhile, is dropped unanswered: it is not admitted
+    (no place taken, nothing counted as abandoned) and counts in taskd_admission_gone_total;
+    a live agent's handshake after it is admitted as usual."""
+    async with running_server(one_place(tmp_path, 1, 2)) as server:
+        request = (
+            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\nUser-Agent: " + AGENT_USER_AGENT.encode() + b"\r\n\r\n"
+        )
+        # the event loop does not run in between (a busy server): the kernel completes the
+        # connection, holds the request, and sees the client close before taskd accepts it
+        with socket.create_connection(("127.0.0.1", server.port)) as gave_up:
+            gave_up.sendall(request)
+        deadline = time.monotonic() + scaled(5)
+        while await metric(server, "taskd_admission_gone_total") < 1:
+            assert time.monotonic() < deadline, "the closed handshake was not dropped"
+            await asyncio.sleep(0.01)
+        admission = server.app.state.admission
+        assert admission.admitted_total == 0
+        assert await metric(server, "taskd_admission_abandoned_total") == 0
+        live = await agent_handshake(server)  # the one place is free
+        assert admission.admitted_total == 1
+        await live.close()
+        assert admission.gone_total == 1
+
+
 async def test_lane_takes_turns_in_order_while_engaged_and_not_otherwise() -> None:
     """Engaged: at most ``size`` at once, the others in arrival order, a cancelled waiter
     passes its turn on; not engaged: everyone goes straight through."""
