@@ -130,6 +130,7 @@ WATCHED = (
     'taskd_admission_refused_total{reason="busy"}',
     'taskd_admission_refused_total{reason="rate"}',
     'taskd_admission_refused_total{reason="queue"}',
+    "taskd_admission_gone_total",
 )
 """What the storm's timeline follows from ``/metrics`` (the first is the agents subscribed)."""
 
