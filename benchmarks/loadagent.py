@@ -275,7 +275,12 @@ class Reports:
     backlog_sent: int = 0
     backlog_acked: int = 0
     deferred: int = 0
-    """Backlog summaries a busy server answered -32000 (sent again after its hint)."""
+    """Summaries a busy server answered -32000, kept and sent again after its hint."""
+    keep_busy: bool = True
+    """Whether a live summary answered -32000 is sent again after the hint, as taskd's
+    agent keeps it; if not, it is gone, as with NodeGet's agent (which reads no answers)."""
+    busy_dropped: int = 0
+    """Live summaries answered -32000 and not sent again (``keep_busy`` off)."""
     latency_ms: list[tuple[int, float]] = field(default_factory=list)
     """(sent at, ms; acknowledged after, ms) of each acknowledged report."""
     lag_ms: list[tuple[int, float]] = field(default_factory=list)
@@ -381,7 +386,13 @@ class Reporter:
                 continue
             summary = self._summaries_sent.pop(reply.get("id"), None)
             wait_ms = retry_after_ms(reply)
-            if summary is not None and wait_ms is not None:  # kept, as the agent does
+            if (
+                summary is not None
+                and wait_ms is not None
+                and not (self.reports.keep_busy or backlog)
+            ):
+                self.reports.busy_dropped += 1  # gone, as with NodeGet's agent
+            elif summary is not None and wait_ms is not None:  # kept, as the agent does
                 self.reports.deferred += 1
                 if backlog:
                     self._again.append(summary)
@@ -545,6 +556,7 @@ def write_report_stats(path: str, reports: Reports) -> None:
         "backlog_sent": reports.backlog_sent,
         "backlog_acked": reports.backlog_acked,
         "deferred": reports.deferred,
+        "busy_dropped": reports.busy_dropped,
         "latency_ms": reports.latency_ms,
         "lag_ms": reports.lag_ms,
         "errors": reports.errors,
@@ -592,6 +604,11 @@ def options() -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--backlog", type=int, default=0, help="older summaries per (re)connect")
     parser.add_argument("--report-stats", help="on SIGUSR1 write report stats here")
     parser.add_argument("--report-wait", action="store_true", help="summaries wait for SIGCONT")
+    parser.add_argument(
+        "--report-drop-busy",
+        action="store_true",
+        help="a live summary answered 'server busy' is not sent again (as NodeGet's agent)",
+    )
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -611,6 +628,8 @@ async def main(args: argparse.Namespace, uuids: list[str]) -> None:
     tasks = []
     records = {u: Connections() for u in uuids} if args.reconnect else {}
     reports = host_reports(args.report_every_ms, args.backlog) if args.report_every_ms else None
+    if reports is not None:
+        reports.keep_busy = not args.report_drop_busy
     if reports is not None and args.report_wait:
         asyncio.get_running_loop().add_signal_handler(signal.SIGCONT, reports.started.set)
     elif reports is not None:

@@ -9,7 +9,7 @@ message is NodeGet's prefix for the code followed by the exception's own sentenc
     ├── MethodNotFound (-32601)
     ├── InvalidParams (-32602)
     ├── InternalError (-32603)
-    ├── ServerBusy (-32000)             buffered reports: send again after ``data.retry_after_ms``
+    ├── ServerBusy (-32000)             report not stored: send again after ``data.retry_after_ms``
     ├── SerializationError (101)        "Parse error: "  cannot parse or serialise a value
     │   └── InvalidCronExpression
     ├── PermissionDenied (102)          "Permission denied: "  bad credentials or missing permission
@@ -114,16 +114,17 @@ class InternalError(TaskdError):
 
 
 class ServerBusy(TaskdError):
-    """A report that can wait (an agent's buffered backlog) came while the server is busy
-    with a crowd of agents: it was not stored, and the agent keeps it and sends it again
-    after ``retry_after_ms`` (a JSON-RPC server error, taskd extension)."""
+    """A report came while the server is busy (an agent's buffered backlog while a crowd
+    of agents comes in, or any report beyond its connection's window of calls in
+    progress): it was not stored, and the agent keeps it and sends it again after
+    ``retry_after_ms`` (a JSON-RPC server error, taskd extension)."""
 
     code: ClassVar[ErrorCode] = ErrorCode.SERVER_BUSY
     prefix: ClassVar[str] = ""
 
     def __init__(self, retry_after_ms: int) -> None:
         super().__init__(
-            f"Server busy: buffered reports are taken again in {retry_after_ms} ms",
+            f"Server busy: report not stored; send it again in {retry_after_ms} ms",
             {"retry_after_ms": retry_after_ms},
         )
 

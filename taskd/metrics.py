@@ -91,6 +91,12 @@ class Metrics:
             " waited in the kernel's accept queue",
             registry=r,
         )
+        self.reports_shed = Counter(
+            "taskd_reports_shed",
+            "Agent reports answered 'server busy' as they were read, stored nothing: their"
+            " connection already had its window of calls in progress",
+            registry=r,
+        )
         self.admission_deferred = Counter(
             "taskd_admission_deferred_reports",
             "Buffered agent reports answered 'server busy' with a retry hint (kept by the agent)",

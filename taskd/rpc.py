@@ -34,6 +34,7 @@ from taskd.errors import (
     InvalidRequest,
     MethodNotFound,
     ParseError,
+    ServerBusy,
     TaskdError,
 )
 from taskd.protocol import Parse, Parser, parse_as
@@ -242,6 +243,12 @@ class CallContext:
     defer_backlog: Callable[[], int | None] = field(default=take_now)
     """How long an agent's buffered reports should wait now, in ms (None: take them now);
     the server's admission control decides for agents' connections."""
+    received_ms: int | None = None
+    """When the message arrived (the app clock's ms), if it waited before it was handled."""
+
+    def arrived_ms(self) -> int:
+        """When the call arrived: ``received_ms``, or now."""
+        return self.app.clock.now_ms() if self.received_ms is None else self.received_ms
 
 
 _ID_TYPES = (str, int, float, type(None))
@@ -365,6 +372,33 @@ def _parse(body: bytes | str, context: CallContext) -> Any:
                 f"Invalid request: batch of {len(parsed)} exceeds {settings.max_batch_items} items"
             )
     return parsed
+
+
+def busy_reply(
+    body: bytes | str, prefix: str, wait_ms: Callable[[], int], context: CallContext
+) -> tuple[bytes, int] | None:
+    """If ``body`` is a request (or a batch of requests) of methods named ``prefix...``
+    only: the "server busy" reply (-32000, ``retry_after_ms`` from ``wait_ms``) to them,
+    none of them called, and how many there were; None for anything else (it is to be
+    handled as usual)."""
+    try:
+        parsed = _parse(body, context)
+    except TaskdError:
+        return None
+    items = parsed if isinstance(parsed, list) else [parsed]
+    for item in items:
+        method = item.get("method") if isinstance(item, dict) else None
+        if not isinstance(method, str) or not method.startswith(prefix):
+            return None
+        if "id" in item and not _valid_id(item["id"]):
+            return None
+    error = ServerBusy(wait_ms())
+    replies = [_answered(context, error_reply(error, item["id"])) for item in items if "id" in item]
+    if not replies:
+        return b"", len(items)  # notifications only: nothing to say
+    if isinstance(parsed, list):
+        return b"[" + b",".join(map(_dumps, replies)) + b"]", len(items)
+    return _dumps(replies[0]), 1
 
 
 async def handle(body: bytes | str, context: CallContext) -> bytes | None:

@@ -33,6 +33,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 import taskd.methods  # noqa: F401 - registers every method
 from taskd import __version__, rpc
 from taskd.admission import (
+    REPORT_WINDOW,
     TURN_HEADER,
     AcceptQueue,
     Admission,
@@ -54,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 RPC_PATHS = ("/", "/rpc", "/nodeget/rpc")
 MAX_IN_FLIGHT = 64
+REPORT_PREFIX = "agent_report_"
+"""Methods whose calls are answered "busy" beyond a connection's ``REPORT_WINDOW``."""
 MAX_QUEUED_FRAMES = 100_000
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
 """Replies a peer has not read yet; past either bound it is disconnected (1008). One frame
@@ -245,18 +248,29 @@ class RpcEndpoint:
         handlers: set[asyncio.Task[None]] = set()
         service = self.service
 
-        lane = self.admission.lane
+        admission = self.admission
+        lane = admission.lane
+        clock = service.clock
+
+        def laned() -> bool:
+            return slot is not None and slot.done
+
         defer = self.admission.defer_backlog if slot is not None else rpc.take_now
 
-        async def answer(body: bytes | str) -> None:
+        async def answer(body: bytes | str, received_ms: int) -> None:
             # a subscribed agent's calls (reports, results) take turns in the agents' lane
-            laned = slot is not None and slot.done
+            in_lane = laned()
             try:
-                if laned:
+                if in_lane:
                     await lane.acquire()
                 try:
                     context = rpc.CallContext(
-                        service, "websocket", remote, peer, defer_backlog=defer
+                        service,
+                        "websocket",
+                        remote,
+                        peer,
+                        defer_backlog=defer,
+                        received_ms=received_ms,
                     )
                     reply = await rpc.handle(body, context)
                     if reply is not None:
@@ -264,7 +278,7 @@ class RpcEndpoint:
                     for job in context.after_reply:
                         await job()
                 finally:
-                    if laned:
+                    if in_lane:
                         lane.release()
                 if slot is not None and service.hub.subscribed_on(peer):
                     slot.release()  # in: its subscription and queued tasks are done
@@ -278,11 +292,15 @@ class RpcEndpoint:
                 message = await receive()
                 if message["type"] != "websocket.receive":
                     break
+                received_ms = clock.now_ms()
                 body = message.get("text")
                 if body is None:
                     body = message.get("bytes") or b""
+                shed = window.used >= REPORT_WINDOW or (laned() and admission.shedding())
+                if shed and self._shed(body, peer, remote):
+                    continue
                 await window.acquire()
-                handler = asyncio.create_task(answer(body))
+                handler = asyncio.create_task(answer(body, received_ms))
                 handlers.add(handler)
                 handler.add_done_callback(handlers.discard)
         finally:
@@ -295,6 +313,19 @@ class RpcEndpoint:
             self.connections.discard(peer)
             with contextlib.suppress(Exception):
                 await peer.finished()
+
+    def _shed(self, body: bytes | str, peer: WsPeer, remote: str) -> bool:
+        """Answer ``body`` "server busy" if it holds reports only (its connection has
+        ``REPORT_WINDOW`` calls in progress); False for anything else."""
+        context = rpc.CallContext(self.service, "websocket", remote, peer)
+        busy = rpc.busy_reply(body, REPORT_PREFIX, self.admission.shed_wait_ms, context)
+        if busy is None:
+            return False
+        reply, reports = busy
+        self.admission.shed(reports)
+        if reply:
+            peer.send(reply)
+        return True
 
 
 class _Window:

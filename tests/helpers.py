@@ -221,8 +221,9 @@ async def running_server(
 class WsClient:
     """A JSON-RPC client over one WebSocket: replies by id, notifications queued."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, user_agent: str | None = None) -> None:
         self.url = url
+        self.user_agent = user_agent
         self.notifications: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._pending: dict[Any, asyncio.Future[Any]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -230,7 +231,12 @@ class WsClient:
         self.close_code: int | None = None
 
     async def __aenter__(self) -> WsClient:
-        self.ws = await websockets.connect(self.url, max_size=None, ping_interval=None)
+        self.ws = await websockets.connect(
+            self.url,
+            max_size=None,
+            ping_interval=None,
+            **({} if self.user_agent is None else {"user_agent_header": self.user_agent}),
+        )
         self._reader = asyncio.create_task(self._read())
         return self
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sqlite3
 import time
 import uuid
 from dataclasses import replace
@@ -22,6 +23,9 @@ from taskd.admission import (
     AGENT_USER_AGENT,
     BACKLOG_SPREAD_S,
     BUFFERED_AGE_MS,
+    LANE_WAIT_MAX_S,
+    REPORT_WINDOW,
+    SHED_SPREAD_S,
     TURN_HEADER,
     WINDOW_S,
     AcceptQueue,
@@ -30,7 +34,15 @@ from taskd.admission import (
 from taskd.config import ServerSettings, load_server_settings
 from taskd.errors import InvalidInput
 from tests.agent.test_client import agent_settings, running_agent, wait_online
-from tests.helpers import Server, WsClient, make_settings, running_server, scaled, tmp_sqlite_url
+from tests.helpers import (
+    ScriptedAgent,
+    Server,
+    WsClient,
+    make_settings,
+    running_server,
+    scaled,
+    tmp_sqlite_url,
+)
 
 HINT_S = 2
 REPORT = "agent_report_dynamic_summary"
@@ -281,6 +293,140 @@ async def test_a_handshake_whose_agent_gave_up_in_the_accept_queue_is_dropped(
         assert admission.admitted_total == 1
         await live.close()
         assert admission.gone_total == 1
+
+
+async def test_reports_beyond_a_connections_window_are_answered_busy_as_they_are_read(
+    tmp_path: Path,
+) -> None:
+    """A connection with REPORT_WINDOW calls in progress (reports waiting for a commit
+    that another process holds up) gets its next report answered "server busy" at once,
+    with a retry hint, and that report is not stored; its other calls are still handled;
+    once the window drains, reports are stored again. Nothing waits without bound."""
+    settings = make_settings(tmp_sqlite_url(tmp_path))
+    async with running_server(settings) as server, WsClient(server.ws_url) as agent:
+        agent_uuid = str(uuid.uuid4())
+        token = server.super_token
+        now = time.time_ns() // 1_000_000
+
+        async def report(second: int) -> asyncio.Future[dict[str, Any]]:
+            data = {"uuid": agent_uuid, "time": now + 1000 * second, "cpu_usage": second}
+            return asyncio.ensure_future(agent.request(REPORT, [token, data]))
+
+        lock = sqlite3.connect(tmp_path / "taskd.db", isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        try:
+            waiting = [await report(second) for second in range(REPORT_WINDOW)]
+            shed = await (await report(REPORT_WINDOW))
+            assert shed["error"]["code"] == -32000, shed
+            assert 1000 <= shed["error"]["data"]["retry_after_ms"] <= 1000 + 1000 * SHED_SPREAD_S
+            assert isinstance(await agent.call("server_uuid"), str)  # not a report: handled
+            assert not any(reply.done() for reply in waiting)
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        for reply in waiting:
+            assert (await reply)["result"] == {"status": "stored"}
+        assert (await (await report(REPORT_WINDOW + 1)))["result"] == {"status": "stored"}
+        rows = await server.su(
+            "agent_query_dynamic_summary",
+            {"fields": ["cpu_usage"], "condition": [{"uuid": agent_uuid}]},
+        )
+        stored = sorted(round(row["cpu_usage"] * 10) for row in rows)  # tenths of a percent
+        assert stored == [*range(REPORT_WINDOW), REPORT_WINDOW + 1]
+        assert await metric(server, "taskd_reports_shed_total") == 1
+
+
+async def test_reports_are_answered_busy_while_the_agents_lane_holds_calls_too_long(
+    tmp_path: Path,
+) -> None:
+    """While the call first in the agents' lane has waited longer than LANE_WAIT_MAX_S,
+    a subscribed agent's reports are answered "server busy" as they are read (stored
+    nothing); what waited in the lane is stored, and once it moves, reports are taken
+    again. (A result upload holds its turn until it is committed; a report gives its
+    turn back before it waits for the commit.)"""
+    settings = make_settings(
+        tmp_sqlite_url(tmp_path), admission_max_lag_ms=0, admission_lane_size=1
+    )
+    async with running_server(settings) as server:
+        token = server.super_token
+        now = server.clock.now_ms()
+
+        def summary(agent: str, second: int) -> list[Any]:
+            return [token, {"uuid": agent, "time": now + 1000 * second, "cpu_usage": second}]
+
+        first, other = ScriptedAgent(server.ws_url, token), ScriptedAgent(server.ws_url, token)
+        for agent in (first, other):
+            agent.user_agent = f"{AGENT_USER_AGENT} (test)"
+        async with first, other:
+            await server.su("task_create_task", first.uuid, {"ping": "127.0.0.1"})
+            task = await first.next_task()
+            lock = sqlite3.connect(tmp_path / "taskd.db", isolation_level=None)
+            lock.execute("BEGIN IMMEDIATE")
+            try:
+                holding = asyncio.ensure_future(first.upload(task, {"ping": 1.5}))
+                await asyncio.sleep(0.2)  # it holds the lane's one turn until its commit
+                waiting = asyncio.ensure_future(first.request(REPORT, summary(first.uuid, 0)))
+                await asyncio.sleep(LANE_WAIT_MAX_S + 0.3)
+                assert server.app.state.admission.lane.waiting == 1
+                shed = await other.request(REPORT, summary(other.uuid, 0))
+                assert shed["error"]["code"] == -32000, shed
+            finally:
+                lock.execute("ROLLBACK")
+                lock.close()
+            assert "result" in await holding
+            assert (await waiting)["result"] == {"status": "stored"}
+            again = await other.request(REPORT, summary(other.uuid, 1))
+            assert again["result"] == {"status": "stored"}
+        rows = await server.su(
+            "agent_query_dynamic_summary", {"fields": ["cpu_usage"], "condition": []}
+        )
+        stored = sorted((row["uuid"] == other.uuid, round(row["cpu_usage"] * 10)) for row in rows)
+        assert stored == [(False, 0), (True, 1)]
+
+
+async def test_a_live_summary_that_waited_in_the_server_is_not_taken_for_a_backlog(
+    tmp_path: Path,
+) -> None:
+    """Whether a summary comes from an agent's buffer is judged by its age when it
+    arrived: a live one that then waited in the agents' lane longer than BUFFERED_AGE_MS
+    while agents crowd in is stored, not deferred; an old one is still deferred."""
+    settings = make_settings(
+        tmp_sqlite_url(tmp_path),
+        admission_max_in_progress=1,
+        admission_max_lag_ms=0,  # the lane is always enforced
+        admission_lane_size=1,
+        admission_retry_after_min_s=1,
+        admission_retry_after_max_s=4,
+    )
+    async with running_server(settings) as server:
+        token = server.super_token
+        reporter = ScriptedAgent(server.ws_url, token)
+        reporter.user_agent = f"{AGENT_USER_AGENT} (test)"
+        async with reporter:  # subscribed: its calls take turns in the lane
+            await server.su("task_create_task", reporter.uuid, {"ping": "127.0.0.1"})
+            task = await reporter.next_task()
+            holder = await agent_handshake(server)  # takes the one place
+            now = server.clock.now_ms()
+            lock = sqlite3.connect(tmp_path / "taskd.db", isolation_level=None)
+            lock.execute("BEGIN IMMEDIATE")
+            try:
+                holding = asyncio.ensure_future(reporter.upload(task, {"ping": 1.5}))
+                await asyncio.sleep(0.2)  # it holds the lane's one turn until its commit
+                live = {"uuid": reporter.uuid, "time": now, "cpu_usage": 70}
+                waited = asyncio.ensure_future(reporter.request(REPORT, [token, live]))
+                old = {"uuid": reporter.uuid, "time": now - BUFFERED_AGE_MS - 1, "cpu_usage": 1}
+                backlog = asyncio.ensure_future(reporter.request(REPORT, [token, old]))
+                await asyncio.sleep(0.2)
+                assert server.app.state.admission.lane.waiting == 2
+                server.clock.advance(BUFFERED_AGE_MS / 1000 + 60)  # the lane was slow
+                await refusal(server)  # agents are crowding in
+            finally:
+                lock.execute("ROLLBACK")
+                lock.close()
+            assert "result" in await holding
+            assert (await waited)["result"] == {"status": "stored"}
+            assert (await backlog)["error"]["code"] == -32000
+            await holder.close()
 
 
 async def test_lane_takes_turns_in_order_while_engaged_and_not_otherwise() -> None:

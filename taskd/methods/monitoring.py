@@ -183,7 +183,7 @@ async def agent_report_dynamic_summary(
     """Store a host's flat summary (what charts read)."""
     data = dynamic_monitoring_summary_data
     await _reporter(ctx, token, "dynamic_monitoring_summary", data.uuid)
-    if data.time < ctx.app.clock.now_ms() - BUFFERED_AGE_MS:
+    if data.time < ctx.arrived_ms() - BUFFERED_AGE_MS:  # old when sent: from its buffer
         wait_ms = ctx.defer_backlog()
         if wait_ms is not None:  # from the agent's buffer, and agents are crowding in
             raise ServerBusy(wait_ms)
