@@ -32,13 +32,12 @@ that also answers callers. ``Admission`` keeps that work bounded:
   ``retry_after_min_s``), spread over ``BACKLOG_SPREAD_S``:
   the agent keeps it and sends it again then. Handshakes and live reports come
   first; backlogs flow when the server has room.
-- an agent's connection has at most ``REPORT_WINDOW`` calls in progress, and the
-  agents' lane holds calls for at most about ``LANE_WAIT_MAX_S``, before reports are
-  answered "server busy" (-32000, ``retry_after_ms``) as they are read, stored
-  nothing (``shed``): a fleet sending more than the server stores (NodeGet's agent
-  sends every second, whatever the answers) never queues without bound, what is
-  stored is fresh, and the connections are still read, so their keepalive pongs
-  arrive and they are not dropped for silence. The real agent has one live call in
+- an agent's connection has at most ``REPORT_WINDOW`` calls in progress before its
+  reports are answered "server busy" (-32000, ``retry_after_ms``) as they are read,
+  stored nothing (``shed``): a fleet sending more than the server stores (NodeGet's
+  agent sends every second, whatever the answers) never queues without bound, and
+  the connections are still read, so their keepalive pongs arrive and they are not
+  dropped for silence. The real agent has one live call in
   progress and keeps what is refused for later;
 - a WebSocket handshake whose client closed while it waited in the accept queue
   (its agent gave up) is dropped unanswered (``peer_closed``): a slow spell must not
@@ -92,11 +91,9 @@ BACKLOG_SPREAD_S = 10
 """Deferred backlogs are asked to come back spread over this many seconds."""
 BACKLOG_WAIT_MAX_S = 60
 """The longest a deferred backlog is asked to wait."""
-REPORT_WINDOW = 4
-"""Calls in progress on one connection beyond which its reports are answered "busy"."""
-LANE_WAIT_MAX_S = 2.0
-"""Reports are answered "busy" as they are read while the call first in the agents'
-lane has waited longer than this: what is stored is stored within about this long."""
+REPORT_WINDOW = 64
+"""Calls in progress on one connection beyond which its reports are answered "busy"
+(rather than left unread: a connection that is not read misses its keepalive pongs)."""
 SHED_SPREAD_S = 5
 """Reports answered "busy" as they are read are asked to come back spread over this long."""
 WINDOW_S = 2.0
@@ -254,22 +251,11 @@ class Lane:
         self.engaged = engaged
         self.used = 0
         self._waiting: deque[asyncio.Future[None]] = deque()
-        self._since: dict[asyncio.Future[None], float] = {}
-        """When each waiting call began to wait (monotonic seconds)."""
 
     @property
     def waiting(self) -> int:
         """Calls waiting for their turn."""
         return len(self._waiting)
-
-    def longest_wait_s(self) -> float:
-        """How long the call first in line has waited (0 if none waits)."""
-        while self._waiting and self._waiting[0].done():
-            self._since.pop(self._waiting.popleft(), None)
-        if not self._waiting:
-            return 0.0
-        now = time.monotonic()
-        return now - self._since.get(self._waiting[0], now)
 
     async def acquire(self) -> None:
         """Wait for a turn (in arrival order)."""
@@ -278,7 +264,6 @@ class Lane:
             return
         future = asyncio.get_running_loop().create_future()
         self._waiting.append(future)
-        self._since[future] = time.monotonic()
         try:
             await future  # the turn is handed over by release()
         except asyncio.CancelledError:
@@ -288,8 +273,6 @@ class Lane:
                 with contextlib.suppress(ValueError):
                     self._waiting.remove(future)
             raise
-        finally:
-            self._since.pop(future, None)
 
     def release(self) -> None:
         """End a turn: hand it to the longest waiting call, if there is room (turns taken
@@ -308,7 +291,6 @@ class Lane:
     def _hand_over(self) -> bool:
         while self._waiting:
             future = self._waiting.popleft()
-            self._since.pop(future, None)
             if not future.done():
                 future.set_result(None)
                 return True
@@ -473,11 +455,6 @@ class Admission:
         """An admitted connection closed before it subscribed: its agent had given up."""
         if self._abandoned_counter is not None:
             self._abandoned_counter.inc()
-
-    def shedding(self) -> bool:
-        """Whether every agent's reports are answered "busy" as they are read: the call
-        first in the agents' lane has waited longer than ``LANE_WAIT_MAX_S``."""
-        return self.lane.longest_wait_s() > LANE_WAIT_MAX_S
 
     def shed_wait_ms(self) -> int:
         """How long, in ms, a report answered "busy" as it was read (its connection had

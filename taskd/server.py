@@ -54,7 +54,7 @@ from taskd.ui.routes import Dashboard
 logger = logging.getLogger(__name__)
 
 RPC_PATHS = ("/", "/rpc", "/nodeget/rpc")
-MAX_IN_FLIGHT = 64
+MAX_IN_FLIGHT = REPORT_WINDOW
 REPORT_PREFIX = "agent_report_"
 """Methods whose calls are answered "busy" beyond a connection's ``REPORT_WINDOW``."""
 MAX_QUEUED_FRAMES = 100_000
@@ -248,18 +248,14 @@ class RpcEndpoint:
         handlers: set[asyncio.Task[None]] = set()
         service = self.service
 
-        admission = self.admission
-        lane = admission.lane
+        lane = self.admission.lane
         clock = service.clock
-
-        def laned() -> bool:
-            return slot is not None and slot.done
 
         defer = self.admission.defer_backlog if slot is not None else rpc.take_now
 
         async def answer(body: bytes | str, received_ms: int) -> None:
             # a subscribed agent's calls (reports, results) take turns in the agents' lane
-            in_lane = laned()
+            in_lane = slot is not None and slot.done
             try:
                 if in_lane:
                     await lane.acquire()
@@ -296,8 +292,7 @@ class RpcEndpoint:
                 body = message.get("text")
                 if body is None:
                     body = message.get("bytes") or b""
-                shed = window.used >= REPORT_WINDOW or (laned() and admission.shedding())
-                if shed and self._shed(body, peer, remote):
+                if window.used >= REPORT_WINDOW and self._shed(body, peer, remote):
                     continue
                 await window.acquire()
                 handler = asyncio.create_task(answer(body, received_ms))
