@@ -37,14 +37,15 @@ that also answers callers. ``Admission`` keeps that work bounded:
   stored nothing (``shed``): a fleet sending more than the server stores (NodeGet's
   agent sends every second, whatever the answers) never queues without bound, and
   the connections are still read, so their keepalive pongs arrive and they are not
-  dropped for silence. The real agent has one live call in
-  progress and keeps what is refused for later;
+  dropped for silence. The real agent has one live call in progress and keeps what
+  is refused for later;
 - a WebSocket handshake whose client closed while it waited in the accept queue
   (its agent gave up) is dropped unanswered (``peer_closed``): a slow spell must not
   make the server spend its time on handshakes nobody waits for, and so fall further
   behind.
 Only connections that say they are agents (``User-Agent: taskd-agent...``) are
-subject to either; callers are always admitted and never wait in the lane.
+subject to admission and the lane; callers are always admitted and never wait in the
+lane (and send no reports).
 """
 
 from __future__ import annotations
