@@ -386,20 +386,16 @@ class Reporter:
                 continue
             summary = self._summaries_sent.pop(reply.get("id"), None)
             wait_ms = retry_after_ms(reply)
-            if (
-                summary is not None
-                and wait_ms is not None
-                and not (self.reports.keep_busy or backlog)
-            ):
-                self.reports.busy_dropped += 1  # gone, as with NodeGet's agent
-            elif summary is not None and wait_ms is not None:  # kept, as the agent does
-                self.reports.deferred += 1
+            if summary is not None and wait_ms is not None and (self.reports.keep_busy or backlog):
+                self.reports.deferred += 1  # kept, as the agent does
                 if backlog:
                     self._again.append(summary)
                     self._again_after_ms = max(self._again_after_ms, wait_ms)
                 else:
                     wait_s = wait_ms / 1000 * self._random.uniform(1.0, 1.25)
                     asyncio.get_running_loop().call_later(wait_s, self._send_again, summary)
+            elif summary is not None and wait_ms is not None:
+                self.reports.busy_dropped += 1  # gone, as with NodeGet's agent
             elif "error" in reply:
                 self.reports.refused += 1
                 if len(self.reports.errors) < 20:

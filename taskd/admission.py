@@ -345,7 +345,6 @@ class Admission:
         self.admitted_total = 0
         self.refused_total = dict.fromkeys(REASONS, 0)
         self.gone_total = 0
-        self.shed_total = 0
         self._admitted_counter: Counter | None = None
         self._deferred_counter: Counter | None = None
         self._abandoned_counter: Counter | None = None
@@ -466,7 +465,6 @@ class Admission:
 
     def shed(self, reports: int) -> None:
         """Count ``reports`` answered "busy" as they were read."""
-        self.shed_total += reports
         if self._shed_counter is not None:
             self._shed_counter.inc(reports)
 

@@ -386,14 +386,18 @@ def busy_reply(
     except TaskdError:
         return None
     items = parsed if isinstance(parsed, list) else [parsed]
-    for item in items:
-        method = item.get("method") if isinstance(item, dict) else None
-        if not isinstance(method, str) or not method.startswith(prefix):
-            return None
-        if "id" in item and not _valid_id(item["id"]):
-            return None
+    try:
+        requests = [_check(item) for item in items]
+    except InvalidRequest:
+        return None
+    if not all(request.method.startswith(prefix) for request in requests):
+        return None
     error = ServerBusy(wait_ms())
-    replies = [_answered(context, error_reply(error, item["id"])) for item in items if "id" in item]
+    replies = [
+        _answered(context, error_reply(error, request.id))
+        for request in requests
+        if request.id is not NOID
+    ]
     if not replies:
         return b"", len(items)  # notifications only: nothing to say
     if isinstance(parsed, list):
