@@ -2,7 +2,9 @@
 
 ``POST /`` answers with the parsed-and-dumped JSON body; ``WS /`` echoes every
 text message the same way. Whatever taskd does on top of parsing and
-serializing JSON shows up as the gap between this and taskd.
+serializing JSON shows up as the gap between this and taskd. ``POST /file``
+answers the bytes of the file whose path is the body (read once): a large
+reply's cost of transfer alone.
 
     python -m benchmarks.floor --port 2299
 """
@@ -10,7 +12,9 @@ serializing JSON shows up as the gap between this and taskd.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import uuid
+from pathlib import Path
 
 import orjson
 from starlette.applications import Starlette
@@ -39,9 +43,26 @@ async def ws_echo(websocket: WebSocket) -> None:
         pass
 
 
+_FILES: dict[str, bytes] = {}
+
+
+async def file(request: Request) -> Response:
+    """The bytes of the file named by the body, read the first time only."""
+    path = (await request.body()).decode()
+    if path not in _FILES:
+        _FILES[path] = await asyncio.to_thread(Path(path).read_bytes)
+    return Response(_FILES[path], media_type="application/json")
+
+
 def create_app() -> Starlette:
     """The echo application."""
-    return Starlette(routes=[Route("/", echo, methods=["POST"]), WebSocketRoute("/", ws_echo)])
+    return Starlette(
+        routes=[
+            Route("/", echo, methods=["POST"]),
+            Route("/file", file, methods=["POST"]),
+            WebSocketRoute("/", ws_echo),
+        ]
+    )
 
 
 def main() -> None:

@@ -48,6 +48,7 @@ class App:
         self.store = Store(
             settings.database_url,
             pool_size=settings.db_pool_size,
+            point_cache_bytes=settings.monitoring_point_cache_bytes,
             channels=CHANNELS,
             batch_observer=self.metrics.write_batch.observe,
         )

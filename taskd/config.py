@@ -116,6 +116,7 @@ class ServerSettings:
     monitoring_rollup_1h_retention_s: int = 400 * 86400
     monitoring_static_retention_s: int = 400 * 86400
     monitoring_prune_interval_s: int = 60
+    monitoring_point_cache_bytes: int = 64 * MiB
     task_retention_s: int = 30 * 86400
     task_retention_by_type: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     cron_result_retention_s: int = 30 * 86400
@@ -151,6 +152,8 @@ SERVER_KEYS = frozenset({f.name for f in fields(ServerSettings)} - {"config_path
 def _server_value(name: str, value: Any) -> Any:
     if name in ("port",):
         return _int(value, name, 1, 65535)
+    if name == "monitoring_point_cache_bytes":
+        return _int(value, name, 0)
     if name in (
         "max_message_bytes",
         "task_deadline_ms",
@@ -163,7 +166,11 @@ def _server_value(name: str, value: Any) -> Any:
         "cron_result_retention_s",
     ) or name.startswith(("monitoring_", "alert_")):
         return _int(value, name, 1)
-    if name in ("admission_max_in_progress", "admission_max_lag_ms", "admission_rate_per_s"):
+    if name in (
+        "admission_max_in_progress",
+        "admission_max_lag_ms",
+        "admission_rate_per_s",
+    ):
         return _int(value, name, 0)
     if name == "admission_lane_size":
         return _int(value, name, 1)

@@ -1973,6 +1973,16 @@ _MONITORING_CONDITIONS: dict[str, type[WireModel]] = {
 }
 MAX_MONITORING_ROWS = 10_000
 """The default and largest number of rows a monitoring query answers (NodeGet's)."""
+if TYPE_CHECKING:
+    Points = list[dict[str, Any]] | orjson.Fragment
+else:
+    Points = Annotated[
+        Any,
+        WithJsonSchema(
+            {"type": "array", "items": {"type": "object", "additionalProperties": True}}
+        ),
+    ]
+"""A query's answer: points as objects, or their JSON array encoded already."""
 
 
 class MonitoringWindow(WireModel):

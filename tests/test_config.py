@@ -61,6 +61,7 @@ _UUID = '[server]\nserver_uuid = "6f1f7a5e-7a57-4d4b-9d0a-1c2b3c4d5e6f"\n'
         (f'{_UUID}task_retention_by_type = {{ping = "a"}}\n', "task_retention_by_type.ping"),
         (f"{_UUID}task_retention_by_type = {{ping = -1}}\n", "task_retention_by_type.ping"),
         (f"{_UUID}task_retention_by_type = 5\n", "task_retention_by_type: expected a table"),
+        (f"{_UUID}monitoring_point_cache_bytes = -1\n", "monitoring_point_cache_bytes: -1 is"),
     ],
 )
 def test_bad_server_settings_are_named(tmp_path: Path, text: str, fragment: str) -> None:

@@ -18,6 +18,7 @@ import pytest
 from taskd.agent.monitor import Monitor, summarize
 from taskd.config import parse_agent_config
 from taskd.roles import role_limits
+from taskd.store.point_cache import ENTRY_OVERHEAD, PointCache
 from tests.agent.test_client import running_agent
 from tests.helpers import (
     RpcError,
@@ -483,6 +484,90 @@ async def test_rollups_keep_min_avg_max_per_minute_and_hour(server: Server) -> N
         [{"scopes": [{"agent_uuid": B}], "permissions": [{"dynamic_monitoring_summary": "read"}]}],
     )
     await failed(server, 102, "agent_query_dynamic_summary", reader, query("1h", 0, month_later))
+
+
+async def test_a_chart_asked_again_follows_every_change_to_its_buckets(
+    database_url: str,
+) -> None:
+    """A chart asked again is answered from the points the server keeps encoded, and still
+    shows a late summary added to an old bucket, the newest bucket growing, a bucket
+    pruned, and a bucket made again after pruning with as many samples as it had."""
+    settings = make_settings(
+        database_url,
+        monitoring_rollup_1h_retention_s=30 * 86400,
+        monitoring_prune_interval_s=3600,
+    )
+    async with running_server(settings) as server:
+        token = await add_token(server, reporter_limits(A))
+        hour = 3_600_000
+        first = server.clock.now_ms() // hour * hour - 20 * 24 * hour  # 20 days ago
+        buckets = [first + i * 24 * hour for i in range(4)]  # a bucket a day, 4 days
+        for bucket in buckets:
+            await server.call("agent_report_dynamic_summary", token, summary_at(A, bucket, 100))
+        query = {
+            "fields": ["cpu_usage"],
+            "condition": [
+                {"uuid": A},
+                {"timestamp_from_to": [first - 60 * 24 * hour, buckets[-1]]},
+            ],
+            "resolution": "1h",
+        }
+
+        async def chart() -> dict[int, tuple[float, float, float]]:
+            points = await server.su("agent_query_dynamic_summary", query)
+            assert [p["timestamp"] for p in points] == sorted(p["timestamp"] for p in points)
+            return {
+                p["timestamp"]: (p["cpu_usage_min"], p["cpu_usage"], p["cpu_usage_max"])
+                for p in points
+            }
+
+        async def report(time_ms: int, cpu_tenths: int) -> None:
+            summary = summary_at(A, time_ms, cpu_tenths)
+            await server.call("agent_report_dynamic_summary", token, summary)
+
+        assert await chart() == dict.fromkeys(buckets, (10.0, 10.0, 10.0))
+        assert await chart() == dict.fromkeys(buckets, (10.0, 10.0, 10.0))  # kept, the same
+        cache = server.service.store.point_cache
+        assert cache.size > 0  # the second answer came from what the server kept
+
+        await report(buckets[1] + 1000, 300)  # a late summary into an old bucket
+        await report(buckets[3] + 2000, 500)  # the newest bucket grows
+        expected = dict.fromkeys(buckets, (10.0, 10.0, 10.0))
+        expected[buckets[1]] = (10.0, 20.0, 30.0)
+        expected[buckets[3]] = (10.0, 30.0, 50.0)
+        assert await chart() == expected
+
+        # the oldest bucket passes its retention and is pruned: gone from the chart
+        server.clock.advance(10 * 86_400 + 12 * 3600)  # retention now ends 19.5 days back
+        assert await server.service.pruner.prune() >= 1
+        del expected[buckets[0]]
+        assert await chart() == expected
+        # a summary of its time comes back (late): a new bucket with as many samples (one)
+        await report(buckets[0] + 3000, 900)
+        assert await chart() == {buckets[0]: (90.0, 90.0, 90.0), **expected}
+
+
+def test_kept_points_stay_within_their_bytes_least_recent_chart_first() -> None:
+    """The server's kept points never pass their byte bound: the chart asked least
+    recently is forgotten first, and a bound of 0 keeps nothing."""
+    point = b"x" * 880  # with ENTRY_OVERHEAD, 1,000 bytes a point
+    cache = PointCache(max_bytes=10 * (len(point) + ENTRY_OVERHEAD))
+    for chart in ("a", "b"):
+        cache.update(chart, range(4), dict.fromkeys(range(4), ((1, 1), point)))
+    assert cache.points("a")  # "a" is now the most recent
+    cache.update("c", range(4), dict.fromkeys(range(4), ((1, 1), point)))  # 12 points: too many
+    assert cache.size <= cache.max_bytes
+    assert not cache.points("b") and set(cache.points("a")) == set(cache.points("c")) == {
+        0,
+        1,
+        2,
+        3,
+    }
+    cache.update("a", [0, 3], {})  # buckets 1 and 2 were pruned: forgotten
+    assert set(cache.points("a")) == {0, 3} and cache.size == 6 * (len(point) + ENTRY_OVERHEAD)
+    nothing = PointCache(max_bytes=0)
+    nothing.update("a", [0], {0: ((1, 1), point)})
+    assert nothing.size == 0 and not nothing.points("a")
 
 
 async def test_retention_prunes_each_table_in_chunks_as_the_clock_moves(

@@ -92,6 +92,30 @@ async def test_reports_through_one_node_are_read_on_the_other(two_nodes: Cluster
             assert {b["timestamp"]: (b["cpu_usage_min"], b["cpu_usage_max"]) for b in buckets} == {
                 start: (min(values), max(values)) for start, values in shares.items()
             }
+        # node B keeps the points of the charts it answered; a summary stored through
+        # node A (over HTTP) changes its bucket there, and node B's next answer shows it
+        _, late = host_reports(first.uuid, now - 500)  # late: older than the newest
+        late["cpu_usage"] = 900
+        assert await node_a.call("agent_report_dynamic_summary", first.token, late) == {
+            "status": "stored"
+        }
+        sent[first.uuid].append(late)
+        hours = await cluster.su(
+            1,
+            "agent_query_dynamic_summary",
+            {"fields": ["cpu_usage"], "condition": window, "resolution": "1h"},
+        )
+        start = late["time"] - late["time"] % 3_600_000
+        in_bucket = [
+            s["cpu_usage"] / 10
+            for s in sent[first.uuid]
+            if s["time"] - s["time"] % 3_600_000 == start
+        ]
+        bucket = next(b for b in hours if b["timestamp"] == start)
+        assert (bucket["cpu_usage"], bucket["cpu_usage_max"]) == (
+            pytest.approx(sum(in_bucket) / len(in_bucket)),
+            90.0,
+        )
         statics = await cluster.su(
             1, "agent_query_static", {"fields": ["system"], "condition": [{"uuid": first.uuid}]}
         )

@@ -41,6 +41,7 @@ from taskd.protocol import (
     DynamicQueryParam,
     MonitoringConditions,
     MonitoringWindow,
+    Points,
     StaticField,
     StaticMonitoringData,
     StaticQueryParam,
@@ -285,7 +286,7 @@ async def agent_query_dynamic(
 @method("agent_query_dynamic_summary")
 async def agent_query_dynamic_summary(
     ctx: CallContext, token: Token, dynamic_summary_query: SummaryQueryParam
-) -> list[dict[str, Any]]:
+) -> Points:
     """Summaries matching the conditions: uuid, timestamp and the fields asked (none: all);
     ``cpu_usage`` and the loads as values, not tenths."""
     query = dynamic_summary_query

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
@@ -42,6 +44,7 @@ from taskd.models import (
 from taskd.protocol import MAX_MONITORING_ROWS, MonitoringWindow
 from taskd.store.backend import Backend, Driver, Insert, Statement
 from taskd.store.database import Database
+from taskd.store.point_cache import PointCache, Version
 from taskd.store.writer import HotOp
 
 Kind = Literal["static", "dynamic", "summary"]
@@ -280,14 +283,52 @@ class _RollupShape:
     newest_first: bool
 
 
+def _rollup_version(backend: Backend) -> list[ColumnElement[Any]]:
+    """A rollup row's version (see ``point_cache.py``): its identity and its samples."""
+    table = summary_rollup_t
+    identity = literal_column("rowid" if backend.is_sqlite else "xmin::text::bigint", BigInteger)
+    samples = functools.reduce(operator.add, (table.c[f"{name}_count"] for name in ROLLUP_FIGURES))
+    return [identity.label("row_identity"), samples.label("samples")]
+
+
+def _rollup_select(
+    shape: _RollupShape, backend: Backend, columns: list[ColumnElement[Any]]
+) -> ClauseElement:
+    """``columns`` of the rollup buckets a query of ``shape`` answers, in its order."""
+    table = summary_rollup_t
+    clauses = [table.c.resolution == bindparam("resolution", type_=BigInteger)]
+    if shape.by_agent:
+        clauses.append(table.c.uuid == bindparam("uuid", type_=String))
+    if shape.has_from:
+        clauses.append(table.c.bucket >= bindparam("time_from", type_=BigInteger))
+    if shape.has_to:
+        clauses.append(table.c.bucket <= bindparam("time_to", type_=BigInteger))
+    order = table.c.bucket.desc() if shape.newest_first else table.c.bucket.asc()
+    return (
+        select(*columns).where(*clauses).order_by(order).limit(bindparam("limit", type_=BigInteger))
+    )
+
+
+@functools.cache
+def _rollup_versions(shape: _RollupShape) -> Callable[[Backend], ClauseElement]:
+    """The buckets a query of ``shape`` answers, with their versions."""
+
+    def build(backend: Backend) -> ClauseElement:
+        bucket = summary_rollup_t.c.bucket
+        return _rollup_select(shape, backend, [bucket, *_rollup_version(backend)])
+
+    return build
+
+
 @functools.cache
 def _rollup_points(shape: _RollupShape) -> Callable[[Backend], ClauseElement]:
     """The statement of ``rollup_points`` for queries of ``shape`` (one builder per shape,
-    so the backend compiles it once)."""
+    so the backend compiles it once): each bucket's version, then its point."""
 
     def build(backend: Backend) -> ClauseElement:
         table = summary_rollup_t
         points: list[ColumnElement[Any]] = [
+            *_rollup_version(backend),
             table.c.uuid,
             table.c.bucket.label("timestamp"),
             literal_column(f"'{shape.resolution}'", String).label("resolution"),
@@ -302,20 +343,7 @@ def _rollup_points(shape: _RollupShape) -> Callable[[Backend], ClauseElement]:
             for part, column in (("min", low), ("max", high)):
                 value = cast(column, Float) / ten if scaled else column
                 points.append(value.label(f"{name}_{part}"))
-        clauses = [table.c.resolution == bindparam("resolution", type_=BigInteger)]
-        if shape.by_agent:
-            clauses.append(table.c.uuid == bindparam("uuid", type_=String))
-        if shape.has_from:
-            clauses.append(table.c.bucket >= bindparam("time_from", type_=BigInteger))
-        if shape.has_to:
-            clauses.append(table.c.bucket <= bindparam("time_to", type_=BigInteger))
-        order = table.c.bucket.desc() if shape.newest_first else table.c.bucket.asc()
-        return (
-            select(*points)
-            .where(*clauses)
-            .order_by(order)
-            .limit(bindparam("limit", type_=BigInteger))
-        )
+        return _rollup_select(shape, backend, points)
 
     return build
 
@@ -337,6 +365,11 @@ def _last_points(
         return select(*points).join(listed, table.c.uuid == key)
 
     return build
+
+
+def _array(items: Iterable[bytes]) -> orjson.Fragment:
+    """A JSON array of items encoded already."""
+    return orjson.Fragment(b"[" + b",".join(items) + b"]")
 
 
 def _latest_upsert(backend: Backend) -> ClauseElement:
@@ -492,6 +525,9 @@ class PruneOp(HotOp):
 class MonitoringQueries(Database):
     """Host monitoring rows."""
 
+    point_cache: PointCache
+    """Rollup points kept encoded (``Store`` makes it)."""
+
     async def store_static(self, row: Mapping[str, Any]) -> bool:
         """Store a static report unless the agent's newest one has the same hash; whether stored."""
         return bool(await self.submit(StaticStoredOp(row)))
@@ -510,17 +546,20 @@ class MonitoringQueries(Database):
         window: MonitoringWindow,
         figures: Sequence[str],
         tenths: Collection[str] = (),
-    ) -> list[dict[str, Any]]:
-        """The rollup buckets of ``window`` (at most MAX_MONITORING_ROWS) as points: ``uuid``,
-        ``timestamp`` (the bucket's start), ``resolution``, and for each of ``figures`` its
-        average, ``<figure>_min`` and ``<figure>_max`` (those in ``tenths`` divided by ten).
+    ) -> orjson.Fragment:
+        """The rollup buckets of ``window`` (at most MAX_MONITORING_ROWS) as a JSON array of
+        points: ``uuid``, ``timestamp`` (the bucket's start), ``resolution``, and for each of
+        ``figures`` its average, ``<figure>_min`` and ``<figure>_max`` (those in ``tenths``
+        divided by ten).
 
-        The database computes them, so that a point is made of one row without a Python
-        call per figure (a 30-day chart is about 35,000 figures), from a statement compiled
-        once per shape of query and read on the driver's own cursor."""
+        The database computes the points, so that a point is made of one row without a
+        Python call per figure (a 30-day chart is about 35,000 figures), from a statement
+        compiled once per shape of query and read on the driver's own cursor. One agent's
+        points are kept encoded (``point_cache.py``): a chart asked again reads only the
+        versions of its buckets and fetches the points of those that changed."""
         step = ROLLUP_RESOLUTIONS[resolution]
         if len(set(window.uuids)) > 1:
-            return []  # a bucket belongs to one agent
+            return orjson.Fragment(b"[]")  # a bucket belongs to one agent
         shape = _RollupShape(
             resolution,
             tuple(figures),
@@ -540,7 +579,48 @@ class MonitoringQueries(Database):
             values["time_from"] = window.time_from - window.time_from % step
         if window.time_to is not None:
             values["time_to"] = window.time_to
-        return await self.read_dicts(_rollup_points(shape), values)
+        if not window.uuids or self.point_cache.max_bytes <= 0:  # buckets of many agents
+            return _array(data for _, _, data in await self._encoded_points(shape, values))
+        key = (window.uuids[0], shape.resolution, shape.figures, shape.tenths)
+        versions = _rollup_versions(shape)
+        seen = [(row[0], (row[1], row[2])) for row in await self.read_rows(versions, values)]
+        kept = self.point_cache.points(key)
+        parts: list[bytes | None] = []
+        stale: list[int] = []
+        for bucket, version in seen:
+            point = kept.get(bucket)
+            if point is not None and point[0] == version:
+                parts.append(point[1])
+            else:
+                parts.append(None)
+                stale.append(bucket)
+        fresh: dict[int, tuple[Version, bytes]] = {}
+        if stale:  # a range: most often the newest bucket, or all of them the first time
+            fetched = await self._encoded_points(
+                dataclasses.replace(shape, has_from=True, has_to=True, newest_first=False),
+                values
+                | {"time_from": min(stale), "time_to": max(stale), "limit": MAX_MONITORING_ROWS},
+            )
+            fresh = {bucket: (version, data) for bucket, version, data in fetched}
+        answer = _array(
+            data if data is not None else fresh[bucket][1]
+            for (bucket, _), data in zip(seen, parts, strict=True)
+            if data is not None or bucket in fresh  # else pruned since its version was read
+        )
+        self.point_cache.update(key, [bucket for bucket, _ in seen], fresh)
+        return answer
+
+    async def _encoded_points(
+        self, shape: _RollupShape, values: Mapping[str, Any]
+    ) -> list[tuple[int, Version, bytes]]:
+        """The points of ``shape`` for ``values`` in its order: bucket, version, JSON."""
+        build = _rollup_points(shape)
+        keys = self.backend.statement(build).columns[2:]
+        encoded: list[tuple[int, Version, bytes]] = []
+        for row in await self.read_rows(build, values):
+            point = dict(zip(keys, row[2:], strict=True))
+            encoded.append((point["timestamp"], (row[0], row[1]), orjson.dumps(point)))
+        return encoded
 
     async def monitoring_rows(self, kind: Kind, window: MonitoringWindow) -> list[dict[str, Any]]:
         """The rows of ``window`` (at most MAX_MONITORING_ROWS), as column mappings."""
