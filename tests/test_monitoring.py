@@ -312,6 +312,25 @@ async def test_reads_need_each_field_on_each_agent(server: Server) -> None:
         server, [{"scopes": ["global"], "permissions": [{"dynamic_monitoring_summary": "read"}]}]
     )
     assert await server.call("agent_query_dynamic_summary", summary_all, query([])) == []
+    # a field read on the global scope holds on every agent; one read on A only on A
+    mixed = await add_token(
+        server,
+        [
+            {
+                "scopes": ["global"],
+                "permissions": [{"dynamic_monitoring_summary": {"read": "cpu_usage"}}],
+            },
+            {
+                "scopes": [{"agent_uuid": A}],
+                "permissions": [{"dynamic_monitoring_summary": {"read": "used_memory"}}],
+            },
+        ],
+    )
+    last = "agent_dynamic_summary_multi_last_query"
+    assert await server.call(last, mixed, [A, B], ["cpu_usage"]) == []
+    assert await server.call(last, mixed, [A, A], ["cpu_usage", "used_memory"]) == []
+    message = await failed(server, 102, last, mixed, [A, B], ["used_memory", "cpu_usage"])
+    assert f"read(used_memory) on agent {B}" in message
 
 
 async def test_multi_last_answers_the_newest_row_of_each_agent(server: Server) -> None:

@@ -200,10 +200,17 @@ async def agent_report_dynamic_summary(
 def _authorize_scope(
     principal: Principal, needs: Iterable[Need], uuids: Iterable[str], *, any_of: bool = False
 ) -> None:
-    """Each need (or, with ``any_of``, one of them) on each agent; the global scope if none."""
-    targets: list[str | None] = list(uuids) or [None]
+    """Each need (or, with ``any_of``, one of them) on each agent; the global scope if none.
+
+    A need the token holds on the global scope holds on every agent, so a fleet-wide
+    query of a global token costs one check per need, not one per agent."""
     wanted = list(needs)
-    for agent_uuid in targets:
+    if any_of and any(allows(principal, need, None) for need in wanted):
+        return
+    if not any_of:
+        wanted = [need for need in wanted if not allows(principal, need, None)]
+    targets: list[str | None] = list(dict.fromkeys(uuids)) or [None]
+    for agent_uuid in targets if wanted else ():
         if any_of:
             if not any(allows(principal, need, agent_uuid) for need in wanted):
                 authorize(principal, wanted[0], agent_uuid)  # raises, naming one
@@ -374,7 +381,7 @@ async def agent_dynamic_data_multi_last_query(
 @method("agent_dynamic_summary_multi_last_query")
 async def agent_dynamic_summary_multi_last_query(
     ctx: CallContext, token: Token, uuids: list[AgentUuid], fields: list[SummaryField]
-) -> list[dict[str, Any]]:
+) -> Points:
     """The newest summary of each agent listed that has one (no fields: every field)."""
     chosen: Sequence[str] = fields or SUMMARY_FIELDS
     principal = await ctx.app.authenticate(token, ctx.remote)
