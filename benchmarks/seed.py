@@ -28,10 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
+import orjson
 
 from benchmarks.loadagent import RESULTS
 from taskd.config import ServerSettings
-from taskd.models import ROLLUP_FIGURES, summary_rollup_t, summary_t
+from taskd.models import (
+    ROLLUP_FIGURES,
+    summary_latest_t,
+    summary_point,
+    summary_rollup_t,
+    summary_t,
+)
+from taskd.protocol import SUMMARY_FIELDS
 
 TASKS: dict[str, Any] = {
     "ping": {"ping": "example.com"},
@@ -236,14 +244,25 @@ def monitoring_rows(
     return summaries, rollups
 
 
-SEEDED_TABLES = ((summary_t.name, summary_t), (summary_rollup_t.name, summary_rollup_t))
-_NAMES = ", ".join(c.name for c in summary_t.c)
-FILL_LATEST = (
-    f"INSERT INTO dynamic_monitoring_summary_latest ({_NAMES}) SELECT {_NAMES} "
-    "FROM dynamic_monitoring_summary AS s WHERE s.time = "
-    "(SELECT max(n.time) FROM dynamic_monitoring_summary AS n WHERE n.uuid = s.uuid)"
+SEEDED_TABLES = (
+    (summary_t.name, summary_t),
+    (summary_rollup_t.name, summary_rollup_t),
+    (summary_latest_t.name, summary_latest_t),
 )
-"""Each agent's newest summary into the table the server keeps it in as it stores them."""
+
+
+def latest_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each agent's newest summary as the server keeps it when it stores it: with its
+    point's JSON."""
+    newest: dict[str, dict[str, Any]] = {}
+    for row in summaries:
+        known = newest.get(row["uuid"])
+        if known is None or row["time"] > known["time"]:
+            newest[row["uuid"]] = row
+    return [
+        {**row, "point": orjson.dumps(summary_point(row, SUMMARY_FIELDS)).decode()}
+        for row in newest.values()
+    ]
 
 
 def seed_monitoring(path: Path, agents: list[str], recent: int, now_ms: int) -> dict[str, Any]:
@@ -253,13 +272,13 @@ def seed_monitoring(path: Path, agents: list[str], recent: int, now_ms: int) -> 
     db = sqlite3.connect(path)
     try:
         db.execute("PRAGMA synchronous=OFF")
-        for (name, table), rows in zip(SEEDED_TABLES, (summaries, rollups), strict=True):
+        latest = latest_rows(summaries)
+        for (name, table), rows in zip(SEEDED_TABLES, (summaries, rollups, latest), strict=True):
             names = [c.name for c in table.c]
             statement = (
                 f"INSERT INTO {name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
             )
             db.executemany(statement, (tuple(r[n] for n in names) for r in rows))
-        db.execute(FILL_LATEST)
         db.commit()
         db.execute("ANALYZE")
         db.commit()
@@ -280,13 +299,12 @@ async def seed_monitoring_pg(
     summaries, rollups = monitoring_rows(agents, recent, now_ms)
     conn = await asyncpg.connect(dsn, timeout=30)
     try:
-        for (name, table), rows in zip(SEEDED_TABLES, (summaries, rollups), strict=True):
+        latest = latest_rows(summaries)
+        for (name, table), rows in zip(SEEDED_TABLES, (summaries, rollups, latest), strict=True):
             names = [c.name for c in table.c]
             records = [tuple(r[n] for n in names) for r in rows]
             await conn.copy_records_to_table(name, records=records, columns=names)
             await conn.execute(f"ANALYZE {name}")
-        await conn.execute(FILL_LATEST)
-        await conn.execute("ANALYZE dynamic_monitoring_summary_latest")
     finally:
         await conn.close()
     return {

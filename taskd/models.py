@@ -7,6 +7,7 @@ from these tables (``task_t`` and the others are their typed Core handles).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from enum import IntEnum
 from typing import Any
 
@@ -347,6 +348,19 @@ ROLLUP_FIGURES: tuple[str, ...] = tuple(
 )
 """The summary figures a rollup keeps count, sum, min and max of."""
 ROLLUP_PARTS = ("count", "sum", "min", "max")
+TENTHS = frozenset({"cpu_usage", "load_one", "load_five", "load_fifteen"})
+"""The summary figures stored in tenths (a CPU of 12.3 % is stored as 123)."""
+
+
+def summary_point(row: Mapping[str, Any], figures: Iterable[str]) -> dict[str, Any]:
+    """A stored summary row as queries answer it: ``uuid``, ``timestamp`` and ``figures``
+    (those stored in tenths as values)."""
+    point = {"uuid": row["uuid"], "timestamp": row["time"]}
+    for name in figures:
+        value = row[name]
+        point[name] = value / 10 if value is not None and name in TENTHS else value
+    return point
+
 
 summary_rollup_t = Table(
     "dynamic_monitoring_summary_rollup",
@@ -476,9 +490,12 @@ summary_latest_t = Table(
         Column(c.name, c.type, primary_key=c.name == "uuid", nullable=c.nullable)
         for c in summary_t.c
     ),
+    Column("point", Text, nullable=True),
 )
 """Each agent's newest summary (a copy of its row in ``summary_t``), kept on write so that the
-newest summaries of a whole fleet are one small table's rows (see store/monitoring.py)."""
+newest summaries of a whole fleet are one small table's rows (see store/monitoring.py), and
+``point``: the JSON of that summary with every figure as a multi-last query answers it (made
+when it is written; NULL where the row was rebuilt by a delete or a prune)."""
 alert_channel_t = _table(AlertChannel)
 alert_rule_t = _table(AlertRule)
 alert_event_t = _table(AlertEvent)

@@ -17,6 +17,7 @@ import pytest
 
 from taskd.agent.monitor import Monitor, summarize
 from taskd.config import parse_agent_config
+from taskd.protocol import SUMMARY_FIELDS
 from taskd.roles import role_limits
 from taskd.store.point_cache import ENTRY_OVERHEAD, PointCache
 from tests.agent.test_client import running_agent
@@ -805,7 +806,14 @@ async def test_the_latest_summary_follows_writes_deletes_and_pruning(database_ur
         now = server.clock.now_ms()
 
         async def latest() -> list[tuple[str, int, float]]:
-            rows = await server.su("agent_dynamic_summary_multi_last_query", [A, B], ["cpu_usage"])
+            last = "agent_dynamic_summary_multi_last_query"
+            rows = await server.su(last, [A, B], ["cpu_usage"])
+            # every field: the point kept with the row (made again where a delete rebuilt
+            # it), the same as every field asked in another order, made by the database
+            every = await server.su(last, [A, B], [])
+            assert every == await server.su(last, [A, B], list(reversed(SUMMARY_FIELDS)))
+            assert all(list(r) == ["uuid", "timestamp", *SUMMARY_FIELDS] for r in every)
+            assert [r["cpu_usage"] for r in every] == [r["cpu_usage"] for r in rows]
             return [(r["uuid"], r["timestamp"], r["cpu_usage"]) for r in rows]
 
         for offset, cpu in ((0, 100), (1000, 110), (2000, 120)):

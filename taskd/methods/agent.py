@@ -35,7 +35,7 @@ from taskd.auth import (
     lists_agents,
 )
 from taskd.errors import PermissionDenied
-from taskd.methods.monitoring import TENTHS
+from taskd.models import TENTHS
 from taskd.protocol import AgentScope, AgentUuid, Token
 from taskd.roles import agent_limits
 from taskd.rpc import CallContext, method

@@ -29,6 +29,7 @@ from typing_extensions import TypedDict
 from taskd.admission import BUFFERED_AGE_MS
 from taskd.auth import Need, Principal, allows, authorize
 from taskd.errors import InvalidInput, ServerBusy
+from taskd.models import TENTHS, summary_point
 from taskd.monitoring import retentions
 from taskd.protocol import (
     DYNAMIC_FIELDS,
@@ -66,8 +67,6 @@ SUMMARY_LIMITS: dict[str, int] = {
 """The largest value of each summary figure that is not a 64-bit one (its column's range)."""
 AUTO_POINTS = 500
 """About how many points an ``auto`` summary query answers over its range."""
-TENTHS = frozenset({"cpu_usage", "load_one", "load_five", "load_fifteen"})
-"""Summary figures stored as ten times the value, answered as the value."""
 
 Category = Literal["static_monitoring", "dynamic_monitoring", "dynamic_monitoring_summary"]
 
@@ -237,18 +236,6 @@ def _dynamic_item(row: Mapping[str, Any], fields: Sequence[str]) -> dict[str, An
     return {"uuid": row["uuid"], "timestamp": row["time"], **{f: data.get(f) for f in fields}}
 
 
-def _summary_value(name: str, value: Any) -> Any:
-    return value / 10 if name in TENTHS and value is not None else value
-
-
-def _summary_item(row: Mapping[str, Any], fields: Sequence[str]) -> dict[str, Any]:
-    item = {"uuid": row["uuid"], "timestamp": row["time"]}
-    for name in fields:
-        value = row[name]
-        item[name] = value / 10 if value is not None and name in TENTHS else value
-    return item
-
-
 async def _query(
     ctx: CallContext,
     token: str,
@@ -308,7 +295,7 @@ async def agent_query_dynamic_summary(
         rows = await _query(
             ctx, token, "dynamic_monitoring_summary", "summary", fields, fields, query.window
         )
-        return [_summary_item(row, fields) for row in rows]
+        return [summary_point(row, fields) for row in rows]
     principal = await ctx.app.authenticate(token, ctx.remote)
     _authorize_scope(
         principal, _read_needs("dynamic_monitoring_summary", fields, fields)[0], query.window.uuids

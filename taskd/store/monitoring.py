@@ -35,13 +35,15 @@ from sqlalchemy.sql.expression import ClauseElement
 from taskd.models import (
     ROLLUP_FIGURES,
     ROLLUP_PARTS,
+    TENTHS,
     dynamic_monitoring_t,
     static_monitoring_t,
     summary_latest_t,
+    summary_point,
     summary_rollup_t,
     summary_t,
 )
-from taskd.protocol import MAX_MONITORING_ROWS, MonitoringWindow
+from taskd.protocol import MAX_MONITORING_ROWS, SUMMARY_FIELDS, MonitoringWindow
 from taskd.store.backend import Backend, Driver, Insert, Statement
 from taskd.store.database import Database
 from taskd.store.point_cache import PointCache, Version
@@ -266,7 +268,9 @@ class SummaryStoredOp(HotOp):
             )
         if newest:
             latest = backend.statement(_latest_upsert)
-            await driver.execute_many(latest, [latest.args(newest[u]) for u in sorted(newest)])
+            await driver.execute_many(
+                latest, [latest.args(_with_point(newest[u])) for u in sorted(newest)]
+            )
         return [None] * len(ops)
 
 
@@ -379,9 +383,21 @@ def _last_points(
     return build
 
 
+def _stored_points(backend: Backend) -> ClauseElement:
+    """Each agent's UUID and the point its latest summary keeps (agents bound as ``uuids``)."""
+    table = summary_latest_t
+    listed, key = backend.listed("uuids")
+    return select(table.c.uuid, table.c.point).join(listed, table.c.uuid == key)
+
+
 def _array(items: Iterable[bytes]) -> orjson.Fragment:
     """A JSON array of items encoded already."""
     return orjson.Fragment(b"[" + b",".join(items) + b"]")
+
+
+def _with_point(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A summary row for the latest-summary table: with its point's JSON, every figure."""
+    return {**row, "point": orjson.dumps(summary_point(row, SUMMARY_FIELDS)).decode()}
 
 
 def _latest_upsert(backend: Backend) -> ClauseElement:
@@ -655,15 +671,22 @@ class MonitoringQueries(Database):
     ) -> orjson.Fragment:
         """The newest summary of each agent in ``uuids`` that has one, in the order asked, as
         a JSON array of points: ``uuid``, ``timestamp`` and ``figures`` (those in ``tenths``
-        divided by ten), made by the database from the latest-summary table (one row per
-        agent), with a statement compiled once per set of figures, read on the driver's
-        own cursor."""
+        divided by ten), from the latest-summary table (one row per agent).
+
+        Every figure in NodeGet's order is the point each row keeps encoded; other figures,
+        and rows without their point, are made by the database, with a statement compiled
+        once per set of figures, read on the driver's own cursor."""
         asked = list(dict.fromkeys(uuids))
-        build = _last_points(tuple(figures), frozenset(tenths).intersection(figures))
-        keys = self.backend.statement(build).columns[1:]
+        tenths = frozenset(tenths).intersection(figures)
         found: dict[str, bytes] = {}
-        for start in range(0, len(asked), LAST_CHUNK):
-            chunk = self.backend.list_arg(asked[start : start + LAST_CHUNK])
+        if tuple(figures) == SUMMARY_FIELDS and tenths == TENTHS:
+            for chunk in self._chunks(asked):
+                for agent, point in await self.read_rows(_stored_points, {"uuids": chunk}):
+                    if point is not None:
+                        found[agent] = point.encode()
+        build = _last_points(tuple(figures), tenths)
+        keys = self.backend.statement(build).columns[1:]
+        for chunk in self._chunks([uuid for uuid in asked if uuid not in found]):
             rows = await self.read_rows(build, {"uuids": chunk})
             if self.is_sqlite:
                 found.update((agent, point.encode()) for agent, point in rows)
@@ -671,6 +694,13 @@ class MonitoringQueries(Database):
                 for row in rows:
                     found[row[0]] = orjson.dumps(dict(zip(keys, row[1:], strict=True)))
         return _array(found[uuid] for uuid in asked if uuid in found)
+
+    def _chunks(self, uuids: list[str]) -> list[Any]:
+        """``uuids`` as list arguments of at most LAST_CHUNK."""
+        return [
+            self.backend.list_arg(uuids[start : start + LAST_CHUNK])
+            for start in range(0, len(uuids), LAST_CHUNK)
+        ]
 
     async def monitoring_last(
         self, kind: Kind, uuids: Sequence[str], columns: Sequence[ColumnElement[Any]] = ()
@@ -684,8 +714,8 @@ class MonitoringQueries(Database):
         time there is planned as a hash join over the whole table).
         """
         table = summary_latest_t if kind == "summary" else TABLES[kind]
-        if kind == "summary" and columns:
-            columns = [table.c[column.name] for column in columns]
+        if kind == "summary":  # the columns of a summary (not the latest's point)
+            columns = [table.c[column.name] for column in columns or summary_t.c]
         asked = list(dict.fromkeys(uuids))
         listed, key = self.backend.listed("uuids")
         statement: Any
