@@ -51,7 +51,8 @@ from taskd.protocol import (
     Token,
 )
 from taskd.rpc import CallContext, method
-from taskd.store.monitoring import ROLLUP_RESOLUTIONS, Kind
+from taskd.store.monitoring import Kind
+from taskd.store.rollups import ROLLUP_RESOLUTIONS
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
 - ``writer.py``    the group-commit writer every write goes through
 - ``backend.py``   what a database gives the store; ``sqlite.py`` and ``postgres.py``
 - ``tasks.py``, ``agents.py``, ``tokens.py``, ``crons.py``, ``kv.py``, ``nodes.py``,
-  ``monitoring.py``, ``alerts.py``, ``fleet.py`` (the dashboard's live read)
+  ``monitoring.py``, ``rollups.py``, ``alerts.py``, ``fleet.py`` (the dashboard's live read)
                    the queries and writes of each table, ``Store`` has them all
 - ``records.py``   the task rows handed in and out
 - ``point_cache.py`` rollup points kept encoded, to answer a chart asked again
@@ -28,6 +28,7 @@ from taskd.store.monitoring import MonitoringQueries
 from taskd.store.nodes import NodeQueries
 from taskd.store.point_cache import PointCache
 from taskd.store.records import NewTask, QueuedTask
+from taskd.store.rollups import RollupQueries
 from taskd.store.tasks import TaskQueries
 from taskd.store.tokens import SUPER_USERNAME, TokenQueries
 
@@ -49,6 +50,7 @@ class Store(
     KvQueries,
     NodeQueries,
     MonitoringQueries,
+    RollupQueries,
     AlertQueries,
     FleetQueries,
 ):

@@ -1,12 +1,11 @@
 """Host monitoring rows: static reports (a row per change), dynamic reports and summaries
-(a row per report, keyed by agent and report time), their queries and deletes."""
+(a row per report, keyed by agent and report time), each agent's latest summary, their
+queries, deletes and pruning. A summary's rollups are in ``rollups.py``."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import operator
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,8 +32,6 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.sql.expression import ClauseElement
 
 from taskd.models import (
-    ROLLUP_FIGURES,
-    ROLLUP_PARTS,
     TENTHS,
     dynamic_monitoring_t,
     static_monitoring_t,
@@ -44,9 +41,15 @@ from taskd.models import (
     summary_t,
 )
 from taskd.protocol import MAX_MONITORING_ROWS, SUMMARY_FIELDS, MonitoringWindow
-from taskd.store.backend import Backend, Driver, Insert, Statement
+from taskd.store.backend import Backend, Driver, Insert
 from taskd.store.database import Database
-from taskd.store.point_cache import PointCache, Version
+from taskd.store.rollups import (
+    ROLLUP_RESOLUTIONS,
+    add_to_buckets,
+    encoded_array,
+    rollup_args,
+    rollup_upsert,
+)
 from taskd.store.writer import HotOp
 
 Kind = Literal["static", "dynamic", "summary"]
@@ -59,8 +62,6 @@ TABLES: dict[Kind, Table] = {
 
 LAST_CHUNK = 5000
 """Agents looked up by one multi-last statement (each is a bound parameter)."""
-ROLLUP_RESOLUTIONS: dict[str, int] = {"1m": 60_000, "1h": 3_600_000}
-"""The rollups kept, by name, in ms per bucket."""
 
 
 def _where(window: MonitoringWindow, table: Table) -> list[ColumnElement[bool]]:
@@ -122,88 +123,6 @@ _INSERT_RETURNING = {
 _STORED = {"dynamic": _stored_already(dynamic_monitoring_t), "summary": _stored_already(summary_t)}
 
 
-def _rollup_upsert(backend: Backend) -> ClauseElement:
-    """Add a batch's figures to a rollup bucket: counts and sums add up, min and max hold.
-
-    NULL (no report had the figure) gives way to a value: ``coalesce`` for sums, and for
-    min and max SQLite's two-argument ``min``/``max`` over both coalesced (each NULL only
-    where the other is), PostgreSQL's ``least``/``greatest`` (which skip NULLs)."""
-    names = [column.name for column in summary_rollup_t.c]
-    insert = backend.insert(summary_rollup_t).values({name: bindparam(name) for name in names})
-    new, old = insert.excluded, summary_rollup_t.c
-    lower, upper = (func.min, func.max) if backend.is_sqlite else (func.least, func.greatest)
-    changes: dict[str, Any] = {}
-    for name in ROLLUP_FIGURES:
-        count, total, low, high = (f"{name}_{part}" for part in ROLLUP_PARTS)
-        changes[count] = old[count] + new[count]
-        changes[total] = func.coalesce(old[total] + new[total], old[total], new[total])
-        both_low: tuple[ColumnElement[Any], ColumnElement[Any]]
-        both_high: tuple[ColumnElement[Any], ColumnElement[Any]]
-        if backend.is_sqlite:
-            both_low = (func.coalesce(old[low], new[low]), func.coalesce(new[low], old[low]))
-            both_high = (func.coalesce(old[high], new[high]), func.coalesce(new[high], old[high]))
-        else:
-            both_low, both_high = (old[low], new[low]), (old[high], new[high])
-        changes[low] = lower(*both_low)
-        changes[high] = upper(*both_high)
-    return insert.on_conflict_do_update(
-        index_elements=[old.uuid, old.resolution, old.bucket], set_=changes
-    )
-
-
-_FIGURES = operator.itemgetter(*ROLLUP_FIGURES)
-"""A summary row's figures, in rollup column order."""
-_ROLLUP_COLUMNS = {column.name: index for index, column in enumerate(summary_rollup_t.c)}
-_rollup_order: dict[str, Callable[[list[Any]], Sequence[Any]]] = {}
-
-
-def _rollup_args(statement: Statement, bucket: list[Any]) -> Sequence[Any]:
-    """The upsert's arguments from a bucket laid out in column order (no mapping per row)."""
-    order = _rollup_order.get(statement.sql)
-    if order is None:
-        order = _rollup_order[statement.sql] = operator.itemgetter(
-            *(_ROLLUP_COLUMNS[name] for name in statement.names)
-        )
-    return order(bucket)
-
-
-def _figures(row: Mapping[str, Any]) -> list[Any]:
-    """One row's count, sum, min and max of each figure, in rollup column order."""
-    parts: list[Any] = []
-    for value in _FIGURES(row):
-        parts += (0, None, None, None) if value is None else (1, value, value, value)
-    return parts
-
-
-def _merge(parts: list[Any], more: list[Any]) -> None:
-    """Add ``more`` (laid out as ``_figures``) into ``parts``."""
-    for index in range(0, len(parts), 4):
-        if not more[index]:
-            continue
-        if not parts[index]:
-            parts[index : index + 4] = more[index : index + 4]
-            continue
-        parts[index] += more[index]
-        parts[index + 1] += more[index + 1]
-        parts[index + 2] = min(parts[index + 2], more[index + 2])
-        parts[index + 3] = max(parts[index + 3], more[index + 3])
-
-
-def _add_to_buckets(buckets: dict[tuple[str, int, int], list[Any]], row: Mapping[str, Any]) -> None:
-    """Add one summary row to its 1-minute and 1-hour buckets (column-ordered lists)."""
-    parts = _figures(row)
-    uuid, time = row["uuid"], row["time"]
-    for resolution in ROLLUP_RESOLUTIONS.values():
-        key = (uuid, resolution, time - time % resolution)
-        bucket = buckets.get(key)
-        if bucket is None:
-            buckets[key] = [*key, *parts]
-        else:
-            merged = bucket[3:]
-            _merge(merged, parts)
-            bucket[3:] = merged
-
-
 async def _store_new(
     driver: Driver, kind: Literal["dynamic", "summary"], ops: Sequence[Any]
 ) -> list[dict[str, Any]]:
@@ -255,16 +174,16 @@ class SummaryStoredOp(HotOp):
         buckets: dict[tuple[str, int, int], list[Any]] = {}
         newest: dict[str, Mapping[str, Any]] = {}
         for row in await _store_new(driver, "summary", ops):
-            _add_to_buckets(buckets, row)
+            add_to_buckets(buckets, row)
             known = newest.get(row["uuid"])
             if known is None or row["time"] > known["time"]:
                 newest[row["uuid"]] = row
         backend = driver.backend
         # in key order, so batches of two nodes cannot deadlock on each other's rows
         if buckets:
-            upsert = backend.statement(_rollup_upsert)
+            upsert = backend.statement(rollup_upsert)
             await driver.execute_many(
-                upsert, [_rollup_args(upsert, b) for _, b in sorted(buckets.items())]
+                upsert, [rollup_args(upsert, b) for _, b in sorted(buckets.items())]
             )
         if newest:
             latest = backend.statement(_latest_upsert)
@@ -272,84 +191,6 @@ class SummaryStoredOp(HotOp):
                 latest, [latest.args(_with_point(newest[u])) for u in sorted(newest)]
             )
         return [None] * len(ops)
-
-
-@dataclass(frozen=True)
-class _RollupShape:
-    """What a rollup query's statement depends on (its values are bound)."""
-
-    resolution: str
-    figures: tuple[str, ...]
-    tenths: frozenset[str]
-    by_agent: bool
-    has_from: bool
-    has_to: bool
-    newest_first: bool
-
-
-def _rollup_version(backend: Backend) -> list[ColumnElement[Any]]:
-    """A rollup row's version (see ``point_cache.py``): its identity and its samples."""
-    table = summary_rollup_t
-    identity = literal_column("rowid" if backend.is_sqlite else "xmin::text::bigint", BigInteger)
-    samples = functools.reduce(operator.add, (table.c[f"{name}_count"] for name in ROLLUP_FIGURES))
-    return [identity.label("row_identity"), samples.label("samples")]
-
-
-def _rollup_select(
-    shape: _RollupShape, backend: Backend, columns: list[ColumnElement[Any]]
-) -> ClauseElement:
-    """``columns`` of the rollup buckets a query of ``shape`` answers, in its order."""
-    table = summary_rollup_t
-    clauses = [table.c.resolution == bindparam("resolution", type_=BigInteger)]
-    if shape.by_agent:
-        clauses.append(table.c.uuid == bindparam("uuid", type_=String))
-    if shape.has_from:
-        clauses.append(table.c.bucket >= bindparam("time_from", type_=BigInteger))
-    if shape.has_to:
-        clauses.append(table.c.bucket <= bindparam("time_to", type_=BigInteger))
-    order = table.c.bucket.desc() if shape.newest_first else table.c.bucket.asc()
-    return (
-        select(*columns).where(*clauses).order_by(order).limit(bindparam("limit", type_=BigInteger))
-    )
-
-
-@functools.cache
-def _rollup_versions(shape: _RollupShape) -> Callable[[Backend], ClauseElement]:
-    """The buckets a query of ``shape`` answers, with their versions."""
-
-    def build(backend: Backend) -> ClauseElement:
-        bucket = summary_rollup_t.c.bucket
-        return _rollup_select(shape, backend, [bucket, *_rollup_version(backend)])
-
-    return build
-
-
-@functools.cache
-def _rollup_points(shape: _RollupShape) -> Callable[[Backend], ClauseElement]:
-    """The statement of ``rollup_points`` for queries of ``shape`` (one builder per shape,
-    so the backend compiles it once): each bucket's version, then its point."""
-
-    def build(backend: Backend) -> ClauseElement:
-        table = summary_rollup_t
-        points: list[ColumnElement[Any]] = [
-            *_rollup_version(backend),
-            table.c.uuid,
-            table.c.bucket.label("timestamp"),
-            literal_column(f"'{shape.resolution}'", String).label("resolution"),
-        ]
-        zero, ten = literal_column("0", Integer), literal_column("10", Integer)  # not bound
-        for name in shape.figures:
-            count, total, low, high = (table.c[f"{name}_{part}"] for part in ROLLUP_PARTS)
-            scaled = name in shape.tenths
-            points.append(
-                case((count > zero, total / (count * ten if scaled else count))).label(name)
-            )
-            for part, column in (("min", low), ("max", high)):
-                value = cast(column, Float) / ten if scaled else column
-                points.append(value.label(f"{name}_{part}"))
-        return _rollup_select(shape, backend, points)
-
-    return build
 
 
 @functools.cache
@@ -388,11 +229,6 @@ def _stored_points(backend: Backend) -> ClauseElement:
     table = summary_latest_t
     listed, key = backend.listed("uuids")
     return select(table.c.uuid, table.c.point).join(listed, table.c.uuid == key)
-
-
-def _array(items: Iterable[bytes]) -> orjson.Fragment:
-    """A JSON array of items encoded already."""
-    return orjson.Fragment(b"[" + b",".join(items) + b"]")
 
 
 def _with_point(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -553,9 +389,6 @@ class PruneOp(HotOp):
 class MonitoringQueries(Database):
     """Host monitoring rows."""
 
-    point_cache: PointCache
-    """Rollup points kept encoded (``Store`` makes it)."""
-
     async def store_static(self, row: Mapping[str, Any]) -> bool:
         """Store a static report unless the agent's newest one has the same hash; whether stored."""
         return bool(await self.submit(StaticStoredOp(row)))
@@ -567,88 +400,6 @@ class MonitoringQueries(Database):
         time already is kept (a resend). A stored summary is added to its rollups."""
         full = {column.name: row.get(column.name) for column in TABLES[kind].c}
         await self.submit(DynamicStoredOp(full) if kind == "dynamic" else SummaryStoredOp(full))
-
-    async def rollup_points(
-        self,
-        resolution: str,
-        window: MonitoringWindow,
-        figures: Sequence[str],
-        tenths: Collection[str] = (),
-    ) -> orjson.Fragment:
-        """The rollup buckets of ``window`` (at most MAX_MONITORING_ROWS) as a JSON array of
-        points: ``uuid``, ``timestamp`` (the bucket's start), ``resolution``, and for each of
-        ``figures`` its average, ``<figure>_min`` and ``<figure>_max`` (those in ``tenths``
-        divided by ten).
-
-        The database computes the points, so that a point is made of one row without a
-        Python call per figure (a 30-day chart is about 35,000 figures), from a statement
-        compiled once per shape of query and read on the driver's own cursor. One agent's
-        points are kept encoded (``point_cache.py``): a chart asked again reads only the
-        versions of its buckets and fetches the points of those that changed."""
-        step = ROLLUP_RESOLUTIONS[resolution]
-        if len(set(window.uuids)) > 1:
-            return orjson.Fragment(b"[]")  # a bucket belongs to one agent
-        shape = _RollupShape(
-            resolution,
-            tuple(figures),
-            frozenset(tenths).intersection(figures),
-            bool(window.uuids),
-            window.time_from is not None,
-            window.time_to is not None,
-            window.limit is not None,
-        )
-        values: dict[str, Any] = {
-            "resolution": step,
-            "limit": min(window.limit or MAX_MONITORING_ROWS, MAX_MONITORING_ROWS),
-        }
-        if window.uuids:
-            values["uuid"] = window.uuids[0]
-        if window.time_from is not None:
-            values["time_from"] = window.time_from - window.time_from % step
-        if window.time_to is not None:
-            values["time_to"] = window.time_to
-        if not window.uuids or self.point_cache.max_bytes <= 0:  # buckets of many agents
-            return _array(data for _, _, data in await self._encoded_points(shape, values))
-        key = (window.uuids[0], shape.resolution, shape.figures, shape.tenths)
-        versions = _rollup_versions(shape)
-        seen = [(row[0], (row[1], row[2])) for row in await self.read_rows(versions, values)]
-        kept = self.point_cache.points(key)
-        parts: list[bytes | None] = []
-        stale: list[int] = []
-        for bucket, version in seen:
-            point = kept.get(bucket)
-            if point is not None and point[0] == version:
-                parts.append(point[1])
-            else:
-                parts.append(None)
-                stale.append(bucket)
-        fresh: dict[int, tuple[Version, bytes]] = {}
-        if stale:  # a range: most often the newest bucket, or all of them the first time
-            fetched = await self._encoded_points(
-                dataclasses.replace(shape, has_from=True, has_to=True, newest_first=False),
-                values
-                | {"time_from": min(stale), "time_to": max(stale), "limit": MAX_MONITORING_ROWS},
-            )
-            fresh = {bucket: (version, data) for bucket, version, data in fetched}
-        answer = _array(
-            data if data is not None else fresh[bucket][1]
-            for (bucket, _), data in zip(seen, parts, strict=True)
-            if data is not None or bucket in fresh  # else pruned since its version was read
-        )
-        self.point_cache.update(key, [bucket for bucket, _ in seen], fresh)
-        return answer
-
-    async def _encoded_points(
-        self, shape: _RollupShape, values: Mapping[str, Any]
-    ) -> list[tuple[int, Version, bytes]]:
-        """The points of ``shape`` for ``values`` in its order: bucket, version, JSON."""
-        build = _rollup_points(shape)
-        keys = self.backend.statement(build).columns[2:]
-        encoded: list[tuple[int, Version, bytes]] = []
-        for row in await self.read_rows(build, values):
-            point = dict(zip(keys, row[2:], strict=True))
-            encoded.append((point["timestamp"], (row[0], row[1]), orjson.dumps(point)))
-        return encoded
 
     async def monitoring_rows(self, kind: Kind, window: MonitoringWindow) -> list[dict[str, Any]]:
         """The rows of ``window`` (at most MAX_MONITORING_ROWS), as column mappings."""
@@ -693,7 +444,7 @@ class MonitoringQueries(Database):
             else:
                 for row in rows:
                     found[row[0]] = orjson.dumps(dict(zip(keys, row[1:], strict=True)))
-        return _array(found[uuid] for uuid in asked if uuid in found)
+        return encoded_array(found[uuid] for uuid in asked if uuid in found)
 
     def _chunks(self, uuids: list[str]) -> list[Any]:
         """``uuids`` as list arguments of at most LAST_CHUNK."""

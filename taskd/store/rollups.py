@@ -1,0 +1,291 @@
+"""Summary rollups: each summary added to its 1-minute and 1-hour buckets as it is stored
+(count, sum, min and max per figure, upserted in place), and the buckets read back as
+chart points, kept encoded between reads (``point_cache.py``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import operator
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Float,
+    Integer,
+    String,
+    bindparam,
+    case,
+    cast,
+    func,
+    literal_column,
+    select,
+)
+from sqlalchemy.sql.expression import ClauseElement
+
+from taskd.models import ROLLUP_FIGURES, ROLLUP_PARTS, summary_rollup_t
+from taskd.protocol import MAX_MONITORING_ROWS, MonitoringWindow
+from taskd.store.backend import Backend, Statement
+from taskd.store.database import Database
+from taskd.store.point_cache import PointCache, Version
+
+ROLLUP_RESOLUTIONS: dict[str, int] = {"1m": 60_000, "1h": 3_600_000}
+"""The rollups kept, by name, in ms per bucket."""
+
+
+def rollup_upsert(backend: Backend) -> ClauseElement:
+    """Add a batch's figures to a rollup bucket: counts and sums add up, min and max hold.
+
+    NULL (no report had the figure) gives way to a value: ``coalesce`` for sums, and for
+    min and max SQLite's two-argument ``min``/``max`` over both coalesced (each NULL only
+    where the other is), PostgreSQL's ``least``/``greatest`` (which skip NULLs)."""
+    names = [column.name for column in summary_rollup_t.c]
+    insert = backend.insert(summary_rollup_t).values({name: bindparam(name) for name in names})
+    new, old = insert.excluded, summary_rollup_t.c
+    lower, upper = (func.min, func.max) if backend.is_sqlite else (func.least, func.greatest)
+    changes: dict[str, Any] = {}
+    for name in ROLLUP_FIGURES:
+        count, total, low, high = (f"{name}_{part}" for part in ROLLUP_PARTS)
+        changes[count] = old[count] + new[count]
+        changes[total] = func.coalesce(old[total] + new[total], old[total], new[total])
+        both_low: tuple[ColumnElement[Any], ColumnElement[Any]]
+        both_high: tuple[ColumnElement[Any], ColumnElement[Any]]
+        if backend.is_sqlite:
+            both_low = (func.coalesce(old[low], new[low]), func.coalesce(new[low], old[low]))
+            both_high = (func.coalesce(old[high], new[high]), func.coalesce(new[high], old[high]))
+        else:
+            both_low, both_high = (old[low], new[low]), (old[high], new[high])
+        changes[low] = lower(*both_low)
+        changes[high] = upper(*both_high)
+    return insert.on_conflict_do_update(
+        index_elements=[old.uuid, old.resolution, old.bucket], set_=changes
+    )
+
+
+_FIGURES = operator.itemgetter(*ROLLUP_FIGURES)
+"""A summary row's figures, in rollup column order."""
+_ROLLUP_COLUMNS = {column.name: index for index, column in enumerate(summary_rollup_t.c)}
+_rollup_order: dict[str, Callable[[list[Any]], Sequence[Any]]] = {}
+
+
+def rollup_args(statement: Statement, bucket: list[Any]) -> Sequence[Any]:
+    """The upsert's arguments from a bucket laid out in column order (no mapping per row)."""
+    order = _rollup_order.get(statement.sql)
+    if order is None:
+        order = _rollup_order[statement.sql] = operator.itemgetter(
+            *(_ROLLUP_COLUMNS[name] for name in statement.names)
+        )
+    return order(bucket)
+
+
+def _figures(row: Mapping[str, Any]) -> list[Any]:
+    """One row's count, sum, min and max of each figure, in rollup column order."""
+    parts: list[Any] = []
+    for value in _FIGURES(row):
+        parts += (0, None, None, None) if value is None else (1, value, value, value)
+    return parts
+
+
+def _merge(parts: list[Any], more: list[Any]) -> None:
+    """Add ``more`` (laid out as ``_figures``) into ``parts``."""
+    for index in range(0, len(parts), 4):
+        if not more[index]:
+            continue
+        if not parts[index]:
+            parts[index : index + 4] = more[index : index + 4]
+            continue
+        parts[index] += more[index]
+        parts[index + 1] += more[index + 1]
+        parts[index + 2] = min(parts[index + 2], more[index + 2])
+        parts[index + 3] = max(parts[index + 3], more[index + 3])
+
+
+def add_to_buckets(buckets: dict[tuple[str, int, int], list[Any]], row: Mapping[str, Any]) -> None:
+    """Add one summary row to its 1-minute and 1-hour buckets (column-ordered lists)."""
+    parts = _figures(row)
+    uuid, time = row["uuid"], row["time"]
+    for resolution in ROLLUP_RESOLUTIONS.values():
+        key = (uuid, resolution, time - time % resolution)
+        bucket = buckets.get(key)
+        if bucket is None:
+            buckets[key] = [*key, *parts]
+        else:
+            merged = bucket[3:]
+            _merge(merged, parts)
+            bucket[3:] = merged
+
+
+@dataclass(frozen=True)
+class _RollupShape:
+    """What a rollup query's statement depends on (its values are bound)."""
+
+    resolution: str
+    figures: tuple[str, ...]
+    tenths: frozenset[str]
+    by_agent: bool
+    has_from: bool
+    has_to: bool
+    newest_first: bool
+
+
+def _rollup_version(backend: Backend) -> list[ColumnElement[Any]]:
+    """A rollup row's version (see ``point_cache.py``): its identity and its samples."""
+    table = summary_rollup_t
+    identity = literal_column("rowid" if backend.is_sqlite else "xmin::text::bigint", BigInteger)
+    samples = functools.reduce(operator.add, (table.c[f"{name}_count"] for name in ROLLUP_FIGURES))
+    return [identity.label("row_identity"), samples.label("samples")]
+
+
+def _rollup_select(
+    shape: _RollupShape, backend: Backend, columns: list[ColumnElement[Any]]
+) -> ClauseElement:
+    """``columns`` of the rollup buckets a query of ``shape`` answers, in its order."""
+    table = summary_rollup_t
+    clauses = [table.c.resolution == bindparam("resolution", type_=BigInteger)]
+    if shape.by_agent:
+        clauses.append(table.c.uuid == bindparam("uuid", type_=String))
+    if shape.has_from:
+        clauses.append(table.c.bucket >= bindparam("time_from", type_=BigInteger))
+    if shape.has_to:
+        clauses.append(table.c.bucket <= bindparam("time_to", type_=BigInteger))
+    order = table.c.bucket.desc() if shape.newest_first else table.c.bucket.asc()
+    return (
+        select(*columns).where(*clauses).order_by(order).limit(bindparam("limit", type_=BigInteger))
+    )
+
+
+@functools.cache
+def _rollup_versions(shape: _RollupShape) -> Callable[[Backend], ClauseElement]:
+    """The buckets a query of ``shape`` answers, with their versions."""
+
+    def build(backend: Backend) -> ClauseElement:
+        bucket = summary_rollup_t.c.bucket
+        return _rollup_select(shape, backend, [bucket, *_rollup_version(backend)])
+
+    return build
+
+
+@functools.cache
+def _rollup_points(shape: _RollupShape) -> Callable[[Backend], ClauseElement]:
+    """The statement of ``rollup_points`` for queries of ``shape`` (one builder per shape,
+    so the backend compiles it once): each bucket's version, then its point."""
+
+    def build(backend: Backend) -> ClauseElement:
+        table = summary_rollup_t
+        points: list[ColumnElement[Any]] = [
+            *_rollup_version(backend),
+            table.c.uuid,
+            table.c.bucket.label("timestamp"),
+            literal_column(f"'{shape.resolution}'", String).label("resolution"),
+        ]
+        zero, ten = literal_column("0", Integer), literal_column("10", Integer)  # not bound
+        for name in shape.figures:
+            count, total, low, high = (table.c[f"{name}_{part}"] for part in ROLLUP_PARTS)
+            scaled = name in shape.tenths
+            points.append(
+                case((count > zero, total / (count * ten if scaled else count))).label(name)
+            )
+            for part, column in (("min", low), ("max", high)):
+                value = cast(column, Float) / ten if scaled else column
+                points.append(value.label(f"{name}_{part}"))
+        return _rollup_select(shape, backend, points)
+
+    return build
+
+
+def encoded_array(items: Iterable[bytes]) -> orjson.Fragment:
+    """A JSON array of items encoded already."""
+    return orjson.Fragment(b"[" + b",".join(items) + b"]")
+
+
+class RollupQueries(Database):
+    """Summary rollups read as chart points."""
+
+    point_cache: PointCache
+    """Rollup points kept encoded (``Store`` makes it)."""
+
+    async def rollup_points(
+        self,
+        resolution: str,
+        window: MonitoringWindow,
+        figures: Sequence[str],
+        tenths: Collection[str] = (),
+    ) -> orjson.Fragment:
+        """The rollup buckets of ``window`` (at most MAX_MONITORING_ROWS) as a JSON array of
+        points: ``uuid``, ``timestamp`` (the bucket's start), ``resolution``, and for each of
+        ``figures`` its average, ``<figure>_min`` and ``<figure>_max`` (those in ``tenths``
+        divided by ten).
+
+        The database computes the points, so that a point is made of one row without a
+        Python call per figure (a 30-day chart is about 35,000 figures), from a statement
+        compiled once per shape of query and read on the driver's own cursor. One agent's
+        points are kept encoded (``point_cache.py``): a chart asked again reads only the
+        versions of its buckets and fetches the points of those that changed."""
+        step = ROLLUP_RESOLUTIONS[resolution]
+        if len(set(window.uuids)) > 1:
+            return orjson.Fragment(b"[]")  # a bucket belongs to one agent
+        shape = _RollupShape(
+            resolution,
+            tuple(figures),
+            frozenset(tenths).intersection(figures),
+            bool(window.uuids),
+            window.time_from is not None,
+            window.time_to is not None,
+            window.limit is not None,
+        )
+        values: dict[str, Any] = {
+            "resolution": step,
+            "limit": min(window.limit or MAX_MONITORING_ROWS, MAX_MONITORING_ROWS),
+        }
+        if window.uuids:
+            values["uuid"] = window.uuids[0]
+        if window.time_from is not None:
+            values["time_from"] = window.time_from - window.time_from % step
+        if window.time_to is not None:
+            values["time_to"] = window.time_to
+        if not window.uuids or self.point_cache.max_bytes <= 0:  # buckets of many agents
+            return encoded_array(data for _, _, data in await self._encoded_points(shape, values))
+        key = (window.uuids[0], shape.resolution, shape.figures, shape.tenths)
+        versions = _rollup_versions(shape)
+        seen = [(row[0], (row[1], row[2])) for row in await self.read_rows(versions, values)]
+        kept = self.point_cache.points(key)
+        parts: list[bytes | None] = []
+        stale: list[int] = []
+        for bucket, version in seen:
+            point = kept.get(bucket)
+            if point is not None and point[0] == version:
+                parts.append(point[1])
+            else:
+                parts.append(None)
+                stale.append(bucket)
+        fresh: dict[int, tuple[Version, bytes]] = {}
+        if stale:  # a range: most often the newest bucket, or all of them the first time
+            fetched = await self._encoded_points(
+                dataclasses.replace(shape, has_from=True, has_to=True, newest_first=False),
+                values
+                | {"time_from": min(stale), "time_to": max(stale), "limit": MAX_MONITORING_ROWS},
+            )
+            fresh = {bucket: (version, data) for bucket, version, data in fetched}
+        answer = encoded_array(
+            data if data is not None else fresh[bucket][1]
+            for (bucket, _), data in zip(seen, parts, strict=True)
+            if data is not None or bucket in fresh  # else pruned since its version was read
+        )
+        self.point_cache.update(key, [bucket for bucket, _ in seen], fresh)
+        return answer
+
+    async def _encoded_points(
+        self, shape: _RollupShape, values: Mapping[str, Any]
+    ) -> list[tuple[int, Version, bytes]]:
+        """The points of ``shape`` for ``values`` in its order: bucket, version, JSON."""
+        build = _rollup_points(shape)
+        keys = self.backend.statement(build).columns[2:]
+        encoded: list[tuple[int, Version, bytes]] = []
+        for row in await self.read_rows(build, values):
+            point = dict(zip(keys, row[2:], strict=True))
+            encoded.append((point["timestamp"], (row[0], row[1]), orjson.dumps(point)))
+        return encoded
