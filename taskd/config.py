@@ -166,11 +166,7 @@ def _server_value(name: str, value: Any) -> Any:
         "cron_result_retention_s",
     ) or name.startswith(("monitoring_", "alert_")):
         return _int(value, name, 1)
-    if name in (
-        "admission_max_in_progress",
-        "admission_max_lag_ms",
-        "admission_rate_per_s",
-    ):
+    if name in ("admission_max_in_progress", "admission_max_lag_ms", "admission_rate_per_s"):
         return _int(value, name, 0)
     if name == "admission_lane_size":
         return _int(value, name, 1)
