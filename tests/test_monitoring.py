@@ -565,6 +565,13 @@ async def test_a_chart_asked_again_follows_every_change_to_its_buckets(
         # a summary of its time comes back (late): a new bucket with as many samples (one)
         await report(buckets[0] + 3000, 900)
         assert await chart() == {buckets[0]: (90.0, 90.0, 90.0), **expected}
+        # with a limit: the newest buckets, newest first, from the same kept points
+        newest = {**query, "condition": [*query["condition"], {"limit": 2}]}
+        points = await server.su("agent_query_dynamic_summary", newest)
+        assert [(p["timestamp"], p["cpu_usage"]) for p in points] == [
+            (buckets[3], 30.0),
+            (buckets[2], 10.0),
+        ]
 
 
 def test_kept_points_stay_within_their_bytes_least_recent_chart_first() -> None:
