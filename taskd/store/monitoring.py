@@ -430,14 +430,18 @@ class MonitoringQueries(Database):
         asked = list(dict.fromkeys(uuids))
         tenths = frozenset(tenths).intersection(figures)
         found: dict[str, bytes] = {}
+        made = asked  # the agents whose points the database makes from the columns
         if tuple(figures) == SUMMARY_FIELDS and tenths == TENTHS:
+            made = []
             for chunk in self._chunks(asked):
                 for agent, point in await self.read_rows(_stored_points, {"uuids": chunk}):
-                    if point is not None:
+                    if point is None:
+                        made.append(agent)
+                    else:
                         found[agent] = point.encode()
         build = _last_points(tuple(figures), tenths)
         keys = self.backend.statement(build).columns[1:]
-        for chunk in self._chunks([uuid for uuid in asked if uuid not in found]):
+        for chunk in self._chunks(made):
             rows = await self.read_rows(build, {"uuids": chunk})
             if self.is_sqlite:
                 found.update((agent, point.encode()) for agent, point in rows)
