@@ -498,10 +498,7 @@ class MonitoringQueries(Database):
                 .select_from(table)
                 .join(last, (table.c.uuid == last.c.uuid) & (table.c.time == last.c.time))
             )
-        chunks = [
-            self.backend.list_arg(asked[start : start + LAST_CHUNK])
-            for start in range(0, len(asked), LAST_CHUNK)
-        ]
+        chunks = self._chunks(asked)
 
         def fetch(conn: Connection) -> list[dict[str, Any]]:
             found: dict[str, dict[str, Any]] = {}
