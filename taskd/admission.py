@@ -23,7 +23,11 @@ that also answers callers. ``Admission`` keeps that work bounded:
   it could by taking them in, and every agent it reaches gets a turn;
 - a subscribed agent's calls (reports, results) take turns in a ``Lane`` of
   ``lane_size`` while agents are being refused, or while the event loop lags
-  (``LagMonitor``: how late a timer fires) by more than ``max_lag_ms``.
+  (``LagMonitor``: how late a timer fires) by more than ``max_lag_ms``; a connection
+  whose call waits for its turn is not read further, so an overloaded server reads
+  only as much as it handles and the rest waits in the kernel's buffers (reading
+  every connection on every turn of the loop made each turn seconds long, with
+  almost nothing stored).
 
 - while a fleet is coming in (refused agents still to come in, or agents admitted
   lately while the loop lags), a summary from an agent's buffer
@@ -242,7 +246,10 @@ class Lane:
     their turn here, so that however many agents send at once (a fleet flushing its
     buffered summaries after a restart), only ``size`` of their calls are handled at a
     time: the event loop's turns stay short for callers and subscriptions, and agents,
-    which wait for each acknowledgement, slow down to what the server takes. While the
+    which wait for each acknowledgement, slow down to what the server takes. A
+    connection waits here before its call is handled and before it is read again, so
+    at most one call per connection waits, and agents that do not wait (NodeGet's
+    sends every second) are held back by TCP instead of piling up in memory. While the
     loop keeps up, calls go straight through (and still count), so a server that can
     take its fleet's steady traffic is never held back by the bound.
     """

@@ -253,12 +253,9 @@ class RpcEndpoint:
 
         defer = self.admission.defer_backlog if slot is not None else rpc.take_now
 
-        async def answer(body: bytes | str, received_ms: int) -> None:
-            # a subscribed agent's calls (reports, results) take turns in the agents' lane
-            in_lane = slot is not None and slot.done
+        async def answer(body: bytes | str, received_ms: int, in_lane: bool) -> None:
+            # ``in_lane``: the call holds a turn in the agents' lane, given back when done
             try:
-                if in_lane:
-                    await lane.acquire()
                 try:
                     context = rpc.CallContext(
                         service,
@@ -294,8 +291,16 @@ class RpcEndpoint:
                     body = message.get("bytes") or b""
                 if window.used >= REPORT_WINDOW and self._shed(body, peer, remote):
                     continue
+                # A subscribed agent's calls (reports, results) take turns in the agents'
+                # lane, and its next message is not read while this one waits: under
+                # overload the server reads no more than it handles (the rest waits in
+                # the kernel), instead of reading every connection on every turn of the
+                # loop, which made turns seconds long and left nothing to store them.
                 await window.acquire()
-                handler = asyncio.create_task(answer(body, received_ms))
+                in_lane = slot is not None and slot.done
+                if in_lane:
+                    await lane.acquire()  # (a cancelled wait takes no turn)
+                handler = asyncio.create_task(answer(body, received_ms, in_lane))
                 handlers.add(handler)
                 handler.add_done_callback(handlers.discard)
         finally:

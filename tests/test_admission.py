@@ -371,7 +371,8 @@ async def test_a_live_summary_that_waited_in_the_server_is_not_taken_for_a_backl
                 old = {"uuid": reporter.uuid, "time": now - BUFFERED_AGE_MS - 1, "cpu_usage": 1}
                 backlog = asyncio.ensure_future(reporter.request(REPORT, [token, old]))
                 await asyncio.sleep(0.2)
-                assert server.app.state.admission.lane.waiting == 2
+                # the live one waits for a turn, and the connection is not read meanwhile
+                assert server.app.state.admission.lane.waiting == 1
                 server.clock.advance(BUFFERED_AGE_MS / 1000 + 60)  # the lane was slow
                 await refusal(server)  # agents are crowding in
             finally:
@@ -381,6 +382,58 @@ async def test_a_live_summary_that_waited_in_the_server_is_not_taken_for_a_backl
             assert (await waited)["result"] == {"status": "stored"}
             assert (await backlog)["error"]["code"] == -32000
             await holder.close()
+
+
+async def test_agents_that_send_without_waiting_wait_in_tcp_one_call_each_in_the_lane(
+    tmp_path: Path,
+) -> None:
+    """Agents sending reports faster than the server stores them (NodeGet's agent sends
+    every second and reads no answers) are not read further while one of their calls
+    waits for its turn: the server holds at most one waiting call per connection, the
+    rest stays in the kernel's buffers, and every report is stored once the store is
+    back (none answered "busy", none lost)."""
+    settings = make_settings(
+        tmp_sqlite_url(tmp_path),
+        admission_max_lag_ms=0,  # the lane is always enforced
+        admission_lane_size=1,
+    )
+    async with running_server(settings) as server:
+        token = server.super_token
+        agents = [ScriptedAgent(server.ws_url, token) for _ in range(3)]
+        for agent in agents:
+            agent.user_agent = f"{AGENT_USER_AGENT} (test)"
+            await agent.__aenter__()
+        try:
+            now = server.clock.now_ms()
+            lock = sqlite3.connect(tmp_path / "taskd.db", isolation_level=None)
+            lock.execute("BEGIN IMMEDIATE")  # the store is held up: nothing commits
+            try:
+                replies = [
+                    asyncio.ensure_future(
+                        agent.request(REPORT, [token, {"uuid": agent.uuid, "time": now - 100 * n}])
+                    )
+                    for n in range(20)
+                    for agent in agents
+                ]
+                await asyncio.sleep(0.5)
+                lane = server.app.state.admission.lane
+                assert lane.used == 1 and lane.waiting == len(agents)  # one per connection
+                assert not any(reply.done() for reply in replies)
+            finally:
+                lock.execute("ROLLBACK")
+                lock.close()
+            answers = await asyncio.gather(*replies)
+            assert all(a.get("result") == {"status": "stored"} for a in answers), answers
+            for agent in agents:
+                rows = await server.su(
+                    "agent_query_dynamic_summary",
+                    {"fields": ["cpu_usage"], "condition": [{"uuid": agent.uuid}]},
+                )
+                assert len(rows) == 20
+            assert lane.used == 0 and lane.waiting == 0
+        finally:
+            for agent in agents:
+                await agent.__aexit__(None, None, None)
 
 
 async def test_lane_takes_turns_in_order_while_engaged_and_not_otherwise() -> None:
