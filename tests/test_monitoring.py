@@ -506,6 +506,59 @@ async def test_rollups_keep_min_avg_max_per_minute_and_hour(server: Server) -> N
     await failed(server, 102, "agent_query_dynamic_summary", reader, query("1h", 0, month_later))
 
 
+async def test_a_backlog_sent_at_once_rolls_up_as_its_summaries_sent_one_by_one(
+    server: Server,
+) -> None:
+    """An agent's several summaries stored together (a backlog flushed in one JSON-RPC
+    batch, merged per bucket before they are written) give the same 1-minute and 1-hour
+    rollups, every figure, as the same summaries stored one at a time (each written to
+    both its buckets by one statement)."""
+    start = server.clock.now_ms() // 3_600_000 * 3_600_000 - 2 * 3_600_000
+    # across two minutes and two hours, figures moving; one report without a GPU figure
+    times = [start + offset for offset in (0, 15_000, 59_000, 60_000, 3_600_000, 3_630_000)]
+    rows = []
+    for index, time_ms in enumerate(times):
+        _, _, summary = reports(A, time_ms)
+        rows.append(
+            {
+                **summary,
+                "cpu_usage": 37 * index % 1000,
+                "used_memory": (1 << 30) + index * 4096,
+                "gpu_usage": None if index == 2 else 10 * index,
+            }
+        )
+    for row in rows:  # one at a time
+        await server.su("agent_report_dynamic_summary", row)
+    batch = [
+        {
+            "jsonrpc": "2.0",
+            "id": index,
+            "method": "agent_report_dynamic_summary",
+            "params": [server.super_token, {**row, "uuid": B}],
+        }
+        for index, row in enumerate(rows)
+    ]
+    replies = (await server.post(batch)).json()
+    assert [reply["result"] for reply in replies] == [{"status": "stored"}] * len(rows)
+
+    async def rollups(agent: str, resolution: str) -> list[dict[str, Any]]:
+        query = {
+            "fields": list(SUMMARY_FIELDS),
+            "condition": [{"uuid": agent}, {"timestamp_from_to": [start, times[-1]]}],
+            "resolution": resolution,
+        }
+        points = await server.su("agent_query_dynamic_summary", query)
+        return [{k: v for k, v in point.items() if k != "uuid"} for point in points]
+
+    for resolution, buckets in (("1m", 3), ("1h", 2)):
+        one_by_one = await rollups(A, resolution)
+        assert len(one_by_one) == buckets
+        assert await rollups(B, resolution) == one_by_one
+    hours = await rollups(A, "1h")
+    assert hours[0]["cpu_usage_min"] == 0.0 and hours[0]["cpu_usage_max"] == 11.1
+    assert hours[0]["gpu_usage"] == pytest.approx((0 + 10 + 30) / 3)
+
+
 async def test_a_chart_asked_again_follows_every_change_to_its_buckets(
     database_url: str,
 ) -> None:

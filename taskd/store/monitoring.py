@@ -45,10 +45,8 @@ from taskd.store.backend import Backend, Driver, Insert
 from taskd.store.database import Database
 from taskd.store.rollups import (
     ROLLUP_RESOLUTIONS,
-    add_to_buckets,
+    add_to_rollups,
     encoded_array,
-    rollup_args,
-    rollup_upsert,
 )
 from taskd.store.writer import HotOp
 
@@ -164,29 +162,22 @@ class DynamicStoredOp(HotOp):
 @dataclass(eq=False)
 class SummaryStoredOp(HotOp):
     """Store a summary, add it to its 1-minute and 1-hour rollups and make it its agent's
-    latest if it is the newest; all waiting ones together, each bucket and each agent's
-    latest row written once per batch."""
+    latest if it is the newest; all waiting ones together, each agent's latest row
+    written once per batch."""
 
     row: Mapping[str, Any]
 
     @classmethod
     async def run_all(cls, driver: Driver, ops: Sequence[Any]) -> list[Any]:
-        buckets: dict[tuple[str, int, int], list[Any]] = {}
+        stored = await _store_new(driver, "summary", ops)
         newest: dict[str, Mapping[str, Any]] = {}
-        for row in await _store_new(driver, "summary", ops):
-            add_to_buckets(buckets, row)
+        for row in stored:
             known = newest.get(row["uuid"])
             if known is None or row["time"] > known["time"]:
                 newest[row["uuid"]] = row
-        backend = driver.backend
-        # in key order, so batches of two nodes cannot deadlock on each other's rows
-        if buckets:
-            upsert = backend.statement(rollup_upsert)
-            await driver.execute_many(
-                upsert, [rollup_args(upsert, b) for _, b in sorted(buckets.items())]
-            )
+        await add_to_rollups(driver, stored)
         if newest:
-            latest = backend.statement(_latest_upsert)
+            latest = driver.backend.statement(_latest_upsert)
             await driver.execute_many(
                 latest, [latest.args(_with_point(newest[u])) for u in sorted(newest)]
             )
