@@ -67,8 +67,8 @@ def _merged(backend: Backend, insert: Insert) -> ClauseElement:
     )
 
 
-def rollup_upsert(backend: Backend) -> ClauseElement:
-    """Add one bucket's figures (laid out in column order, as ``add_to_buckets`` makes
+def _rollup_upsert(backend: Backend) -> ClauseElement:
+    """Add one bucket's figures (laid out in column order, as ``_add_to_buckets`` makes
     them) to its stored bucket, or store it."""
     names = [column.name for column in summary_rollup_t.c]
     insert = backend.insert(summary_rollup_t).values({name: bindparam(name) for name in names})
@@ -80,7 +80,7 @@ def _summary_upsert(backend: Backend) -> ClauseElement:
 
     The summary's figures go once: each bucket's count is 1 where the figure is there,
     its sum, min and max the figure itself. A fraction of the arguments of
-    ``rollup_upsert`` twice, which is most of the cost of a live agent's report on
+    ``_rollup_upsert`` twice, which is most of the cost of a live agent's report on
     PostgreSQL."""
     time = bindparam("time", type_=BigInteger)
     resolutions = union_all(
@@ -111,7 +111,7 @@ _ROLLUP_COLUMNS = {column.name: index for index, column in enumerate(summary_rol
 _rollup_order: dict[str, Callable[[list[Any]], Sequence[Any]]] = {}
 
 
-def rollup_args(statement: Statement, bucket: list[Any]) -> Sequence[Any]:
+def _rollup_args(statement: Statement, bucket: list[Any]) -> Sequence[Any]:
     """The upsert's arguments from a bucket laid out in column order (no mapping per row)."""
     order = _rollup_order.get(statement.sql)
     if order is None:
@@ -163,12 +163,13 @@ async def add_to_rollups(driver: Driver, rows: Sequence[Mapping[str, Any]]) -> N
 
     An agent's only summary of the batch (a live agent's report) goes in by
     ``_summary_upsert``. An agent's several (a backlog sent after a reconnect) are
-    merged per bucket first, and each bucket goes in once by ``rollup_upsert``. Agents
+    merged per bucket first, and each bucket goes in once by ``_rollup_upsert``. Agents
     go in UUID order, so batches of two nodes cannot deadlock on each other's rows."""
     by_agent: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
         by_agent.setdefault(row["uuid"], []).append(row)
-    one, merged = driver.backend.statement(_summary_upsert), driver.backend.statement(rollup_upsert)
+    statement_of = driver.backend.statement
+    one, merged = statement_of(_summary_upsert), statement_of(_rollup_upsert)
     runs: list[tuple[Statement, list[Sequence[Any]]]] = []
     for agent in sorted(by_agent):
         summaries = by_agent[agent]
@@ -179,7 +180,7 @@ async def add_to_rollups(driver: Driver, rows: Sequence[Mapping[str, Any]]) -> N
             for row in summaries:
                 _add_to_buckets(buckets, row)
             statement = merged
-            args = [rollup_args(merged, bucket) for _, bucket in sorted(buckets.items())]
+            args = [_rollup_args(merged, bucket) for _, bucket in sorted(buckets.items())]
         if runs and runs[-1][0] is statement:
             runs[-1][1].extend(args)
         else:
