@@ -28,18 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
-import orjson
 
 from benchmarks.loadagent import RESULTS
 from taskd.config import ServerSettings
 from taskd.models import (
     ROLLUP_FIGURES,
     summary_latest_t,
-    summary_point,
     summary_rollup_t,
     summary_t,
 )
-from taskd.protocol import SUMMARY_FIELDS
+from taskd.store.monitoring import latest_rows
 
 TASKS: dict[str, Any] = {
     "ping": {"ping": "example.com"},
@@ -249,20 +247,6 @@ SEEDED_TABLES = (
     (summary_rollup_t.name, summary_rollup_t),
     (summary_latest_t.name, summary_latest_t),
 )
-
-
-def latest_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each agent's newest summary as the server keeps it when it stores it: with its
-    point's JSON."""
-    newest: dict[str, dict[str, Any]] = {}
-    for row in summaries:
-        known = newest.get(row["uuid"])
-        if known is None or row["time"] > known["time"]:
-            newest[row["uuid"]] = row
-    return [
-        {**row, "point": orjson.dumps(summary_point(row, SUMMARY_FIELDS)).decode()}
-        for row in newest.values()
-    ]
 
 
 def seed_monitoring(path: Path, agents: list[str], recent: int, now_ms: int) -> dict[str, Any]:

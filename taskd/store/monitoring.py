@@ -5,7 +5,7 @@ queries, deletes and pruning. A summary's rollups are in ``rollups.py``."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -170,17 +170,10 @@ class SummaryStoredOp(HotOp):
     @classmethod
     async def run_all(cls, driver: Driver, ops: Sequence[Any]) -> list[Any]:
         stored = await _store_new(driver, "summary", ops)
-        newest: dict[str, Mapping[str, Any]] = {}
-        for row in stored:
-            known = newest.get(row["uuid"])
-            if known is None or row["time"] > known["time"]:
-                newest[row["uuid"]] = row
         await add_to_rollups(driver, stored)
-        if newest:
+        if stored:
             latest = driver.backend.statement(_latest_upsert)
-            await driver.execute_many(
-                latest, [latest.args(_with_point(newest[u])) for u in sorted(newest)]
-            )
+            await driver.execute_many(latest, [latest.args(row) for row in latest_rows(stored)])
         return [None] * len(ops)
 
 
@@ -222,9 +215,18 @@ def _stored_points(backend: Backend) -> ClauseElement:
     return select(table.c.uuid, table.c.point).join(listed, table.c.uuid == key)
 
 
-def _with_point(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A summary row for the latest-summary table: with its point's JSON, every figure."""
-    return {**row, "point": orjson.dumps(summary_point(row, SUMMARY_FIELDS)).decode()}
+def latest_rows(summaries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each agent's newest of ``summaries`` as the latest-summary table keeps it: with its
+    point's JSON, every figure; agents in UUID order (two nodes' batches cannot deadlock)."""
+    newest: dict[str, Mapping[str, Any]] = {}
+    for row in summaries:
+        known = newest.get(row["uuid"])
+        if known is None or row["time"] > known["time"]:
+            newest[row["uuid"]] = row
+    return [
+        {**row, "point": orjson.dumps(summary_point(row, SUMMARY_FIELDS)).decode()}
+        for _, row in sorted(newest.items())
+    ]
 
 
 def _latest_upsert(backend: Backend) -> ClauseElement:
