@@ -13,13 +13,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from taskd.agent.monitor import Monitor, summarize
 from taskd.config import parse_agent_config
 from taskd.protocol import SUMMARY_FIELDS
 from taskd.roles import role_limits
-from taskd.store.point_cache import ENTRY_OVERHEAD, PointCache
+from taskd.store.point_cache import ENTRY_OVERHEAD, Chart, PointCache, Seen
 from tests.agent.test_client import running_agent
 from tests.helpers import (
     RpcError,
@@ -609,6 +610,9 @@ async def test_a_chart_asked_again_follows_every_change_to_its_buckets(
         expected[buckets[1]] = (10.0, 20.0, 30.0)
         expected[buckets[3]] = (10.0, 30.0, 50.0)
         assert await chart() == expected
+        await report(buckets[3] + 3000, 100)  # only the newest bucket grows: the rest reused
+        expected[buckets[3]] = (10.0, 70 / 3, 50.0)
+        assert await chart() == expected
 
         # the oldest bucket passes its retention and is pruned: gone from the chart
         server.clock.advance(10 * 86_400 + 12 * 3600)  # retention now ends 19.5 days back
@@ -622,32 +626,54 @@ async def test_a_chart_asked_again_follows_every_change_to_its_buckets(
         newest = {**query, "condition": [*query["condition"], {"limit": 2}]}
         points = await server.su("agent_query_dynamic_summary", newest)
         assert [(p["timestamp"], p["cpu_usage"]) for p in points] == [
-            (buckets[3], 30.0),
+            (buckets[3], 70 / 3),
             (buckets[2], 10.0),
         ]
 
 
-def test_kept_points_stay_within_their_bytes_least_recent_chart_first() -> None:
-    """The server's kept points never pass their byte bound: the chart asked least
+def test_kept_charts_stay_within_their_bytes_least_recent_chart_first() -> None:
+    """The server's kept charts never pass their byte bound: the chart asked least
     recently is forgotten first, and a bound of 0 keeps nothing."""
-    point = b"x" * 880  # with ENTRY_OVERHEAD, 1,000 bytes a point
-    cache = PointCache(max_bytes=10 * (len(point) + ENTRY_OVERHEAD))
-    for chart in ("a", "b"):
-        cache.update(chart, range(4), dict.fromkeys(range(4), ((1, 1), point)))
-    assert cache.points("a")  # "a" is now the most recent
-    cache.update("c", range(4), dict.fromkeys(range(4), ((1, 1), point)))  # 12 points: too many
+    point = b"x" * 838  # in a chart of 4: with the brackets and commas, 1,000 bytes a point
+
+    def chart(buckets: int = 4) -> Chart:
+        seen: Seen = [(bucket, bucket, 1) for bucket in range(buckets)]
+        return Chart.joined(seen, [point] * buckets)
+
+    assert chart().cost == 4 * (len(point) + 1 + ENTRY_OVERHEAD) + 1
+    cache = PointCache(max_bytes=11 * (len(point) + 1 + ENTRY_OVERHEAD))
+    for key in ("a", "b"):
+        cache.keep(key, chart())
+    assert cache.chart("a") is not None  # "a" is now the most recent
+    cache.keep("c", chart())  # 12 points: too many
     assert cache.size <= cache.max_bytes
-    assert not cache.points("b") and set(cache.points("a")) == set(cache.points("c")) == {
-        0,
-        1,
-        2,
-        3,
-    }
-    cache.update("a", [0, 3], {})  # buckets 1 and 2 were pruned: forgotten
-    assert set(cache.points("a")) == {0, 3} and cache.size == 6 * (len(point) + ENTRY_OVERHEAD)
+    assert cache.chart("b") is None
+    assert cache.chart("a") is not None and cache.chart("c") is not None
+    cache.keep("a", chart(buckets=2))  # asked again, smaller: counted as it is now
+    assert cache.size == chart().cost + chart(buckets=2).cost
     nothing = PointCache(max_bytes=0)
-    nothing.update("a", [0], {0: ((1, 1), point)})
-    assert nothing.size == 0 and not nothing.points("a")
+    nothing.keep("a", chart())
+    assert nothing.size == 0 and nothing.chart("a") is None
+
+
+def test_a_kept_chart_answers_from_its_points_at_their_versions() -> None:
+    """A chart made of a kept chart's head and new points is the JSON array of them all,
+    and gives each point back only at the version it was kept at."""
+    points = [orjson.dumps({"bucket": bucket, "v": "x" * bucket}) for bucket in range(5)]
+    seen: Seen = [(bucket, bucket, 1) for bucket in range(5)]  # bucket, identity, samples
+    first = Chart.joined(seen, points)
+    assert orjson.loads(first.body) == [orjson.loads(p) for p in points]
+    assert first.unchanged_head(seen) == 5 and first.unchanged_head(seen[:3]) == 3
+    changed: Seen = [*seen[:4], (4, 4, 2)]  # the newest bucket counted one more sample
+    assert first.unchanged_head(changed) == 4
+    assert first.unchanged_head([*seen[1:], (5, 5, 1)]) == 0  # the window moved on
+    newer = orjson.dumps({"bucket": 4, "v": "newer"})
+    second = Chart.joined(changed, [newer], first, 4)
+    assert orjson.loads(second.body) == [orjson.loads(p) for p in [*points[:4], newer]]
+    assert [bytes(second.point(entry) or b"") for entry in changed] == [*points[:4], newer]
+    assert second.point((4, 4, 1)) is None and second.point((9, 9, 1)) is None
+    shorter = Chart.joined(seen[:2], [], first, 2)
+    assert orjson.loads(shorter.body) == [orjson.loads(p) for p in points[:2]]
 
 
 async def test_retention_prunes_each_table_in_chunks_as_the_clock_moves(

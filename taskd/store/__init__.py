@@ -7,7 +7,7 @@
   ``monitoring.py``, ``rollups.py``, ``alerts.py``, ``fleet.py`` (the dashboard's live read)
                    the queries and writes of each table, ``Store`` has them all
 - ``records.py``   the task rows handed in and out
-- ``point_cache.py`` rollup points kept encoded, to answer a chart asked again
+- ``point_cache.py`` rollup charts kept encoded, to answer a chart asked again
 
 A caller is answered after its write is committed. The store raises domain errors
 (``NotFound``, ``AlreadyUploaded`` ...) and knows nothing of RPC.

@@ -158,6 +158,18 @@ class Backend(ABC):
         (no SQLAlchemy per row: for reads that return many values)."""
 
     @abstractmethod
+    async def read_rows_then(
+        self,
+        first: Statement,
+        args: Sequence[Any],
+        then: Statement,
+        then_args: Callable[[list[Sequence[Any]]], Sequence[Any] | None],
+    ) -> tuple[list[Sequence[Any]], list[Sequence[Any]]]:
+        """``read_rows`` of ``first``, then of ``then`` with the arguments ``then_args``
+        makes of the first's rows (none if it gives None), in one go on one read
+        connection: one hop to a read thread where there are any."""
+
+    @abstractmethod
     async def transaction(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn`` in a write transaction on the writer's SQLAlchemy connection; commit."""
 

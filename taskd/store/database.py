@@ -123,6 +123,27 @@ class Database:
         statement = self.backend.statement(build)
         return await self._reading(self.backend.read_rows(statement, statement.args(values)))
 
+    async def read_rows_then(
+        self,
+        first: Callable[[Backend], ClauseElement],
+        values: Mapping[str, Any],
+        then: Callable[[Backend], ClauseElement],
+        then_values: Callable[[list[Sequence[Any]]], Mapping[str, Any] | None],
+    ) -> tuple[list[Sequence[Any]], list[Sequence[Any]]]:
+        """``read_rows`` of ``first``, then of ``then`` with the values ``then_values`` makes
+        of the first's rows (not read if it gives None), in one go on one read connection.
+        On SQLite that is one hop to a read thread, where ``then_values`` runs: it must use
+        only plain values and objects no one changes."""
+        one, two = self.backend.statement(first), self.backend.statement(then)
+
+        def then_args(rows: list[Sequence[Any]]) -> Sequence[Any] | None:
+            more = then_values(rows)
+            return None if more is None else two.args(more)
+
+        return await self._reading(
+            self.backend.read_rows_then(one, one.args(values), two, then_args)
+        )
+
     async def read_dicts(
         self, build: Callable[[Backend], ClauseElement], values: Mapping[str, Any]
     ) -> list[dict[str, Any]]:

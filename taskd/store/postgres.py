@@ -101,6 +101,20 @@ class PostgresBackend(Backend):
             raw = await conn.get_raw_connection()
             return list(await raw.driver_connection.fetch(statement.sql, *args))  # type: ignore[union-attr]
 
+    async def read_rows_then(
+        self,
+        first: Statement,
+        args: Sequence[Any],
+        then: Statement,
+        then_args: Callable[[list[Sequence[Any]]], Sequence[Any] | None],
+    ) -> tuple[list[Sequence[Any]], list[Sequence[Any]]]:
+        """Both reads on one pooled connection's asyncpg connection."""
+        async with self.engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            rows = list(await raw.fetch(first.sql, *args))  # type: ignore[union-attr]
+            more = then_args(rows)
+            return rows, [] if more is None else list(await raw.fetch(then.sql, *more))  # type: ignore[union-attr]
+
     async def transaction(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn`` in a transaction on the writer's SQLAlchemy connection."""
         async with self.write_engine.begin() as conn:

@@ -33,7 +33,7 @@ from taskd.models import ROLLUP_FIGURES, ROLLUP_PARTS, summary_rollup_t
 from taskd.protocol import MAX_MONITORING_ROWS, MonitoringWindow
 from taskd.store.backend import Backend, Driver, Insert, Statement
 from taskd.store.database import Database
-from taskd.store.point_cache import PointCache, Version
+from taskd.store.point_cache import Chart, PointCache, Seen
 
 ROLLUP_RESOLUTIONS: dict[str, int] = {"1m": 60_000, "1h": 3_600_000}
 """The rollups kept, by name, in ms per bucket."""
@@ -268,15 +268,20 @@ def _rollup_points(shape: _RollupShape) -> Callable[[Backend], ClauseElement]:
 
 
 def encoded_array(items: Iterable[bytes]) -> orjson.Fragment:
-    """A JSON array of items encoded already."""
-    return orjson.Fragment(b"[" + b",".join(items) + b"]")
+    """A JSON array of items encoded already (one copy of them, however long)."""
+    parts = list(items)
+    if not parts:
+        return orjson.Fragment(b"[]")
+    parts[0] = b"[" + parts[0]
+    parts[-1] += b"]"
+    return orjson.Fragment(b",".join(parts))
 
 
 class RollupQueries(Database):
     """Summary rollups read as chart points."""
 
     point_cache: PointCache
-    """Rollup points kept encoded (``Store`` makes it)."""
+    """Rollup charts kept encoded (``Store`` makes it)."""
 
     async def rollup_points(
         self,
@@ -293,8 +298,9 @@ class RollupQueries(Database):
         The database computes the points, so that a point is made of one row without a
         Python call per figure (a 30-day chart is about 35,000 figures), from a statement
         compiled once per shape of query and read on the driver's own cursor. One agent's
-        points are kept encoded (``point_cache.py``): a chart asked again reads only the
-        versions of its buckets and fetches the points of those that changed."""
+        charts are kept encoded (``point_cache.py``): a chart asked again reads the
+        versions of its buckets and the points of those that changed in one go, and
+        reuses the rest."""
         step = ROLLUP_RESOLUTIONS[resolution]
         if len(set(window.uuids)) > 1:
             return orjson.Fragment(b"[]")  # a bucket belongs to one agent
@@ -318,44 +324,76 @@ class RollupQueries(Database):
         if window.time_to is not None:
             values["time_to"] = window.time_to
         if not window.uuids or self.point_cache.max_bytes <= 0:  # buckets of many agents
-            return encoded_array(data for _, _, data in await self._encoded_points(shape, values))
+            return encoded_array(await self._encoded_points(shape, values))
         key = (window.uuids[0], shape.resolution, shape.figures, shape.tenths)
-        versions = _rollup_versions(shape)
-        seen = [(row[0], (row[1], row[2])) for row in await self.read_rows(versions, values)]
-        kept = self.point_cache.points(key)
-        parts: list[bytes | None] = []
-        stale: list[int] = []
-        for bucket, version in seen:
-            point = kept.get(bucket)
-            if point is not None and point[0] == version:
-                parts.append(point[1])
-            else:
-                parts.append(None)
-                stale.append(bucket)
-        fresh: dict[int, tuple[Version, bytes]] = {}
-        if stale:  # a range: most often the newest bucket, or all of them the first time
-            fetched = await self._encoded_points(
-                dataclasses.replace(shape, has_from=True, has_to=True, newest_first=False),
-                values
-                | {"time_from": min(stale), "time_to": max(stale), "limit": MAX_MONITORING_ROWS},
-            )
-            fresh = {bucket: (version, data) for bucket, version, data in fetched}
-        answer = encoded_array(
-            data if data is not None else fresh[bucket][1]
-            for (bucket, _), data in zip(seen, parts, strict=True)
-            if data is not None or bucket in fresh  # else pruned since its version was read
+        kept = self.point_cache.chart(key)
+        refresh = _Refresh(kept, values)
+        ranged = _rollup_points(
+            dataclasses.replace(shape, has_from=True, has_to=True, newest_first=False)
         )
-        self.point_cache.update(key, [bucket for bucket, _ in seen], fresh)
-        return answer
+        seen, fetched = await self.read_rows_then(
+            _rollup_versions(shape), values, ranged, refresh.stale_values
+        )
+        if kept is not None and refresh.reused == len(seen) == len(kept.seen):
+            return orjson.Fragment(kept.body)  # nothing changed
+        fresh = {entry[0]: (entry, data) for entry, data in self._encoded(ranged, fetched)}
+        answered: Seen = seen[: refresh.reused]
+        parts: list[bytes | memoryview] = []
+        for entry, point in zip(seen[refresh.reused :], refresh.points, strict=True):
+            if point is not None:
+                answered.append(entry)
+                parts.append(point)
+            elif entry[0] in fresh:  # else pruned since its version was read
+                answered.append(fresh[entry[0]][0])
+                parts.append(fresh[entry[0]][1])
+        chart = Chart.joined(answered, parts, kept, refresh.reused)
+        self.point_cache.keep(key, chart)
+        return orjson.Fragment(chart.body)
 
-    async def _encoded_points(
-        self, shape: _RollupShape, values: Mapping[str, Any]
-    ) -> list[tuple[int, Version, bytes]]:
-        """The points of ``shape`` for ``values`` in its order: bucket, version, JSON."""
+    async def _encoded_points(self, shape: _RollupShape, values: Mapping[str, Any]) -> list[bytes]:
+        """The JSON of the points of ``shape`` for ``values``, in its order."""
         build = _rollup_points(shape)
+        return [data for _, data in self._encoded(build, await self.read_rows(build, values))]
+
+    def _encoded(
+        self, build: Callable[[Backend], ClauseElement], rows: list[Sequence[Any]]
+    ) -> list[tuple[tuple[int, int, int], bytes]]:
+        """Rows of a ``_rollup_points`` statement as each bucket's version (``Seen``'s
+        entry) and its point's JSON."""
         keys = self.backend.statement(build).columns[2:]
-        encoded: list[tuple[int, Version, bytes]] = []
-        for row in await self.read_rows(build, values):
+        encoded: list[tuple[tuple[int, int, int], bytes]] = []
+        for row in rows:
             point = dict(zip(keys, row[2:], strict=True))
-            encoded.append((point["timestamp"], (row[0], row[1]), orjson.dumps(point)))
+            encoded.append(((point["timestamp"], row[0], row[1]), orjson.dumps(point)))
         return encoded
+
+
+@dataclass
+class _Refresh:
+    """What a chart asked again can reuse of the one kept (``kept``), worked out from the
+    versions of the buckets asked, between the two reads of ``rollup_points`` (on
+    SQLite's read thread: it only reads ``kept``, which no one changes)."""
+
+    kept: Chart | None
+    values: dict[str, Any]
+    reused: int = 0
+    """How many of the first buckets are kept unchanged, in the same order."""
+    points: list[memoryview | None] = dataclasses.field(default_factory=list)
+    """The kept point of each bucket after those (None: to fetch)."""
+
+    def stale_values(self, seen: Seen) -> dict[str, Any] | None:
+        """The values that fetch the points not kept at their buckets' versions (the range
+        from the first to the last), or None if every point is kept."""
+        kept = self.kept
+        if kept is not None:
+            self.reused = kept.unchanged_head(seen)
+        rest = seen[self.reused :]  # most often the newest bucket, or all of them at first
+        if kept is not None and not self.reused:  # the window moved, or a late summary
+            self.points = [kept.point(entry) for entry in rest]
+        else:  # the one left changed, or is new
+            self.points = [None] * len(rest)
+        stale = [entry[0] for entry, point in zip(rest, self.points, strict=True) if point is None]
+        if not stale:
+            return None
+        limit = MAX_MONITORING_ROWS
+        return self.values | {"time_from": min(stale), "time_to": max(stale), "limit": limit}

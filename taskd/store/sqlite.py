@@ -147,6 +147,26 @@ class SqliteBackend(Backend):
 
         return await self.read(fetch)
 
+    async def read_rows_then(
+        self,
+        first: Statement,
+        args: Sequence[Any],
+        then: Statement,
+        then_args: Callable[[list[Sequence[Any]]], Sequence[Any] | None],
+    ) -> tuple[list[Sequence[Any]], list[Sequence[Any]]]:
+        """Both reads on one cursor of a read thread (``then_args`` runs there too)."""
+
+        def fetch(conn: Connection) -> tuple[list[Sequence[Any]], list[Sequence[Any]]]:
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                rows: list[Sequence[Any]] = cursor.execute(first.sql, args).fetchall()
+                more = then_args(rows)
+                return rows, [] if more is None else cursor.execute(then.sql, more).fetchall()
+            finally:
+                cursor.close()
+
+        return await self.read(fetch)
+
     async def transaction(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn`` inline (see the module docstring) in a write transaction."""
         with self.write_engine.begin() as conn:
