@@ -241,13 +241,16 @@ def ingest(
 
 def _fleet_below(result: dict[str, Any], step: int) -> int:
     """The next fleet to try after ``result`` did not hold: what the server kept up with
-    (rows stored a second, or one core over its CPU per report), 10% under, rounded."""
+    (rows stored a second, or one core over its CPU per report), 10% under, rounded down
+    to two significant figures (and to a multiple of ``step``)."""
     kept_up = result["stored_per_s"]
     if kept_up < 0.3 * result["agents"]:  # it fell far behind: halve
-        return max(step, int(result["agents"]) // 2 // step * step)
-    per_core = 1e6 / result["server_cpu_us_per_report"] * result["nodes"]
-    guess = 0.9 * min(kept_up, per_core, 0.85 * result["agents"])
-    return max(step, int(guess // step) * step)
+        guess = result["agents"] / 2
+    else:
+        per_core = 1e6 / result["server_cpu_us_per_report"] * result["nodes"]
+        guess = 0.9 * min(kept_up, per_core, 0.85 * result["agents"])
+    grain = max(step, 10 ** max(0, len(str(int(guess))) - 2))
+    return max(step, int(guess // grain) * grain)
 
 
 def largest_fleet(
@@ -255,7 +258,7 @@ def largest_fleet(
 ) -> dict[str, Any] | None:
     """Smaller fleets after ``start`` did not hold, until one holds; that one (or None)."""
     scale = run.scale
-    step = 500 if scale.p7_agents >= 5_000 else 50
+    step = 100 if scale.p7_agents >= 5_000 else 50
     result = start
     for _ in range(scale.p7_steps):
         fleet = _fleet_below(result, step)
