@@ -302,7 +302,7 @@ async def test_reports_beyond_a_connections_window_are_answered_busy_as_they_are
     that another process holds up) gets its next report answered "server busy" at once,
     with a retry hint, and that report is not stored; its other calls are still handled;
     once the window drains, reports are stored again. Nothing waits without bound.
-    (A window of 4 here: each write attempt against the held lock stalls the loop.)"""
+    (A window of 4 here, a small number of reports to send.)"""
     monkeypatch.setattr("taskd.server.REPORT_WINDOW", REPORT_WINDOW)
     settings = make_settings(tmp_sqlite_url(tmp_path))
     async with running_server(settings) as server, WsClient(server.ws_url) as agent:

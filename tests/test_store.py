@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sqlite3
 import threading
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -54,6 +56,45 @@ async def test_a_value_the_database_refuses_fails_only_its_own_write(store: Stor
     assert all(isinstance(o, int) for o in outcomes[:1] + outcomes[2:]), outcomes
     stored = {row.key for row in await store.list_tokens()}
     assert stored == {t["key"] for t in good}
+
+
+async def test_a_write_waits_for_another_processs_sqlite_lock_without_stopping_the_loop(
+    tmp_path: Path,
+) -> None:
+    """While another process holds SQLite's write lock, the writer's hot and plain writes
+    wait for it asleep: the event loop keeps turning (it used to stop for 100 ms at each
+    attempt, inside SQLite's busy timeout), and both are committed once the lock goes."""
+    path = tmp_path / "taskd.db"
+    async with Store(f"sqlite:///{path}") as store:
+        await store.migrate()
+        loop = asyncio.get_running_loop()
+        gaps: list[float] = []
+
+        async def tick() -> None:
+            last = loop.time()
+            while True:
+                await asyncio.sleep(0.002)
+                gaps.append(loop.time() - last)
+                last = loop.time()
+
+        lock = sqlite3.connect(path, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        ticker = asyncio.create_task(tick())
+        try:
+            now = now_ms()
+            task = NewTask(str(uuid.uuid4()), "tok0000001", "version", "version", now + 60_000, now)
+            writes = asyncio.gather(store.insert_tasks([task]), store.insert_token(_token()))
+            await asyncio.sleep(0.5)
+            assert not writes.done()  # still waiting for the lock
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        async with asyncio.timeout(5):
+            [task_id], _ = await writes
+        ticker.cancel()
+        assert len(gaps) > 50 and max(gaps) < 0.06, max(gaps)
+        assert (await store.task_identity(task_id)) is not None
+        assert len(await store.list_tokens()) == 1
 
 
 async def test_nul_characters_in_results_are_stored(store: Store) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,7 +24,7 @@ from taskd.errors import DatabaseError, InvalidInput, TaskdError
 from taskd.store.backend import DRIVER_ERRORS, Backend, Channels, bad_value, describe
 from taskd.store.postgres import PostgresBackend
 from taskd.store.sqlite import SqliteBackend
-from taskd.store.writer import CallOp, Op, Writer
+from taskd.store.writer import CallOp, Op, Writer, retry_while_locked
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class Database:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 
-        await self.backend.transaction(upgrade)
+        await retry_while_locked(self.backend, partial(self.backend.transaction, upgrade))
 
     async def checkpoint(self) -> None:
         """Fold SQLite's write-ahead log into the database file, off the event loop."""

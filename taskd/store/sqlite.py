@@ -3,8 +3,8 @@
 The writer's statements touch a local file for microseconds, while handing each
 to a thread and back costs two wake-ups of a busy event loop (measured: a writer
 thread made the server slower under load, not faster), so the writer runs them
-inline. A lock held by another process is not waited for there (100 ms busy
-timeout): the writer retries the batch after yielding instead. A read runs whole
+inline. A lock held by another process is not waited for there (no busy timeout):
+the writer is refused at once and retries the batch after a pause asleep. A read runs whole
 on a read thread (check-out, BEGIN, statements, fetch, roll back): one hand-over
 from the event loop and one back, and SQLite releases the GIL while it reads.
 """
@@ -40,7 +40,10 @@ from sqlalchemy.sql.expression import ClauseElement, FromClause
 from taskd.models import task_t
 from taskd.store.backend import Backend, Driver, Insert, Statement, T
 
-WRITER_BUSY_TIMEOUT_MS = 100
+WRITER_BUSY_TIMEOUT_MS = 0
+"""The writer runs on the event loop, so it never waits inside SQLite for another
+process's write lock (that wait would stop the loop): it is refused at once and the
+writer retries after an asynchronous pause (``writer.retry_while_locked``)."""
 READER_BUSY_TIMEOUT_MS = 30_000
 
 

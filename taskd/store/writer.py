@@ -18,7 +18,7 @@ import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
@@ -28,8 +28,30 @@ from taskd.store.backend import Backend, Driver, bad_value, describe
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 MAX_BATCH = 1000
 LOCKED_WAIT_S = 30.0
+LOCKED_PAUSES_S = (0.001, 0.002, 0.005, 0.01, 0.02)
+"""Pauses between attempts while another process holds SQLite's write lock (the last
+one repeats): short at first, like SQLite's own busy handler, but asleep on the loop."""
+
+
+async def retry_while_locked(backend: Backend, attempt: Callable[[], Awaitable[T]]) -> T:
+    """``attempt()``, tried again after a pause (``LOCKED_PAUSES_S``) while another process
+    holds SQLite's write lock, for up to ``LOCKED_WAIT_S``; other errors are raised."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LOCKED_WAIT_S
+    pauses = iter(LOCKED_PAUSES_S)
+    pause = 0.0
+    while True:
+        try:
+            return await attempt()
+        except Exception as exc:
+            if not backend.busy(exc) or loop.time() > deadline:
+                raise
+            pause = next(pauses, pause)
+            await asyncio.sleep(pause)
 
 
 class BatchConflict(Exception):
@@ -152,14 +174,7 @@ class Writer:
         self, batch: list[Op], transaction: Callable[[list[Op]], Awaitable[list[Any]]]
     ) -> list[Any]:
         """Run the batch; while another process holds SQLite's write lock, wait and retry."""
-        deadline = asyncio.get_running_loop().time() + LOCKED_WAIT_S
-        while True:
-            try:
-                return await transaction(batch)
-            except Exception as exc:
-                if not self.backend.busy(exc) or asyncio.get_running_loop().time() > deadline:
-                    raise
-                await asyncio.sleep(0.02)
+        return await retry_while_locked(self.backend, partial(transaction, batch))
 
     async def _hot_transaction(self, batch: list[Op]) -> list[Any]:
         if self._driver is None:
