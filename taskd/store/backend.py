@@ -26,6 +26,11 @@ from sqlalchemy.sql.expression import ClauseElement, FromClause
 
 T = TypeVar("T")
 
+Rows = list[Sequence[Any]]
+"""Rows as a driver returns them."""
+ThenArgs = Callable[[Rows], Sequence[Any] | None]
+"""The arguments of a second read made of the first one's rows (None: no second read)."""
+
 Insert = PgInsert | SqliteInsert
 """An INSERT with ON CONFLICT clauses, in the backend's dialect."""
 
@@ -159,12 +164,8 @@ class Backend(ABC):
 
     @abstractmethod
     async def read_rows_then(
-        self,
-        first: Statement,
-        args: Sequence[Any],
-        then: Statement,
-        then_args: Callable[[list[Sequence[Any]]], Sequence[Any] | None],
-    ) -> tuple[list[Sequence[Any]], list[Sequence[Any]]]:
+        self, first: Statement, args: Sequence[Any], then: Statement, then_args: ThenArgs
+    ) -> tuple[Rows, Rows]:
         """``read_rows`` of ``first``, then of ``then`` with the arguments ``then_args``
         makes of the first's rows (none if it gives None), in one go on one read
         connection: one hop to a read thread where there are any."""

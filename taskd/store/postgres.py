@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.sql.expression import ClauseElement, FromClause
 
 from taskd.models import task_t
-from taskd.store.backend import Backend, Channels, Driver, Insert, Statement, T
+from taskd.store.backend import Backend, Channels, Driver, Insert, Rows, Statement, T, ThenArgs
 
 
 def pg_json_dumps(value: Any) -> str:
@@ -102,12 +102,8 @@ class PostgresBackend(Backend):
             return list(await raw.driver_connection.fetch(statement.sql, *args))  # type: ignore[union-attr]
 
     async def read_rows_then(
-        self,
-        first: Statement,
-        args: Sequence[Any],
-        then: Statement,
-        then_args: Callable[[list[Sequence[Any]]], Sequence[Any] | None],
-    ) -> tuple[list[Sequence[Any]], list[Sequence[Any]]]:
+        self, first: Statement, args: Sequence[Any], then: Statement, then_args: ThenArgs
+    ) -> tuple[Rows, Rows]:
         """Both reads on one pooled connection's asyncpg connection."""
         async with self.engine.connect() as conn:
             raw = (await conn.get_raw_connection()).driver_connection

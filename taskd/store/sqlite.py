@@ -38,7 +38,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.sql.expression import ClauseElement, FromClause
 
 from taskd.models import task_t
-from taskd.store.backend import Backend, Driver, Insert, Statement, T
+from taskd.store.backend import Backend, Driver, Insert, Rows, Statement, T, ThenArgs
 
 WRITER_BUSY_TIMEOUT_MS = 0
 """The writer runs on the event loop, so it never waits inside SQLite for another
@@ -151,18 +151,14 @@ class SqliteBackend(Backend):
         return await self.read(fetch)
 
     async def read_rows_then(
-        self,
-        first: Statement,
-        args: Sequence[Any],
-        then: Statement,
-        then_args: Callable[[list[Sequence[Any]]], Sequence[Any] | None],
-    ) -> tuple[list[Sequence[Any]], list[Sequence[Any]]]:
+        self, first: Statement, args: Sequence[Any], then: Statement, then_args: ThenArgs
+    ) -> tuple[Rows, Rows]:
         """Both reads on one cursor of a read thread (``then_args`` runs there too)."""
 
-        def fetch(conn: Connection) -> tuple[list[Sequence[Any]], list[Sequence[Any]]]:
+        def fetch(conn: Connection) -> tuple[Rows, Rows]:
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             try:
-                rows: list[Sequence[Any]] = cursor.execute(first.sql, args).fetchall()
+                rows: Rows = cursor.execute(first.sql, args).fetchall()
                 more = then_args(rows)
                 return rows, [] if more is None else cursor.execute(then.sql, more).fetchall()
             finally:
