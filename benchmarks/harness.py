@@ -15,10 +15,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import tomlkit
 
 from benchmarks import shutdown
-from benchmarks.procs import PYTHON, BenchError, Children, died, flags
+from benchmarks.procs import (
+    PYTHON,
+    BenchError,
+    Children,
+    check_alive,
+    died,
+    flags,
+    free_port,
+    wait_until,
+)
 from benchmarks.report import ROOT, Row
 from benchmarks.scale import Scale
 from benchmarks.services import (
@@ -54,6 +64,23 @@ class Run:
             template = TaskdServer(self.children, self.workdir / "template", name="taskd")
             self._template = (template.directory, template.init())
         return self._template
+
+    @contextlib.contextmanager
+    def floor(self, name: str) -> Iterator[str]:
+        """The bare Starlette floor (``benchmarks.floor``) on a free port, once it answers:
+        its base URL (``http://127.0.0.1:PORT``)."""
+        port = free_port()
+        child = self.children.start(
+            name, [PYTHON, "-m", "benchmarks.floor", "--port", str(port)], cwd=ROOT
+        )
+        url = f"http://127.0.0.1:{port}"
+        with self.children.running(child), httpx.Client(timeout=10) as client:
+            wait_until(
+                lambda: check_alive(child) and client.post(f"{url}/", content=HELLO).json(),
+                f"{name} up",
+                60,
+            )
+            yield url
 
     @contextlib.contextmanager
     def taskd(

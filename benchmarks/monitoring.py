@@ -30,13 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
-import httpx
 import orjson
 import websockets
 
 from benchmarks import seed
 from benchmarks.harness import Run
-from benchmarks.procs import PYTHON, BenchError, Child, check_alive, flags, free_port, wait_until
+from benchmarks.procs import PYTHON, BenchError, Child, flags, wait_until
 from benchmarks.report import ROOT, Row, ms, number
 from benchmarks.rpc import Rpc
 from benchmarks.services import TaskdServer
@@ -243,13 +242,14 @@ def _fleet_below(result: dict[str, Any], step: int) -> int:
     """The next fleet to try after ``result`` did not hold: what the server kept up with
     (rows stored a second, or one core over its CPU per report), 10% under, rounded down
     to two significant figures (and to a multiple of ``step``)."""
-    kept_up = result["stored_per_s"]
-    if kept_up < 0.3 * result["agents"]:  # it fell far behind: halve
-        guess = result["agents"] / 2
+    kept_up: float = result["stored_per_s"]
+    agents: int = result["agents"]
+    if kept_up < 0.3 * agents:  # it fell far behind: halve
+        guess = agents / 2
     else:
         per_core = 1e6 / result["server_cpu_us_per_report"] * result["nodes"]
-        guess = 0.9 * min(kept_up, per_core, 0.85 * result["agents"])
-    grain = max(step, 10 ** max(0, len(str(int(guess))) - 2))
+        guess = 0.9 * min(kept_up, per_core, 0.85 * agents)
+    grain = max(step, int(10 ** max(0, len(str(int(guess))) - 2)))
     return max(step, int(guess // grain) * grain)
 
 
@@ -519,15 +519,9 @@ def _timed_calls(
 def _floor_calls(run: Run, reply_file: Path, calls: int) -> dict[str, Any]:
     """The same reply from the bare Starlette floor (``benchmarks.floor``'s ``/file``),
     read and decoded by the same client: what moving and decoding it costs alone."""
-    port = free_port()
-    floor = run.children.start(
-        "p8-floor", [PYTHON, "-m", "benchmarks.floor", "--port", str(port)], cwd=ROOT
-    )
-    url = f"http://127.0.0.1:{port}"
-
     path = str(reply_file).encode()
 
-    async def measure() -> dict[str, Any]:
+    async def measure(url: str) -> dict[str, Any]:
         async with Rpc(url, timeout=120) as rpc:
             seconds = []
             for _ in range(calls + 1):
@@ -536,13 +530,8 @@ def _floor_calls(run: Run, reply_file: Path, calls: int) -> dict[str, Any]:
                 seconds.append(time.perf_counter() - started)
         return latency_report(seconds[1:])
 
-    with run.children.running(floor), httpx.Client(timeout=10) as client:
-        wait_until(
-            lambda: check_alive(floor) and client.post(f"{url}/file", content=path).content,
-            "the floor up",
-            timeout=30,
-        )
-        return asyncio.run(measure()) | {"bytes": reply_file.stat().st_size}
+    with run.floor("p8-floor") as url:
+        return asyncio.run(measure(url)) | {"bytes": reply_file.stat().st_size}
 
 
 def _seed(

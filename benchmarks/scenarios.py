@@ -21,11 +21,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import httpx
-
 from benchmarks import seed
-from benchmarks.harness import HELLO, Run
-from benchmarks.procs import PYTHON, BenchError, check_alive, flags, free_port, wait_until
+from benchmarks.harness import Run
+from benchmarks.procs import PYTHON, BenchError, check_alive, flags, wait_until
 from benchmarks.report import ROOT, Row, ms, number
 from benchmarks.scale import QUICK
 from benchmarks.services import AgentProcess, TaskdServer, now_ms
@@ -43,17 +41,8 @@ EVERY_SECOND = "* * * * * *"
 def p1(run: Run) -> None:
     """server_hello over HTTP keep-alive vs the Starlette echo floor (and over WebSocket)."""
     scale = run.scale
-    floor_port = free_port()
-    floor = run.children.start(
-        "floor", [PYTHON, "-m", "benchmarks.floor", "--port", str(floor_port)], cwd=ROOT
-    )
-    floor_url = f"http://127.0.0.1:{floor_port}/"
-    with run.children.running(floor), httpx.Client(timeout=10) as client:
-        wait_until(
-            lambda: check_alive(floor) and client.post(floor_url, content=HELLO).json(),
-            "floor up",
-            60,
-        )
+    with run.floor("floor") as floor:
+        floor_url = f"{floor}/"
         with run.taskd("p1") as server:
             floor_runs, taskd_runs = [], []
             server_cpu = 0.0
@@ -66,7 +55,7 @@ def p1(run: Run) -> None:
                 server_cpu += server.child.cpu_seconds() - before
             seconds = scale.ws_seconds
             ws_floor = run.caller(
-                "p1-ws-floor", "ws", url=f"ws://127.0.0.1:{floor_port}/", seconds=seconds
+                "p1-ws-floor", "ws", url=floor_url.replace("http", "ws", 1), seconds=seconds
             )
             ws_taskd = run.caller("p1-ws-taskd", "ws", url=server.ws_url, seconds=seconds)
             memory = server.child.memory()
