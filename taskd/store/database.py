@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.expression import ClauseElement
 
 from taskd.errors import DatabaseError, InvalidInput, TaskdError
-from taskd.store.backend import DRIVER_ERRORS, Backend, Channels, bad_value, describe
+from taskd.store.backend import DRIVER_ERRORS, Backend, Channels, Rows, bad_value, describe
 from taskd.store.postgres import PostgresBackend
 from taskd.store.sqlite import SqliteBackend
 from taskd.store.writer import CallOp, Op, Writer, retry_while_locked
@@ -129,15 +129,15 @@ class Database:
         first: Callable[[Backend], ClauseElement],
         values: Mapping[str, Any],
         then: Callable[[Backend], ClauseElement],
-        then_values: Callable[[list[Sequence[Any]]], Mapping[str, Any] | None],
-    ) -> tuple[list[Sequence[Any]], list[Sequence[Any]]]:
+        then_values: Callable[[Rows], Mapping[str, Any] | None],
+    ) -> tuple[Rows, Rows]:
         """``read_rows`` of ``first``, then of ``then`` with the values ``then_values`` makes
         of the first's rows (not read if it gives None), in one go on one read connection.
         On SQLite that is one hop to a read thread, where ``then_values`` runs: it must use
         only plain values and objects no one changes."""
         one, two = self.backend.statement(first), self.backend.statement(then)
 
-        def then_args(rows: list[Sequence[Any]]) -> Sequence[Any] | None:
+        def then_args(rows: Rows) -> Sequence[Any] | None:
             more = then_values(rows)
             return None if more is None else two.args(more)
 
