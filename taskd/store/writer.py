@@ -151,7 +151,8 @@ class Writer:
         self, batch: list[Op], transaction: Callable[[list[Op]], Awaitable[list[Any]]]
     ) -> None:
         try:
-            outcomes = await self._locked_retry(batch, transaction)
+            # while another process holds SQLite's write lock: wait and retry
+            outcomes = await retry_while_locked(self.backend, partial(transaction, batch))
         except Exception as exc:
             # one op's values broke the transaction: halves are retried until only it fails
             isolate = isinstance(exc, BatchConflict | IntegrityError | sqlite3.IntegrityError)
@@ -169,12 +170,6 @@ class Writer:
                 op.future.set_exception(outcome)
             else:
                 op.future.set_result(outcome)
-
-    async def _locked_retry(
-        self, batch: list[Op], transaction: Callable[[list[Op]], Awaitable[list[Any]]]
-    ) -> list[Any]:
-        """Run the batch; while another process holds SQLite's write lock, wait and retry."""
-        return await retry_while_locked(self.backend, partial(transaction, batch))
 
     async def _hot_transaction(self, batch: list[Op]) -> list[Any]:
         if self._driver is None:
